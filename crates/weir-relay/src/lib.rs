@@ -1,0 +1,21 @@
+//! The follower-maze relay: one event source, many user clients, every notification
+//! delivered in sequence order, in memory bounded by how far out of order the stream is.
+//!
+//! Pure logic, synchronous and unit-tested:
+//! - [`event`]: one source line to an [`event::Event`] (or a reason it is malformed).
+//! - [`reorder`]: the bounded reorder window and its gap policy.
+//! - [`graph`]: who follows whom.
+//! - [`router`]: which connected clients an event notifies, batching their bytes.
+//! - [`state`]: the state file (next sequence number and follow graph) across restarts.
+//!
+//! I/O at the edges:
+//! - [`server`]: the listeners, the source reader, client writers, and the dispatcher task.
+//! - [`check`]: `weir relay check`, the load generator and verifier for any relay.
+//!
+//! [`config`] holds the settings of both.
+
+pub mod check;
+pub mod config;
+pub mod server;
+
+pub use server::{run, Listeners, RelayError};

@@ -1,0 +1,97 @@
+//! `weir`: one binary for every Weir service.
+//!
+//! - `main.rs`: global flags, telemetry set-up, dispatch to a subcommand.
+//! - `up.rs`: `weir up`, every service at once with embedded defaults.
+//! - `relay.rs`: `weir relay serve|check`.
+//! - `increments.rs`: `weir increments serve|api|worker|bench`.
+
+mod increments;
+mod relay;
+mod up;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use weir_runtime::telemetry::{self, LogFormat};
+use weir_runtime::Shutdown;
+
+#[derive(Parser)]
+#[command(
+    name = "weir",
+    version,
+    about = "Event-driven back-end services, their load tools and verifiers"
+)]
+struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Pretty, env = "WEIR_LOG_FORMAT")]
+    log_format: LogFormat,
+
+    /// Serve Prometheus metrics on this address (GET /metrics). `weir up` defaults to
+    /// 127.0.0.1:9100; other commands serve none unless asked.
+    #[arg(long, global = true, env = "WEIR_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start every service with embedded defaults and print where each listens.
+    Up(up::UpArgs),
+    /// The follower-maze event relay and its verifier.
+    #[command(subcommand)]
+    Relay(relay::RelayCommand),
+    /// The increments service, its workers and its load tool.
+    #[command(subcommand)]
+    Increments(increments::IncrementsCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let shutdown = Shutdown::new();
+    shutdown.cancel_on_signal();
+    let metrics_addr = match (&cli.command, cli.metrics_addr) {
+        (Command::Up(_), None) => Some(up::DEFAULT_METRICS_ADDR),
+        (_, addr) => addr,
+    };
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|err| anyhow::anyhow!("cannot bind the metrics address {addr}: {err}"))?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        let token = shutdown.token.clone();
+        shutdown.tracker.spawn(async move {
+            if let Err(err) = weir_runtime::http::serve_metrics(listener, token).await {
+                tracing::error!(%err, "metrics endpoint stopped");
+            }
+        });
+    }
+    match cli.command {
+        Command::Up(args) => up::run(args, shutdown).await,
+        Command::Relay(command) => relay::run(command, shutdown).await,
+        Command::Increments(command) => increments::run(command, shutdown).await,
+    }
+}
