@@ -9,13 +9,20 @@
 //! - [`state`]: the state file (next sequence number and follow graph) across restarts.
 //!
 //! I/O at the edges:
-//! - [`server`]: the listeners, the source reader, client writers, and the dispatcher task.
+//! - [`server`]: the listeners, the source session, client sessions, and the dispatcher.
+//! - [`stats`]: counters for tests and Prometheus.
 //! - [`check`]: `weir relay check`, the load generator and verifier for any relay.
 //!
-//! [`config`] holds the settings of both.
+//! [`config`] holds the settings of the server.
 
 pub mod check;
 pub mod config;
+pub mod event;
+pub mod graph;
+pub mod reorder;
+pub mod router;
 pub mod server;
+pub mod state;
+pub mod stats;
 
-pub use server::{run, Listeners, RelayError};
+pub use server::{run, spawn, Listeners, RelayError, RelayHandle};

@@ -1,0 +1,157 @@
+//! The relay's counters, kept twice on purpose: as atomics that tests and operators can read
+//! directly ([`RelayStats::snapshot`], [`RelayStats::wait_until`]), and as Prometheus metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+/// Counts gathered while handling one batch, published at once so the hot path touches no
+/// shared memory per event.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub events_received: u64,
+    pub events_delivered: u64,
+    pub events_malformed: u64,
+    pub events_stale: u64,
+    pub gaps_skipped: u64,
+    pub notifications_sent: u64,
+    pub clients_dropped_slow: u64,
+    pub clients_rejected: u64,
+    pub sources_refused: u64,
+}
+
+/// Everything at one instant.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub counts: Counts,
+    pub clients_connected: u64,
+    pub reorder_window: u64,
+    pub sources_connected: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    events_received: AtomicU64,
+    events_delivered: AtomicU64,
+    events_malformed: AtomicU64,
+    events_stale: AtomicU64,
+    gaps_skipped: AtomicU64,
+    notifications_sent: AtomicU64,
+    clients_dropped_slow: AtomicU64,
+    clients_rejected: AtomicU64,
+    sources_refused: AtomicU64,
+    clients_connected: AtomicU64,
+    reorder_window: AtomicU64,
+    sources_connected: AtomicU64,
+    changed: Notify,
+}
+
+impl RelayStats {
+    pub fn add(&self, counts: &Counts) {
+        let pairs = [
+            (
+                &self.events_received,
+                counts.events_received,
+                "weir_relay_events_received_total",
+            ),
+            (
+                &self.events_delivered,
+                counts.events_delivered,
+                "weir_relay_events_delivered_total",
+            ),
+            (
+                &self.events_malformed,
+                counts.events_malformed,
+                "weir_relay_events_malformed_total",
+            ),
+            (
+                &self.events_stale,
+                counts.events_stale,
+                "weir_relay_events_stale_total",
+            ),
+            (
+                &self.gaps_skipped,
+                counts.gaps_skipped,
+                "weir_relay_gaps_skipped_total",
+            ),
+            (
+                &self.notifications_sent,
+                counts.notifications_sent,
+                "weir_relay_notifications_sent_total",
+            ),
+            (
+                &self.clients_dropped_slow,
+                counts.clients_dropped_slow,
+                "weir_relay_clients_dropped_slow_total",
+            ),
+            (
+                &self.clients_rejected,
+                counts.clients_rejected,
+                "weir_relay_clients_rejected_total",
+            ),
+            (
+                &self.sources_refused,
+                counts.sources_refused,
+                "weir_relay_sources_refused_total",
+            ),
+        ];
+        for (atomic, value, name) in pairs {
+            if value > 0 {
+                atomic.fetch_add(value, Ordering::Relaxed);
+                metrics::counter!(name).increment(value);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    pub fn set_gauges(&self, clients_connected: usize, reorder_window: usize) {
+        self.clients_connected
+            .store(clients_connected as u64, Ordering::Relaxed);
+        self.reorder_window
+            .store(reorder_window as u64, Ordering::Relaxed);
+        metrics::gauge!("weir_relay_clients_connected").set(clients_connected as f64);
+        metrics::gauge!("weir_relay_reorder_window").set(reorder_window as f64);
+        self.changed.notify_waiters();
+    }
+
+    pub fn set_sources_connected(&self, sources: u64) {
+        self.sources_connected.store(sources, Ordering::Relaxed);
+        metrics::gauge!("weir_relay_sources_connected").set(sources as f64);
+        self.changed.notify_waiters();
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let load = |atomic: &AtomicU64| atomic.load(Ordering::Relaxed);
+        Snapshot {
+            counts: Counts {
+                events_received: load(&self.events_received),
+                events_delivered: load(&self.events_delivered),
+                events_malformed: load(&self.events_malformed),
+                events_stale: load(&self.events_stale),
+                gaps_skipped: load(&self.gaps_skipped),
+                notifications_sent: load(&self.notifications_sent),
+                clients_dropped_slow: load(&self.clients_dropped_slow),
+                clients_rejected: load(&self.clients_rejected),
+                sources_refused: load(&self.sources_refused),
+            },
+            clients_connected: load(&self.clients_connected),
+            reorder_window: load(&self.reorder_window),
+            sources_connected: load(&self.sources_connected),
+        }
+    }
+
+    /// Resolves once `condition` holds: a readiness signal for tests and tools, so that
+    /// nobody has to sleep and hope.
+    pub async fn wait_until(&self, condition: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let snapshot = self.snapshot();
+            if condition(&snapshot) {
+                return snapshot;
+            }
+            notified.await;
+        }
+    }
+}
