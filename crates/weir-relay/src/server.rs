@@ -638,6 +638,7 @@ impl Dispatcher {
                 }
                 _ = state_tick.tick(), if self.config.state_file.is_some() => self.save_state().await,
             }
+            self.publish();
         }
         // Shutdown: what the sources already read is accepted; route it, then let go of
         // every client so its session writes what is queued and closes.
@@ -650,7 +651,7 @@ impl Dispatcher {
         }
         self.save_state().await;
         let clients = self.router.drain_clients();
-        self.stats.set_gauges(0, self.window.held());
+        self.publish();
         tracing::info!(clients = clients.len(), "relay stopped");
     }
 
@@ -662,7 +663,6 @@ impl Dispatcher {
             }
             Control::Rejected => self.counts.clients_rejected += 1,
         }
-        self.publish();
     }
 
     fn on_source(&mut self, message: SourceMessage) {
@@ -702,7 +702,6 @@ impl Dispatcher {
             }
             SourceMessage::Refused => self.counts.sources_refused += 1,
         }
-        self.publish();
     }
 
     fn on_batch(&mut self, items: Vec<SourceItem>) {

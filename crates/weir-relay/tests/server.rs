@@ -1,0 +1,438 @@
+//! The relay over real TCP on port 0, one behaviour per test.
+//!
+//! Synchronisation never sleeps: tests wait on the relay's own counters
+//! (`RelayStats::wait_until`) or on bytes arriving, each bounded by a timeout so that a bug
+//! fails the test instead of hanging it.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weir_relay::config::{RelayConfig, SourceMode};
+use weir_relay::stats::Snapshot;
+use weir_relay::{Listeners, RelayHandle};
+use weir_runtime::Shutdown;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+struct Relay {
+    handle: Option<RelayHandle>,
+    shutdown: Shutdown,
+}
+
+impl Relay {
+    async fn start(config: RelayConfig) -> Relay {
+        let listeners = Listeners {
+            events: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            clients: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let shutdown = Shutdown::new();
+        let handle = weir_relay::spawn(listeners, config, shutdown.clone()).unwrap();
+        Relay {
+            handle: Some(handle),
+            shutdown,
+        }
+    }
+
+    fn handle(&self) -> &RelayHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    async fn source(&self) -> TcpStream {
+        TcpStream::connect(self.handle().events_addr).await.unwrap()
+    }
+
+    /// Connects a client for `user` and waits until the relay has registered it.
+    async fn client(&self, user: &str) -> TcpStream {
+        let before = self.handle().stats.snapshot().clients_connected;
+        let mut stream = TcpStream::connect(self.handle().clients_addr)
+            .await
+            .unwrap();
+        stream.write_all(user.as_bytes()).await.unwrap();
+        self.wait(|s| s.clients_connected > before).await;
+        stream
+    }
+
+    async fn wait(&self, condition: impl Fn(&Snapshot) -> bool) -> Snapshot {
+        within(self.handle().stats.wait_until(condition)).await
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.token.cancel();
+        within(self.handle.take().unwrap().wait()).await.unwrap();
+    }
+}
+
+async fn within<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .expect("timed out")
+}
+
+fn config() -> RelayConfig {
+    RelayConfig {
+        event_listener_port: 0,
+        client_listener_port: 0,
+        ..RelayConfig::default()
+    }
+}
+
+/// Reads until the stream holds `marker` (included) and returns everything read.
+async fn read_until(stream: &mut TcpStream, marker: &str) -> String {
+    let mut seen = Vec::new();
+    within(async {
+        let mut buf = vec![0u8; 64 * 1024];
+        let marker = marker.as_bytes();
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {marker:?}; got {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            // Only the new bytes (and a marker's length before them) can complete the marker.
+            let from = seen.len().saturating_sub(marker.len());
+            seen.extend_from_slice(&buf[..n]);
+            if seen[from..]
+                .windows(marker.len())
+                .any(|window| window == marker)
+            {
+                break;
+            }
+        }
+    })
+    .await;
+    String::from_utf8(seen).unwrap()
+}
+
+/// Waits for the server to close `stream`.
+async fn closed(stream: &mut TcpStream) {
+    within(async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn events_arriving_out_of_order_are_delivered_in_order_byte_for_byte() {
+    let relay = Relay::start(config()).await;
+    let mut alice = relay.client("1\n").await;
+    let mut bob = relay.client("2\r\n").await;
+    let mut source = relay.source().await;
+    // CRLF and LF mixed, out of order: 1 follows 2, 2 posts, 1 is messaged, broadcast.
+    source
+        .write_all(b"3|P|2|1\r\n2|S|2\n1|F|1|2\r\n4|B\n")
+        .await
+        .unwrap();
+    assert_eq!(
+        read_until(&mut alice, "4|B\n").await,
+        "2|S|2\n3|P|2|1\r\n4|B\n"
+    );
+    assert_eq!(read_until(&mut bob, "4|B\n").await, "1|F|1|2\r\n4|B\n");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn every_connection_of_a_user_receives_its_notifications() {
+    let relay = Relay::start(config()).await;
+    let mut first = relay.client("7\n").await;
+    let mut second = relay.client(" 7 \n").await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|P|3|7\n2|B\n").await.unwrap();
+    assert_eq!(read_until(&mut first, "2|B").await, "1|P|3|7\n2|B\n");
+    assert_eq!(read_until(&mut second, "2|B").await, "1|P|3|7\n2|B\n");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_connecting_mid_stream_gets_only_later_notifications() {
+    let relay = Relay::start(config()).await;
+    let mut early = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    // 5 follows 9 while 5 is offline: the follow is still recorded.
+    source.write_all(b"1|B\n2|F|5|9\n").await.unwrap();
+    read_until(&mut early, "1|B").await;
+    relay.wait(|s| s.counts.events_delivered == 2).await;
+    let mut late = relay.client("5\n").await;
+    source.write_all(b"3|S|9\n4|B\n").await.unwrap();
+    assert_eq!(read_until(&mut late, "4|B").await, "3|S|9\n4|B\n");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn follows_are_a_set_and_unfollows_of_missing_edges_do_nothing() {
+    let relay = Relay::start(config()).await;
+    let mut follower = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    source
+        .write_all(b"1|U|1|2\n2|F|1|2\n3|F|1|2\n4|S|2\n5|U|1|2\n6|S|2\n7|B\n")
+        .await
+        .unwrap();
+    assert_eq!(read_until(&mut follower, "7|B").await, "4|S|2\n7|B\n");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_user_id_is_logged_counted_and_closed() {
+    let relay = Relay::start(config()).await;
+    let mut stream = TcpStream::connect(relay.handle().clients_addr)
+        .await
+        .unwrap();
+    stream.write_all(b"not-a-number\n").await.unwrap();
+    closed(&mut stream).await;
+    relay
+        .wait(|s| s.counts.clients_rejected == 1 && s.clients_connected == 0)
+        .await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_disconnected_client_is_removed_at_once() {
+    let relay = Relay::start(config()).await;
+    let gone = relay.client("1\n").await;
+    let _stays = relay.client("2\n").await;
+    drop(gone);
+    relay.wait(|s| s.clients_connected == 1).await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_client_is_dropped_without_delaying_the_others() {
+    let relay = Relay::start(RelayConfig {
+        client_buffer: 1 << 20,
+        ..config()
+    })
+    .await;
+    // Never reads, with a tiny receive buffer: the relay's queue for it fills quickly.
+    let stuck_socket = tokio::net::TcpSocket::new_v4().unwrap();
+    stuck_socket.set_recv_buffer_size(1024).unwrap();
+    let mut stuck = stuck_socket
+        .connect(relay.handle().clients_addr)
+        .await
+        .unwrap();
+    stuck.write_all(b"1\n").await.unwrap();
+    relay.wait(|s| s.clients_connected == 1).await;
+    let mut healthy = relay.client("2\n").await;
+    let mut source = relay.source().await;
+    // In rounds that the healthy client keeps up with, so only the stuck one falls behind.
+    // Ten rounds of half a megabyte outgrow the stuck client's queue and socket buffers.
+    let rounds = 20u64;
+    let per_round = 50_000u64;
+    for round in 0..rounds {
+        let mut lines = String::new();
+        for seq in round * per_round + 1..=(round + 1) * per_round {
+            lines.push_str(&format!("{seq}|B\n"));
+        }
+        source.write_all(lines.as_bytes()).await.unwrap();
+        let last = format!("{}|B\n", (round + 1) * per_round);
+        let received = read_until(&mut healthy, &last).await;
+        assert_eq!(
+            received, lines,
+            "round {round}: the healthy client got every broadcast"
+        );
+    }
+    let snapshot = relay.wait(|s| s.counts.clients_dropped_slow == 1).await;
+    assert_eq!(snapshot.clients_connected, 1);
+    closed(&mut stuck).await;
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_lines_are_counted_and_their_numbers_do_not_stall_the_stream() {
+    let relay = Relay::start(RelayConfig {
+        max_line_length: 64,
+        ..config()
+    })
+    .await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    let long = format!("5|S|{}\n", "1".repeat(200));
+    let stream = [
+        "2|X|1|1\n",   // unknown type: 2 counts as handled
+        "1|B\n",       //
+        "3|F|1\n",     // missing id: 3 counts as handled
+        "garbage\n",   // no number at all
+        "4|B|1|2|3\n", // extra fields
+        long.as_str(), // over-long: 5 counts as handled
+        "6|B\n",
+    ]
+    .concat();
+    source.write_all(stream.as_bytes()).await.unwrap();
+    assert_eq!(read_until(&mut client, "6|B").await, "1|B\n6|B\n");
+    let snapshot = relay.wait(|s| s.counts.events_delivered == 2).await;
+    assert_eq!(snapshot.counts.events_malformed, 5);
+    assert_eq!(snapshot.counts.gaps_skipped, 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_concurrent_source_is_refused_and_the_first_carries_on() {
+    let relay = Relay::start(config()).await;
+    let mut client = relay.client("1\n").await;
+    let mut first = relay.source().await;
+    first.write_all(b"1|B\n").await.unwrap();
+    read_until(&mut client, "1|B").await;
+    let mut second = relay.source().await;
+    closed(&mut second).await;
+    relay.wait(|s| s.counts.sources_refused == 1).await;
+    first.write_all(b"2|B\n").await.unwrap();
+    assert_eq!(read_until(&mut client, "2|B").await, "2|B\n");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn in_reset_mode_a_new_source_starts_a_new_stream_with_an_empty_graph() {
+    let relay = Relay::start(config()).await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    // 1 follows 2; 4 never arrives, so 5 is held until the source leaves.
+    source
+        .write_all(b"1|F|1|2\n2|S|2\n3|B\n5|B\n")
+        .await
+        .unwrap();
+    drop(source);
+    assert_eq!(read_until(&mut client, "5|B").await, "2|S|2\n3|B\n5|B\n");
+    let snapshot = relay.wait(|s| s.sources_connected == 0).await;
+    assert_eq!(
+        snapshot.counts.gaps_skipped, 1,
+        "4 was skipped when the stream ended"
+    );
+    let mut source = relay.source().await;
+    source.write_all(b"2|S|2\n1|B\n").await.unwrap();
+    assert_eq!(
+        read_until(&mut client, "1|B").await,
+        "1|B\n",
+        "the follow is gone, 1 is new"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn in_resume_mode_a_new_source_continues_the_stream_and_the_graph() {
+    let relay = Relay::start(RelayConfig {
+        source_mode: SourceMode::Resume,
+        ..config()
+    })
+    .await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|F|1|2\n2|B\n4|S|2\n").await.unwrap();
+    assert_eq!(read_until(&mut client, "2|B").await, "2|B\n");
+    drop(source);
+    relay.wait(|s| s.sources_connected == 0).await;
+    let mut source = relay.source().await;
+    // 1 and 2 are old numbers now; 3 fills the gap and releases the held 4.
+    source.write_all(b"1|B\n3|B\n").await.unwrap();
+    assert_eq!(read_until(&mut client, "4|S|2").await, "3|B\n4|S|2\n");
+    let snapshot = relay.wait(|s| s.counts.events_stale == 1).await;
+    assert_eq!(snapshot.counts.gaps_skipped, 0);
+    relay.stop().await;
+}
+
+fn state_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("relay.state")
+}
+
+#[tokio::test]
+async fn the_state_file_carries_the_stream_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_state = || RelayConfig {
+        state_file: Some(state_path(&dir)),
+        ..config()
+    };
+
+    let relay = Relay::start(with_state()).await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|F|1|2\n2|B\n").await.unwrap();
+    read_until(&mut client, "2|B").await;
+    relay.stop().await;
+    drop((client, source));
+
+    let relay = Relay::start(with_state()).await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    // 1 and 2 were handled before the restart; the follow of 2 by 1 survived.
+    source.write_all(b"1|B\n3|S|2\n4|B\n").await.unwrap();
+    assert_eq!(read_until(&mut client, "4|B").await, "3|S|2\n4|B\n");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_window_skips_the_missing_number_instead_of_growing() {
+    let relay = Relay::start(RelayConfig {
+        max_window: 3,
+        ..config()
+    })
+    .await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    // 1 never comes; 4 does not fit behind it in a window of 3.
+    source.write_all(b"2|B\n3|B\n4|B\n").await.unwrap();
+    assert_eq!(read_until(&mut client, "4|B").await, "2|B\n3|B\n4|B\n");
+    let snapshot = relay.wait(|s| s.counts.events_delivered == 3).await;
+    assert_eq!(snapshot.counts.gaps_skipped, 1);
+    assert_eq!(snapshot.reorder_window, 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_gap_older_than_the_gap_timeout_is_skipped() {
+    let relay = Relay::start(RelayConfig {
+        gap_timeout_ms: Some(50),
+        ..config()
+    })
+    .await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|B\n3|B\n").await.unwrap();
+    // The source stays connected: only the timeout can release 3.
+    assert_eq!(read_until(&mut client, "3|B").await, "1|B\n3|B\n");
+    assert_eq!(
+        relay
+            .wait(|s| s.counts.gaps_skipped == 1)
+            .await
+            .counts
+            .events_delivered,
+        2
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn without_a_gap_timeout_a_connected_source_keeps_the_gap_open() {
+    let relay = Relay::start(config()).await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|B\n3|B\n").await.unwrap();
+    read_until(&mut client, "1|B").await;
+    let snapshot = relay.wait(|s| s.counts.events_received == 2).await;
+    assert_eq!(
+        (snapshot.reorder_window, snapshot.counts.gaps_skipped),
+        (1, 0)
+    );
+    source.write_all(b"2|B\n").await.unwrap();
+    assert_eq!(read_until(&mut client, "3|B").await, "2|B\n3|B\n");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_delivers_what_was_read_then_closes_clients() {
+    let relay = Relay::start(config()).await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|B\n2|B\n").await.unwrap();
+    relay.wait(|s| s.counts.events_delivered == 2).await;
+    relay.stop().await;
+    let mut all = String::new();
+    within(client.read_to_string(&mut all)).await.unwrap();
+    assert_eq!(all, "1|B\n2|B\n");
+}
