@@ -1,0 +1,150 @@
+//! Where accepted increments wait for a worker: the embedded log (one process) or a
+//! Redis stream (any number of API replicas and workers).
+
+pub mod embedded;
+pub mod redis;
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::aggregate::{EntryId, Item, Pending};
+use crate::store::Dedupe;
+use crate::validate::Increment;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("the queue is closed")]
+    Closed,
+    #[error("cannot write to the log: {0}")]
+    Write(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("log segment {0} is corrupt before its end")]
+    Corrupt(String),
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("the queue holds {0} unflushed increments, its limit")]
+    Full(u64),
+}
+
+impl QueueError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        QueueError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// The API's side of the queue.
+#[derive(Clone)]
+pub enum Producer {
+    Embedded(embedded::Producer),
+    Redis(redis::RedisProducer),
+}
+
+impl Producer {
+    /// Resolves once the increment is durable in the queue: the 202 may then be sent.
+    pub async fn enqueue(&self, increment: Increment) -> Result<(), QueueError> {
+        match self {
+            Producer::Embedded(producer) => producer.enqueue(increment).await,
+            Producer::Redis(producer) => producer.enqueue(increment).await,
+        }
+    }
+
+    /// Unflushed increments, when this process can know.
+    pub fn depth(&self) -> Option<u64> {
+        match self {
+            Producer::Embedded(producer) => Some(producer.depth()),
+            Producer::Redis(_) => None,
+        }
+    }
+
+    pub async fn check(&self) -> Result<(), QueueError> {
+        match self {
+            Producer::Embedded(producer) if producer.is_open() => Ok(()),
+            Producer::Embedded(_) => Err(QueueError::Closed),
+            Producer::Redis(producer) => producer.ping().await,
+        }
+    }
+}
+
+pub enum Next {
+    Items(Vec<Item>),
+    Idle,
+    Closed,
+}
+
+/// The worker's side of the queue.
+pub enum Consumer {
+    Embedded(embedded::Consumer),
+    Redis(Box<redis::RedisConsumer>),
+}
+
+impl Consumer {
+    /// The name under which the store records what it applied.
+    pub fn source(&self) -> String {
+        match self {
+            Consumer::Embedded(_) => "embedded".to_string(),
+            Consumer::Redis(consumer) => consumer.stream().to_string(),
+        }
+    }
+
+    pub fn dedupe(&self) -> Dedupe {
+        match self {
+            Consumer::Embedded(_) => Dedupe::Watermark,
+            Consumer::Redis(_) => Dedupe::Ids,
+        }
+    }
+
+    /// Waits at most `wait` for more increments. Cancel-safe in neither case is needed:
+    /// the worker never drops this future, it bounds it with `wait` instead.
+    pub async fn next(&mut self, wait: Duration) -> Result<Next, QueueError> {
+        match self {
+            Consumer::Embedded(consumer) => {
+                match tokio::time::timeout(wait, consumer.next()).await {
+                    Ok(Some(items)) => Ok(Next::Items(items)),
+                    Ok(None) => Ok(Next::Closed),
+                    Err(_) => Ok(Next::Idle),
+                }
+            }
+            Consumer::Redis(consumer) => consumer.next(wait).await,
+        }
+    }
+
+    /// Tells the queue that `pending` is committed, so it is never delivered again.
+    pub async fn ack(&mut self, pending: &Pending) -> Result<(), QueueError> {
+        match self {
+            Consumer::Embedded(consumer) => {
+                consumer.settled(pending.len as u64);
+                match pending.max_seq() {
+                    Some(seq) => consumer.release(seq),
+                    None => Ok(()),
+                }
+            }
+            Consumer::Redis(consumer) => {
+                let ids: Vec<EntryId> = pending.ids().collect();
+                consumer.ack(&ids).await
+            }
+        }
+    }
+
+    /// Keeps entries this worker holds from looking abandoned to the other workers.
+    pub async fn keep_alive(&mut self, held: Vec<EntryId>) -> Result<(), QueueError> {
+        match self {
+            Consumer::Embedded(_) => Ok(()),
+            Consumer::Redis(consumer) => consumer.touch(&held).await,
+        }
+    }
+
+    /// Below which id recorded entry ids may be forgotten (see `Store::prune_applied`).
+    pub async fn prune_bound(&mut self) -> Result<Option<EntryId>, QueueError> {
+        match self {
+            Consumer::Embedded(_) => Ok(None),
+            Consumer::Redis(consumer) => consumer.prune_bound().await,
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! The HTTP API (axum): validation, auth, rate limiting, and the 202 that waits for the
+//! queue to hold the increment durably.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use http_body_util::BodyExt;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+use weir_runtime::http::ApiError;
+
+use crate::config::IncrementsConfig;
+use crate::queue::{Producer, QueueError};
+use crate::store::Store;
+use crate::validate::{is_json_content_type, parse_increment};
+use crate::worker::WorkerHealth;
+
+pub const BODY_LIMIT: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LimitKey {
+    ApiKey(Arc<str>),
+    Address(IpAddr),
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub producer: Producer,
+    pub store: Option<Store>,
+    pub worker: Option<Arc<WorkerHealth>>,
+    api_keys: Arc<Vec<Arc<str>>>,
+    limiter: Option<Arc<DefaultKeyedRateLimiter<LimitKey>>>,
+    max_queue_depth: u64,
+}
+
+impl AppState {
+    pub fn new(
+        config: &IncrementsConfig,
+        producer: Producer,
+        store: Option<Store>,
+        worker: Option<Arc<WorkerHealth>>,
+    ) -> Self {
+        let limiter = config.rate_limit_per_second.and_then(|rate| {
+            let rate = std::num::NonZeroU32::new(rate)?;
+            let burst = config
+                .rate_limit_burst
+                .and_then(std::num::NonZeroU32::new)
+                .unwrap_or(rate);
+            Some(Arc::new(DefaultKeyedRateLimiter::keyed(
+                Quota::per_second(rate).allow_burst(burst),
+            )))
+        });
+        AppState {
+            producer,
+            store,
+            worker,
+            api_keys: Arc::new(
+                config
+                    .api_keys
+                    .iter()
+                    .map(|k| Arc::from(k.as_str()))
+                    .collect(),
+            ),
+            limiter,
+            max_queue_depth: config.max_queue_depth,
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    if let Some(limiter) = state.limiter.clone() {
+        // Forget idle clients now and then so the limiter's memory stays bounded.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                if Arc::strong_count(&limiter) == 1 {
+                    return;
+                }
+                limiter.retain_recent();
+            }
+        });
+    }
+    let guarded = Router::new()
+        .route("/increment", post(increment))
+        .route("/counts/{key}", get(count))
+        .route_layer(middleware::from_fn_with_state(state.clone(), guard));
+    Router::new()
+        .merge(guarded)
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({"status": "alive"})) }),
+        )
+        .route("/readyz", get(readyz))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .with_state(state)
+        .merge(weir_runtime::http::metrics_router())
+        .layer(middleware::from_fn(count_statuses))
+}
+
+async fn count_statuses(request: Request, next: Next) -> Response {
+    let is_increment = request.uri().path() == "/increment";
+    let response = next.run(request).await;
+    if is_increment {
+        metrics::counter!("increments_requests_total", "status" => response.status().as_str().to_owned())
+            .increment(1);
+    }
+    response
+}
+
+/// Auth, then rate limiting (per API key when auth is on, else per client address).
+async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let mut limit_key = None;
+    if !state.api_keys.is_empty() {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim);
+        let Some(presented) = presented else {
+            return unauthorized("missing bearer API key (Authorization: Bearer <key>)");
+        };
+        // Every configured key is compared, in constant time, so timing reveals neither
+        // which key matched nor how much of a guess was right.
+        let mut matched: Option<&Arc<str>> = None;
+        for key in state.api_keys.iter() {
+            if bool::from(key.as_bytes().ct_eq(presented.as_bytes())) {
+                matched = Some(key);
+            }
+        }
+        let Some(matched) = matched else {
+            return unauthorized("unknown API key");
+        };
+        limit_key = Some(LimitKey::ApiKey(matched.clone()));
+    }
+    if let Some(limiter) = &state.limiter {
+        let key = limit_key.unwrap_or_else(|| {
+            let ip = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
+            LimitKey::Address(ip)
+        });
+        if let Err(not_until) = limiter.check_key(&key) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("rate limit exceeded; retry in {seconds} s"),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+async fn increment(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if !is_json_content_type(content_type) {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
+        )
+        .into_response();
+    }
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body must be at most {BODY_LIMIT} bytes"),
+        )
+        .into_response()
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > BODY_LIMIT as u64) {
+        return too_large();
+    }
+    let bytes = match http_body_util::Limited::new(body, BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(err) => {
+            return ApiError::bad_request(format!("cannot read the body: {err}")).into_response()
+        }
+    };
+    let increment = match parse_increment(&bytes) {
+        Ok(increment) => increment,
+        Err(rejection) => {
+            let mut error = ApiError::bad_request(rejection.error);
+            error.field = rejection.field.map(str::to_string);
+            return error.into_response();
+        }
+    };
+    if let Some(depth) = state.producer.depth() {
+        if depth >= state.max_queue_depth {
+            return unavailable(QueueError::Full(depth));
+        }
+    }
+    match state.producer.enqueue(increment).await {
+        Ok(()) => StatusCode::ACCEPTED.into_response(),
+        Err(err) => unavailable(err),
+    }
+}
+
+fn unavailable(err: QueueError) -> Response {
+    tracing::warn!(%err, "increment refused");
+    let mut response = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("cannot queue the increment: {err}"),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+async fn count(State(state): State<AppState>, Path(key): Path<String>) -> Response {
+    let Ok(key) = Uuid::try_parse(&key) else {
+        return ApiError::bad_request("must be a UUID")
+            .with_field("key")
+            .into_response();
+    };
+    let Some(store) = &state.store else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this process has no database configured",
+        )
+        .into_response();
+    };
+    let last_flush = state
+        .worker
+        .as_ref()
+        .map(|w| w.last_flush_ms.load(Ordering::Relaxed))
+        .filter(|ms| *ms > 0);
+    match store.count(key).await {
+        Ok(count) => Json(json!({
+            "key": key,
+            "total": count.map_or(0, |c| c.total),
+            "updatedAtMs": count.map(|c| c.updated_ms),
+            "lastFlushAtMs": last_flush,
+        }))
+        .into_response(),
+        Err(err) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("database: {err}"))
+            .into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let budget = Duration::from_secs(1);
+    let queue = match tokio::time::timeout(budget, state.producer.check()).await {
+        Ok(Ok(())) => match state.producer.depth() {
+            Some(depth) if depth >= state.max_queue_depth => format!("full ({depth} unflushed)"),
+            _ => "ok".to_string(),
+        },
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => "timed out".to_string(),
+    };
+    let database = match &state.store {
+        None => "not used by this process".to_string(),
+        Some(store) => match tokio::time::timeout(budget, store.ping()).await {
+            Ok(Ok(())) => "ok".to_string(),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "timed out".to_string(),
+        },
+    };
+    let ready = queue == "ok" && (database == "ok" || state.store.is_none());
+    let depth = state.producer.depth();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    if let Some(depth) = depth {
+        metrics::gauge!("increments_queue_depth").set(depth as f64);
+    }
+    (
+        status,
+        Json(json!({"ready": ready, "queue": queue, "database": database, "queueDepth": depth})),
+    )
+        .into_response()
+}

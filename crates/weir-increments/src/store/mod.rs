@@ -1,0 +1,181 @@
+//! Where totals are persisted: a SQLite file (embedded default) or Postgres.
+//!
+//! Every flush is one transaction that (1) decides which entries are new, by the log
+//! watermark or by recording each stream entry id, (2) reads and locks the current totals
+//! of its keys in ascending order, (3) applies the [`plan`](crate::aggregate::plan), and (4)
+//! records what it applied. A crash between the commit and the queue acknowledgement
+//! therefore never counts an increment twice: the redelivered entries are recognised.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::aggregate::{DeadLetter, EntryId, Pending};
+use crate::config::IncrementsConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("postgres pool: {0}")]
+    Pool(String),
+    #[error("invalid table prefix {0:?}: use letters, digits and underscores")]
+    TablePrefix(String),
+    #[error("a database value is out of range: {0}")]
+    Range(String),
+    #[error("the database task failed: {0}")]
+    Task(String),
+    #[error("cannot create {0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+/// How a flush tells new entries from ones it applied before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dedupe {
+    /// The embedded log: one consumer, entries in sequence order; a per-source high-water
+    /// mark is enough and costs one row.
+    Watermark,
+    /// A Redis stream: several workers, entries interleaved and reclaimed out of order;
+    /// every applied id is recorded.
+    Ids,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    pub applied: usize,
+    pub duplicates: usize,
+    pub keys: usize,
+    pub dead: Vec<DeadLetter>,
+}
+
+/// The persisted total of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Count {
+    pub total: i64,
+    /// When the last flush that changed this key committed (ms since the epoch).
+    pub updated_ms: i64,
+}
+
+/// Table names, validated once so that they can be spliced into SQL.
+#[derive(Debug, Clone)]
+pub struct Tables {
+    pub counts: String,
+    pub marks: String,
+    pub applied: String,
+    pub dead: String,
+}
+
+impl Tables {
+    pub fn new(prefix: &str) -> Result<Self, StoreError> {
+        let valid = !prefix.is_empty()
+            && prefix.len() <= 40
+            && prefix
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(StoreError::TablePrefix(prefix.to_string()));
+        }
+        Ok(Tables {
+            counts: format!("{prefix}_counts"),
+            marks: format!("{prefix}_marks"),
+            applied: format!("{prefix}_applied"),
+            dead: format!("{prefix}_dead_letters"),
+        })
+    }
+}
+
+#[derive(Clone)]
+pub enum Store {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
+}
+
+impl Store {
+    /// Opens (and migrates) the database the config names.
+    pub async fn open(config: &IncrementsConfig) -> Result<Store, StoreError> {
+        let tables = Tables::new(&config.table_prefix)?;
+        match &config.database_url {
+            Some(url) => Ok(Store::Postgres(
+                postgres::PostgresStore::open(url, tables, config.chunk_size).await?,
+            )),
+            None => Ok(Store::Sqlite(
+                sqlite::SqliteStore::open(&config.sqlite_path(), tables).await?,
+            )),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Sqlite(store) => format!("SQLite {}", store.path().display()),
+            Store::Postgres(_) => "Postgres".to_string(),
+        }
+    }
+
+    pub async fn flush(
+        &self,
+        source: &str,
+        dedupe: Dedupe,
+        pending: Arc<Pending>,
+        now_ms: i64,
+    ) -> Result<FlushReport, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.flush(source, dedupe, pending, now_ms).await,
+            Store::Postgres(store) => store.flush(source, dedupe, &pending, now_ms).await,
+        }
+    }
+
+    /// The highest log sequence number applied for `source` (0 if none).
+    pub async fn watermark(&self, source: &str) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.watermark(source).await,
+            Store::Postgres(store) => store.watermark(source).await,
+        }
+    }
+
+    pub async fn count(&self, key: Uuid) -> Result<Option<Count>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.count(key).await,
+            Store::Postgres(store) => store.count(key).await,
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.ping().await,
+            Store::Postgres(store) => store.ping().await,
+        }
+    }
+
+    /// Forgets recorded ids below `below`: they were acknowledged and cannot come back.
+    pub async fn prune_applied(&self, source: &str, below: EntryId) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.prune_applied(source, below).await,
+            Store::Postgres(store) => store.prune_applied(source, below).await,
+        }
+    }
+
+    /// Dead letters recorded for `source`, oldest first (for operators and tests).
+    pub async fn dead_letters(&self, source: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.dead_letters(source).await,
+            Store::Postgres(store) => store.dead_letters(source).await,
+        }
+    }
+}
+
+pub(crate) fn to_i64(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Range(value.to_string()))
+}
+
+pub(crate) fn to_u64(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Range(value.to_string()))
+}

@@ -1,0 +1,249 @@
+//! The embedded store: one SQLite file in WAL mode, written by one connection.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use uuid::Uuid;
+
+use super::{to_i64, to_u64, Count, Dedupe, FlushReport, StoreError, Tables};
+use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending};
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    tables: Arc<Tables>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path, tables: Tables) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|err| StoreError::Io(dir.display().to_string(), err))?;
+        }
+        let conn = Connection::open(path)?;
+        // FULL: a commit is on disk before the log behind it may be truncated.
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS {c} (key TEXT PRIMARY KEY, total INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS {m} (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS {a} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));
+             CREATE TABLE IF NOT EXISTS {d} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));",
+            c = tables.counts,
+            m = tables.marks,
+            a = tables.applied,
+            d = tables.dead
+        ))?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            tables: Arc::new(tables),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&mut Connection, &Tables) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        let tables = self.tables.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| StoreError::Task("the SQLite connection was poisoned".into()))?;
+            job(&mut guard, &tables)
+        })
+        .await
+        .map_err(|err| StoreError::Task(err.to_string()))?
+    }
+
+    pub async fn flush(
+        &self,
+        source: &str,
+        dedupe: Dedupe,
+        pending: Arc<Pending>,
+        now_ms: i64,
+    ) -> Result<FlushReport, StoreError> {
+        let source = source.to_string();
+        self.with(move |conn, t| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let fresh = match dedupe {
+                Dedupe::Watermark => {
+                    let mark: Option<i64> = tx
+                        .query_row(
+                            &format!("SELECT seq FROM {} WHERE source = ?1", t.marks),
+                            [&source],
+                            |row| row.get(0),
+                        )
+                        .optional()?;
+                    Fresh::AboveSeq(to_u64(mark.unwrap_or(0))?)
+                }
+                Dedupe::Ids => {
+                    let mut insert = tx.prepare_cached(&format!(
+                        "INSERT OR IGNORE INTO {} (source, ms, seq) VALUES (?1, ?2, ?3)",
+                        t.applied
+                    ))?;
+                    let mut new = HashSet::new();
+                    for id in pending.ids() {
+                        if insert.execute(params![source, to_i64(id.ms)?, to_i64(id.seq)?])? == 1 {
+                            new.insert(id);
+                        }
+                    }
+                    Fresh::Ids(new)
+                }
+            };
+            let mut bases = HashMap::with_capacity(pending.keys.len());
+            {
+                let mut select =
+                    tx.prepare_cached(&format!("SELECT total FROM {} WHERE key = ?1", t.counts))?;
+                for (key, _) in &pending.keys {
+                    let total: Option<i64> = select
+                        .query_row([key.to_string()], |row| row.get(0))
+                        .optional()?;
+                    bases.insert(*key, total.unwrap_or(0));
+                }
+            }
+            let plan = plan(&pending, fresh, |key| bases.get(key).copied().unwrap_or(0));
+            {
+                let mut upsert = tx.prepare_cached(&format!(
+                    "INSERT INTO {c} (key, total, updated_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key) DO UPDATE SET total = {c}.total + excluded.total, updated_ms = excluded.updated_ms",
+                    c = t.counts
+                ))?;
+                for (key, delta) in &plan.deltas {
+                    upsert.execute(params![key.to_string(), delta, now_ms])?;
+                }
+                let mut dead = tx.prepare_cached(&format!(
+                    "INSERT OR IGNORE INTO {} (source, ms, seq, key, value, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    t.dead
+                ))?;
+                for letter in &plan.dead {
+                    dead.execute(params![
+                        source,
+                        to_i64(letter.id.ms)?,
+                        to_i64(letter.id.seq)?,
+                        letter.key.to_string(),
+                        letter.value,
+                        letter.reason,
+                        now_ms
+                    ])?;
+                }
+            }
+            if dedupe == Dedupe::Watermark {
+                if let Some(max) = pending.max_seq() {
+                    tx.execute(
+                        &format!(
+                            "INSERT INTO {m} (source, seq) VALUES (?1, ?2)
+                             ON CONFLICT (source) DO UPDATE SET seq = max({m}.seq, excluded.seq)",
+                            m = t.marks
+                        ),
+                        params![source, to_i64(max)?],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(FlushReport {
+                applied: plan.applied,
+                duplicates: plan.duplicates,
+                keys: plan.deltas.len(),
+                dead: plan.dead,
+            })
+        })
+        .await
+    }
+
+    pub async fn watermark(&self, source: &str) -> Result<u64, StoreError> {
+        let source = source.to_string();
+        self.with(move |conn, t| {
+            let mark: Option<i64> = conn
+                .query_row(
+                    &format!("SELECT seq FROM {} WHERE source = ?1", t.marks),
+                    [&source],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            to_u64(mark.unwrap_or(0))
+        })
+        .await
+    }
+
+    pub async fn count(&self, key: Uuid) -> Result<Option<Count>, StoreError> {
+        self.with(move |conn, t| {
+            Ok(conn
+                .query_row(
+                    &format!("SELECT total, updated_ms FROM {} WHERE key = ?1", t.counts),
+                    [key.to_string()],
+                    |row| {
+                        Ok(Count {
+                            total: row.get(0)?,
+                            updated_ms: row.get(1)?,
+                        })
+                    },
+                )
+                .optional()?)
+        })
+        .await
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.with(|conn, _| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?))
+            .await
+    }
+
+    pub async fn prune_applied(&self, source: &str, below: EntryId) -> Result<u64, StoreError> {
+        let source = source.to_string();
+        self.with(move |conn, t| {
+            let removed = conn.execute(
+                &format!(
+                    "DELETE FROM {} WHERE source = ?1 AND (ms < ?2 OR (ms = ?2 AND seq < ?3))",
+                    t.applied
+                ),
+                params![source, to_i64(below.ms)?, to_i64(below.seq)?],
+            )?;
+            Ok(removed as u64)
+        })
+        .await
+    }
+
+    pub async fn dead_letters(&self, source: &str) -> Result<Vec<DeadLetter>, StoreError> {
+        let source = source.to_string();
+        self.with(move |conn, t| {
+            let mut stmt = conn.prepare(&format!(
+                "SELECT ms, seq, key, value, reason FROM {} WHERE source = ?1 ORDER BY ms, seq",
+                t.dead
+            ))?;
+            let rows = stmt.query_map([&source], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, String>(4)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (ms, seq, key, value, reason) = row?;
+                out.push(DeadLetter {
+                    id: EntryId {
+                        ms: to_u64(ms)?,
+                        seq: to_u64(seq)?,
+                    },
+                    key: Uuid::try_parse(&key).map_err(|err| StoreError::Range(err.to_string()))?,
+                    value,
+                    reason,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

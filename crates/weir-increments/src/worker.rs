@@ -1,0 +1,256 @@
+//! The worker: reads the queue, sums per key, flushes on time, acknowledges after commit.
+//!
+//! A flush starts when the oldest held increment is `flushIntervalMs` old, so what is
+//! persisted lags by at most that interval plus one commit, and retries back off within
+//! the remaining staleness budget. A failed flush keeps everything it held (the queue is
+//! not acknowledged, so nothing is lost even if this process then dies) and retries.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::aggregate::{Aggregator, Pending};
+use crate::config::IncrementsConfig;
+use crate::queue::embedded::now_ms;
+use crate::queue::{Consumer, Next, QueueError};
+use crate::store::{FlushReport, Store, StoreError};
+
+/// What the worker reports to `/readyz` and `/counts`.
+#[derive(Debug, Default)]
+pub struct WorkerHealth {
+    pub database_ok: AtomicBool,
+    pub queue_ok: AtomicBool,
+    pub last_flush_ms: AtomicU64,
+    pub max_staleness_ms: AtomicU64,
+    pub flushed: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+pub struct Worker {
+    consumer: Consumer,
+    store: Store,
+    aggregator: Aggregator,
+    source: String,
+    interval: Duration,
+    max_staleness: Duration,
+    max_pending: usize,
+    claim_idle: Duration,
+    shutdown_flush: Duration,
+    health: Arc<WorkerHealth>,
+    last_prune: Instant,
+    last_touch: Instant,
+}
+
+impl Worker {
+    pub fn new(
+        consumer: Consumer,
+        store: Store,
+        config: &IncrementsConfig,
+        health: Arc<WorkerHealth>,
+    ) -> Self {
+        health.database_ok.store(true, Ordering::Relaxed);
+        health.queue_ok.store(true, Ordering::Relaxed);
+        Worker {
+            source: consumer.source(),
+            consumer,
+            store,
+            aggregator: Aggregator::default(),
+            interval: config.flush_interval(),
+            max_staleness: config.max_staleness(),
+            max_pending: config.max_pending.max(1),
+            claim_idle: Duration::from_millis(config.claim_idle_ms.max(1)),
+            shutdown_flush: Duration::from_millis(config.shutdown_flush_ms),
+            health,
+            last_prune: Instant::now(),
+            last_touch: Instant::now(),
+        }
+    }
+
+    /// Runs until `token` is cancelled (Redis) or the embedded log closes, then flushes
+    /// what it holds and acknowledges it.
+    pub async fn run(mut self, token: CancellationToken) -> Result<(), WorkerError> {
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            if token.is_cancelled() {
+                let since = *stopping_since.get_or_insert_with(Instant::now);
+                // The embedded log closes by itself once the API has drained; a Redis
+                // worker stops reading at once. Either way the wait is bounded.
+                if matches!(self.consumer, Consumer::Redis(_))
+                    || since.elapsed() > self.shutdown_flush
+                {
+                    break;
+                }
+            }
+            let wait = self.until_due().min(Duration::from_millis(200));
+            match self.consumer.next(wait).await {
+                Ok(Next::Items(items)) => {
+                    self.health.queue_ok.store(true, Ordering::Relaxed);
+                    for item in items {
+                        self.aggregator.push(item);
+                    }
+                }
+                Ok(Next::Idle) => self.health.queue_ok.store(true, Ordering::Relaxed),
+                Ok(Next::Closed) => break,
+                Err(err) => {
+                    self.health.queue_ok.store(false, Ordering::Relaxed);
+                    tracing::warn!(%err, "cannot read the queue; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = token.cancelled() => {}
+                    }
+                }
+            }
+            metrics::gauge!("increments_worker_held").set(self.aggregator.len() as f64);
+            if self.until_due().is_zero() || self.aggregator.len() >= self.max_pending {
+                self.flush(&token).await;
+            }
+            self.housekeeping().await;
+        }
+        // Whatever is still in the local channel was logged already; take it too.
+        if let Consumer::Embedded(consumer) = &mut self.consumer {
+            while let Some(items) = consumer.try_next() {
+                for item in items {
+                    self.aggregator.push(item);
+                }
+            }
+        }
+        self.flush(&token).await;
+        Ok(())
+    }
+
+    fn until_due(&self) -> Duration {
+        match self.aggregator.oldest_ms() {
+            None => self.interval,
+            Some(oldest) => {
+                let due = oldest.saturating_add(self.interval.as_millis() as u64);
+                Duration::from_millis(due.saturating_sub(now_ms()))
+            }
+        }
+    }
+
+    /// Commits everything held, retrying with backoff until it succeeds (or, while
+    /// stopping, until the shutdown budget is spent: the queue still holds it all).
+    pub async fn flush(&mut self, token: &CancellationToken) -> Option<FlushReport> {
+        if self.aggregator.is_empty() {
+            return None;
+        }
+        let pending = Arc::new(self.aggregator.take());
+        let mut backoff = Duration::from_millis(50);
+        let cap = (self.max_staleness / 4).max(Duration::from_millis(50));
+        let started = Instant::now();
+        loop {
+            let attempt = Instant::now();
+            match self
+                .store
+                .flush(
+                    &self.source,
+                    self.consumer.dedupe(),
+                    pending.clone(),
+                    now_ms() as i64,
+                )
+                .await
+            {
+                Ok(report) => {
+                    self.record(&pending, &report, attempt.elapsed());
+                    self.acknowledge(&pending).await;
+                    return Some(report);
+                }
+                Err(err) => {
+                    self.health.database_ok.store(false, Ordering::Relaxed);
+                    metrics::counter!("increments_flush_failures_total").increment(1);
+                    tracing::warn!(%err, retry_in_ms = backoff.as_millis() as u64, "flush failed; retrying");
+                    if token.is_cancelled() && started.elapsed() > self.shutdown_flush {
+                        tracing::error!("giving up the final flush; the queue keeps the increments for the next start");
+                        return None;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(cap);
+                    self.keep_alive(&pending).await;
+                }
+            }
+        }
+    }
+
+    fn record(&self, pending: &Pending, report: &FlushReport, took: Duration) {
+        let now = now_ms();
+        self.health.database_ok.store(true, Ordering::Relaxed);
+        self.health.last_flush_ms.store(now, Ordering::Relaxed);
+        self.health
+            .flushed
+            .fetch_add(report.applied as u64, Ordering::Relaxed);
+        metrics::histogram!("increments_flush_seconds").record(took.as_secs_f64());
+        metrics::histogram!("increments_batch_size").record(pending.len as f64);
+        metrics::histogram!("increments_batch_keys").record(report.keys as f64);
+        metrics::counter!("increments_applied_total").increment(report.applied as u64);
+        metrics::counter!("increments_duplicates_skipped_total")
+            .increment(report.duplicates as u64);
+        if let Some(oldest) = pending.oldest_ms {
+            let staleness = now.saturating_sub(oldest);
+            metrics::histogram!("increments_staleness_seconds").record(staleness as f64 / 1000.0);
+            let max = self
+                .health
+                .max_staleness_ms
+                .fetch_max(staleness, Ordering::Relaxed)
+                .max(staleness);
+            metrics::gauge!("increments_staleness_max_seconds").set(max as f64 / 1000.0);
+        }
+        if !report.dead.is_empty() {
+            metrics::counter!("increments_dead_letters_total", "reason" => "overflow")
+                .increment(report.dead.len() as u64);
+            for letter in &report.dead {
+                tracing::warn!(key = %letter.key, value = letter.value, reason = %letter.reason, "increment dead-lettered");
+            }
+        }
+    }
+
+    async fn acknowledge(&mut self, pending: &Pending) {
+        // A failed ack loses nothing: the entries come back and the store recognises them.
+        for attempt in 0..3 {
+            match self.consumer.ack(pending).await {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::warn!(%err, attempt, "cannot acknowledge a committed flush");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn keep_alive(&mut self, pending: &Pending) {
+        if self.last_touch.elapsed() < self.claim_idle / 3 {
+            return;
+        }
+        self.last_touch = Instant::now();
+        let mut held: Vec<_> = pending.ids().collect();
+        if let Err(err) = self.consumer.keep_alive(std::mem::take(&mut held)).await {
+            tracing::warn!(%err, "cannot refresh held entries");
+        }
+    }
+
+    async fn housekeeping(&mut self) {
+        if self.last_prune.elapsed() < Duration::from_secs(30) {
+            return;
+        }
+        self.last_prune = Instant::now();
+        match self.consumer.prune_bound().await {
+            Ok(Some(bound)) => match self.store.prune_applied(&self.source, bound).await {
+                Ok(removed) if removed > 0 => {
+                    tracing::debug!(removed, "forgot acknowledged entry ids")
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(%err, "cannot prune applied entry ids"),
+            },
+            Ok(None) => {}
+            Err(err) => tracing::warn!(%err, "cannot read the queue position for pruning"),
+        }
+    }
+}
