@@ -1,0 +1,330 @@
+//! The API and the embedded mode end to end, over real HTTP: every validation rule, the
+//! status codes, auth, rate limiting, the OpenAPI document, and totals after a flush.
+
+mod common;
+
+use common::*;
+use weir_increments::store::Store;
+use weir_increments::Role;
+
+const KEY: &str = "0b7c2f4e-8d1a-4f3b-9c6e-5a2d7e9f1b3c";
+
+async fn embedded() -> (Running, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    (start(base_config(dir.path()), Role::Serve).await, dir)
+}
+
+async fn assert_rejected(addr: std::net::SocketAddr, body: &str, field: Option<&str>, words: &str) {
+    let reply = request(addr, "POST", "/increment", &[JSON], body.as_bytes()).await;
+    assert_eq!(reply.status, 400, "{body} -> {}", reply.body);
+    let json = reply.json();
+    assert_eq!(json["field"].as_str(), field, "{body} -> {}", reply.body);
+    let error = json["error"].as_str().unwrap_or_default();
+    assert!(error.contains(words), "{body} -> {error}");
+}
+
+#[tokio::test]
+async fn a_valid_increment_is_202_with_an_empty_body_and_is_persisted() {
+    let (server, _dir) = embedded().await;
+    for value in [1, 2, 39] {
+        let reply = post_increment(server.addr, KEY, value).await;
+        assert_eq!(reply.status, 202);
+        assert_eq!(reply.body, "");
+    }
+    wait_for_total(server.addr, KEY, 42).await;
+    let reply = request(server.addr, "GET", &format!("/counts/{KEY}"), &[], b"").await;
+    assert!(reply.json()["updatedAtMs"].as_i64().is_some());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_validation_rule_answers_400_naming_the_field() {
+    let (server, _dir) = embedded().await;
+    let a = server.addr;
+    assert_rejected(
+        a,
+        &format!(r#"{{"key":"{KEY}","value":1,"extra":1}}"#),
+        None,
+        "unknown field \"extra\"",
+    )
+    .await;
+    assert_rejected(
+        a,
+        &format!(r#"{{"KEY":"{KEY}","value":1}}"#),
+        Some("key"),
+        "case-sensitive",
+    )
+    .await;
+    assert_rejected(
+        a,
+        &format!(r#"{{"key":"{KEY}","value":1}}xyz"#),
+        None,
+        "trailing",
+    )
+    .await;
+    assert_rejected(a, r#"{"key":7,"value":1}"#, Some("key"), "string").await;
+    assert_rejected(
+        a,
+        &format!(r#"{{"key":"{KEY}","value":"1"}}"#),
+        Some("value"),
+        "got a string",
+    )
+    .await;
+    assert_rejected(
+        a,
+        &format!(r#"{{"key":"{KEY}","value":0}}"#),
+        Some("value"),
+        "at least 1",
+    )
+    .await;
+    assert_rejected(
+        a,
+        &format!(r#"{{"key":"{KEY}","value":-1}}"#),
+        Some("value"),
+        "at least 1",
+    )
+    .await;
+    assert_rejected(
+        a,
+        &format!(r#"{{"key":"{KEY}","value":9223372036854775808}}"#),
+        Some("value"),
+        "at most",
+    )
+    .await;
+    assert_rejected(a, r#"{"key":"not-a-uuid","value":1}"#, Some("key"), "UUID").await;
+    assert_rejected(a, r#"{"value":1}"#, Some("key"), "missing").await;
+    assert_rejected(
+        a,
+        &format!(r#"{{"key":"{KEY}"}}"#),
+        Some("value"),
+        "missing",
+    )
+    .await;
+    assert_rejected(a, "", None, "empty").await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_content_type_is_415() {
+    let (server, _dir) = embedded().await;
+    let body = format!(r#"{{"key":"{KEY}","value":1}}"#);
+    for headers in [&[("Content-Type", "text/plain")][..], &[][..]] {
+        let reply = request(server.addr, "POST", "/increment", headers, body.as_bytes()).await;
+        assert_eq!(reply.status, 415, "{}", reply.body);
+        assert!(reply.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("application/json"));
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_over_one_kib_is_413_whether_declared_or_streamed() {
+    let (server, _dir) = embedded().await;
+    let padding = " ".repeat(1100);
+    let body = format!(r#"{{"key":"{KEY}",{padding}"value":1}}"#);
+    let reply = request(server.addr, "POST", "/increment", &[JSON], body.as_bytes()).await;
+    assert_eq!(reply.status, 413, "{}", reply.body);
+    assert!(reply.json()["error"].as_str().unwrap().contains("1024"));
+    // Chunked: no Content-Length, so only the streaming limit can catch it.
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let reply = request(
+        server.addr,
+        "POST",
+        "/increment",
+        &[JSON, ("Transfer-Encoding", "chunked")],
+        chunked.as_bytes(),
+    )
+    .await;
+    assert_eq!(reply.status, 413, "{reply:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bearer_keys_are_required_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.api_keys = vec!["s3cret".into(), "other".into()];
+    let server = start(config, Role::Serve).await;
+    let body = format!(r#"{{"key":"{KEY}","value":1}}"#);
+    let none = request(server.addr, "POST", "/increment", &[JSON], body.as_bytes()).await;
+    assert_eq!(none.status, 401);
+    assert_eq!(none.header("www-authenticate"), Some("Bearer"));
+    let wrong = request(
+        server.addr,
+        "POST",
+        "/increment",
+        &[JSON, ("Authorization", "Bearer s3cre")],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.json()["error"], "unknown API key");
+    let right = request(
+        server.addr,
+        "POST",
+        "/increment",
+        &[JSON, ("Authorization", "Bearer other")],
+        body.as_bytes(),
+    )
+    .await;
+    assert_eq!(right.status, 202);
+    let health = request(server.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200, "probes stay open");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_rate_limit_answers_429_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.rate_limit_per_second = Some(1);
+    config.rate_limit_burst = Some(2);
+    let server = start(config, Role::Serve).await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..4 {
+        let reply = post_increment(server.addr, KEY, 1).await;
+        statuses.push(reply.status);
+        if reply.status == 429 {
+            retry_after = reply.header("retry-after").map(str::to_string);
+            assert!(reply.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("rate limit"));
+        }
+    }
+    assert_eq!(&statuses[..2], &[202, 202]);
+    assert!(statuses[2..].contains(&429), "{statuses:?}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_overflowing_total_dead_letters_that_increment_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = base_config(dir.path());
+    let server = start(config.clone(), Role::Serve).await;
+    let other = "11111111-2222-4333-8444-555555555555";
+    assert_eq!(
+        post_increment(server.addr, KEY, i64::MAX - 5).await.status,
+        202
+    );
+    assert_eq!(post_increment(server.addr, KEY, 10).await.status, 202);
+    assert_eq!(post_increment(server.addr, KEY, 5).await.status, 202);
+    assert_eq!(post_increment(server.addr, other, 3).await.status, 202);
+    wait_for_total(server.addr, KEY, i64::MAX).await;
+    wait_for_total(server.addr, other, 3).await;
+    server.stop().await;
+    let store = Store::open(&config).await.unwrap();
+    let dead = store.dead_letters("embedded").await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].value, 10);
+    assert!(dead[0].reason.contains("overflow"));
+}
+
+#[tokio::test]
+async fn a_graceful_stop_flushes_everything_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.flush_interval_ms = 60_000;
+    config.max_staleness_ms = 60_000;
+    let server = start(config.clone(), Role::Serve).await;
+    for _ in 0..25 {
+        assert_eq!(post_increment(server.addr, KEY, 2).await.status, 202);
+    }
+    server.stop().await;
+    let store = Store::open(&config).await.unwrap();
+    assert_eq!(
+        store
+            .count(KEY.parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .total,
+        50
+    );
+}
+
+#[tokio::test]
+async fn probes_metrics_and_unknown_routes() {
+    let (server, _dir) = embedded().await;
+    assert_eq!(
+        request(server.addr, "GET", "/healthz", &[], b"")
+            .await
+            .status,
+        200
+    );
+    let ready = request(server.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    assert_eq!(ready.json()["database"], "ok");
+    post_increment(server.addr, KEY, 1).await;
+    wait_for_total(server.addr, KEY, 1).await;
+    let metrics = request(server.addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(metrics.status, 200);
+    for name in [
+        "increments_requests_total",
+        "increments_batch_size",
+        "increments_flush_seconds",
+        "increments_staleness_seconds",
+    ] {
+        assert!(metrics.body.contains(name), "{name} missing from /metrics");
+    }
+    let missing = request(server.addr, "GET", "/nope", &[], b"").await;
+    assert_eq!(missing.status, 404);
+    let bad_key = request(server.addr, "GET", "/counts/xyz", &[], b"").await;
+    assert_eq!(
+        (bad_key.status, bad_key.json()["field"].as_str()),
+        (400, Some("key"))
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_matches_the_live_routes() {
+    let (server, _dir) = embedded().await;
+    let doc = request(server.addr, "GET", "/openapi.json", &[], b"")
+        .await
+        .json();
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 6);
+    for (path, operations) in paths {
+        for (method, operation) in operations.as_object().expect("operations") {
+            let concrete = path.replace("{key}", KEY);
+            let body = format!(r#"{{"key":"{KEY}","value":1}}"#);
+            let reply = request(
+                server.addr,
+                &method.to_uppercase(),
+                &concrete,
+                &[JSON],
+                body.as_bytes(),
+            )
+            .await;
+            let documented: Vec<&String> = operation["responses"]
+                .as_object()
+                .expect("responses")
+                .keys()
+                .collect();
+            assert!(
+                documented.contains(&&reply.status.to_string()),
+                "{method} {path} answered {} which the document does not list ({documented:?})",
+                reply.status
+            );
+        }
+    }
+    // The documented schema is the validator's: exactly these fields, nothing else.
+    let schema = &doc["components"]["schemas"]["Increment"];
+    assert_eq!(schema["additionalProperties"], false);
+    assert_eq!(schema["required"], serde_json::json!(["key", "value"]));
+    assert_eq!(schema["properties"]["value"]["minimum"], 1);
+    assert_eq!(schema["properties"]["value"]["maximum"], i64::MAX);
+    let responses = &paths["/increment"]["post"]["responses"];
+    for code in ["202", "400", "401", "413", "415", "429"] {
+        assert!(
+            responses.get(code).is_some(),
+            "/increment does not document {code}"
+        );
+    }
+    server.stop().await;
+}
