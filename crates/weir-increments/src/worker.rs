@@ -182,6 +182,12 @@ impl Worker {
 
     fn record(&self, pending: &Pending, report: &FlushReport, took: Duration) {
         let now = now_ms();
+        tracing::debug!(
+            took_ms = took.as_millis() as u64,
+            applied = report.applied,
+            keys = report.keys,
+            "flushed"
+        );
         self.health.database_ok.store(true, Ordering::Relaxed);
         self.health.last_flush_ms.store(now, Ordering::Relaxed);
         self.health

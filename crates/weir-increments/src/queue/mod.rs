@@ -72,6 +72,8 @@ impl Producer {
     }
 }
 
+const EMBEDDED_READ_MAX: usize = 100_000;
+
 pub enum Next {
     Items(Vec<Item>),
     Idle,
@@ -106,7 +108,17 @@ impl Consumer {
         match self {
             Consumer::Embedded(consumer) => {
                 match tokio::time::timeout(wait, consumer.next()).await {
-                    Ok(Some(items)) => Ok(Next::Items(items)),
+                    Ok(Some(mut items)) => {
+                        // Take every group already waiting: after an outage the backlog
+                        // then goes out in one flush instead of one flush per group.
+                        while items.len() < EMBEDDED_READ_MAX {
+                            match consumer.try_next() {
+                                Some(more) => items.extend(more),
+                                None => break,
+                            }
+                        }
+                        Ok(Next::Items(items))
+                    }
                     Ok(None) => Ok(Next::Closed),
                     Err(_) => Ok(Next::Idle),
                 }
