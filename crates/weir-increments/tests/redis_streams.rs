@@ -1,0 +1,265 @@
+//! Redis Streams + Postgres against the machine's engines, each test with its own stream,
+//! group and tables: API replicas and workers sharing them, takeover of a dead worker's
+//! entries, a crash between commit and ack, and both kinds of dead letters.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use redis::AsyncCommands;
+use uuid::Uuid;
+use weir_increments::config::IncrementsConfig;
+use weir_increments::queue::redis::RedisConsumer;
+use weir_increments::queue::Next;
+use weir_increments::store::{Dedupe, Store};
+use weir_increments::Role;
+
+async fn config(dir: &std::path::Path) -> Option<IncrementsConfig> {
+    let redis = redis_url().await?;
+    let postgres = postgres_url().await?;
+    let mut config = base_config(dir);
+    config.redis_url = Some(redis);
+    config.database_url = Some(postgres);
+    config.table_prefix = unique("t");
+    config.stream = unique("weir_test_stream");
+    config.group = "g".into();
+    config.claim_idle_ms = 300;
+    Some(config)
+}
+
+async fn redis_conn(config: &IncrementsConfig) -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(config.redis_url.clone().unwrap()).unwrap();
+    client.get_multiplexed_async_connection().await.unwrap()
+}
+
+async fn total(store: &Store, key: Uuid) -> i64 {
+    store.count(key).await.unwrap().map_or(0, |c| c.total)
+}
+
+async fn wait_for_store_total(store: &Store, key: Uuid, expected: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while total(store, key).await != expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "total of {key} is {} not {expected}",
+            total(store, key).await
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn pending_count(config: &IncrementsConfig) -> usize {
+    let mut conn = redis_conn(config).await;
+    let reply: redis::streams::StreamPendingReply =
+        conn.xpending(&config.stream, &config.group).await.unwrap();
+    reply.count()
+}
+
+async fn cleanup(config: &IncrementsConfig) {
+    let mut conn = redis_conn(config).await;
+    let _: () = conn
+        .del(&[&config.stream, &config.dead_letter_stream()])
+        .await
+        .unwrap();
+}
+
+fn worker(config: &IncrementsConfig, name: &str) -> IncrementsConfig {
+    IncrementsConfig {
+        consumer: Some(name.to_string()),
+        ..config.clone()
+    }
+}
+
+#[tokio::test]
+async fn api_replicas_and_workers_share_redis_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let api_a = start(config.clone(), Role::Api).await;
+    let api_b = start(config.clone(), Role::Api).await;
+    let w1 = start(worker(&config, "w1"), Role::Worker).await;
+    let w2 = start(worker(&config, "w2"), Role::Worker).await;
+    let keys: Vec<String> = (0..5).map(|_| Uuid::new_v4().to_string()).collect();
+    for n in 0..200 {
+        let api = if n % 2 == 0 { api_a.addr } else { api_b.addr };
+        let reply = post_increment(api, &keys[n % 5], 1 + n as i64 % 3).await;
+        assert_eq!(reply.status, 202, "{}", reply.body);
+    }
+    let expected = |k: usize| {
+        (0..200)
+            .filter(|n| n % 5 == k)
+            .map(|n| 1 + n as i64 % 3)
+            .sum::<i64>()
+    };
+    for (k, key) in keys.iter().enumerate() {
+        wait_for_total(api_a.addr, key, expected(k)).await;
+    }
+    let ready = request(api_a.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    for running in [api_a, api_b, w1, w2] {
+        running.stop().await;
+    }
+    assert_eq!(pending_count(&config).await, 0, "every entry acknowledged");
+    cleanup(&config).await;
+}
+
+#[tokio::test]
+async fn a_dead_workers_entries_are_taken_over_and_a_crash_after_commit_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let url = config.redis_url.clone().unwrap();
+    let store = Store::open(&config).await.unwrap();
+    let mut conn = redis_conn(&config).await;
+    let key = Uuid::new_v4();
+    // Two consumers that will "die": one right after reading, one after committing.
+    let mut read_only = RedisConsumer::connect(&worker(&config, "dead-reader"), &url)
+        .await
+        .unwrap();
+    let mut committed = RedisConsumer::connect(&worker(&config, "dead-committer"), &url)
+        .await
+        .unwrap();
+    for value in 1..=10i64 {
+        let _: String = conn
+            .xadd(
+                &config.stream,
+                "*",
+                &[("k", key.to_string()), ("v", value.to_string())],
+            )
+            .await
+            .unwrap();
+    }
+    let first = match committed.next(Duration::from_millis(200)).await.unwrap() {
+        Next::Items(items) => items,
+        _ => panic!("no entries"),
+    };
+    assert_eq!(first.len(), 10);
+    let mut agg = weir_increments::aggregate::Aggregator::default();
+    for item in &first[..6] {
+        agg.push(*item);
+    }
+    // Commit six, never ack them, and "crash": their entries stay pending.
+    store
+        .flush(
+            committed.stream(),
+            Dedupe::Ids,
+            std::sync::Arc::new(agg.take()),
+            1,
+        )
+        .await
+        .unwrap();
+    drop(committed);
+    for value in 11..=12i64 {
+        let _: String = conn
+            .xadd(
+                &config.stream,
+                "*",
+                &[("k", key.to_string()), ("v", value.to_string())],
+            )
+            .await
+            .unwrap();
+    }
+    assert!(
+        matches!(read_only.next(Duration::from_millis(200)).await.unwrap(), Next::Items(items) if items.len() == 2)
+    );
+    drop(read_only);
+    assert_eq!(total(&store, key).await, 21);
+
+    let survivor = start(worker(&config, "survivor"), Role::Worker).await;
+    wait_for_store_total(&store, key, (1..=12).sum()).await;
+    survivor.stop().await;
+    assert_eq!(
+        total(&store, key).await,
+        78,
+        "each entry counted exactly once"
+    );
+    assert_eq!(pending_count(&config).await, 0);
+    cleanup(&config).await;
+}
+
+#[tokio::test]
+async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut config) = config(dir.path()).await else {
+        return;
+    };
+    config.max_deliveries = 3;
+    let url = config.redis_url.clone().unwrap();
+    let store = Store::open(&config).await.unwrap();
+    let mut conn = redis_conn(&config).await;
+    let key = Uuid::new_v4();
+    let _: String = conn
+        .xadd(&config.stream, "*", &[("k", "not-a-uuid"), ("v", "1")])
+        .await
+        .unwrap();
+    let poison: String = conn
+        .xadd(
+            &config.stream,
+            "*",
+            &[("k", key.to_string()), ("v", "1000".to_string())],
+        )
+        .await
+        .unwrap();
+    // The poison entry is read by a worker that keeps dying before its commit.
+    let mut doomed = RedisConsumer::connect(&worker(&config, "doomed"), &url)
+        .await
+        .unwrap();
+    let _ = doomed.next(Duration::from_millis(200)).await.unwrap();
+    drop(doomed);
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(&config.stream)
+        .arg(&config.group)
+        .arg("doomed")
+        .arg(0)
+        .arg(&poison)
+        .arg("RETRYCOUNT")
+        .arg(5)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: String = conn
+        .xadd(
+            &config.stream,
+            "*",
+            &[("k", key.to_string()), ("v", "7".to_string())],
+        )
+        .await
+        .unwrap();
+
+    let survivor = start(worker(&config, "survivor"), Role::Worker).await;
+    wait_for_store_total(&store, key, 7).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let dead = loop {
+        let dead: redis::streams::StreamRangeReply =
+            conn.xrange_all(config.dead_letter_stream()).await.unwrap();
+        if dead.ids.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    survivor.stop().await;
+    let reasons: Vec<String> = dead
+        .ids
+        .iter()
+        .filter_map(|e| e.get::<String>("reason"))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("not a UUID")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("delivered 3 times")),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        total(&store, key).await,
+        7,
+        "the poison entry was not applied"
+    );
+    assert_eq!(pending_count(&config).await, 0);
+    cleanup(&config).await;
+}
