@@ -230,21 +230,20 @@ impl CheckFlags {
 pub enum CheckError {
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
-    #[error("cannot resolve {host}: {source}")]
-    Resolve {
-        host: String,
-        source: std::io::Error,
-    },
-    #[error("cannot connect user {user} to {addr}: {source}")]
+    // The cause is part of the message rather than a `source`, so that a printed error chain
+    // does not say it twice.
+    #[error("cannot resolve {host}: {error}")]
+    Resolve { host: String, error: std::io::Error },
+    #[error("cannot connect user {user} to {addr}: {error}")]
     ConnectClient {
         user: u32,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot connect the event source to {addr}: {source}")]
+    #[error("cannot connect the event source to {addr}: {error}")]
     ConnectSource {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("internal error: {0}")]
     Internal(String),
@@ -387,6 +386,9 @@ pub async fn run(config: CheckConfig, token: CancellationToken) -> Result<CheckR
             },
             end = &mut source_rx, if source_end.is_none() => {
                 let end = end.unwrap_or_else(|_| SourceEnd::Failed("the source thread died".into()));
+                if end == SourceEnd::Finished {
+                    outcome.source_seconds = Some(started.elapsed().as_secs_f64());
+                }
                 if let SourceEnd::Failed(message) = &end {
                     outcome.source_error = Some(message.clone());
                     // Let what is already on the wire arrive, then stop.
@@ -444,6 +446,7 @@ struct Outcome {
     received: u64,
     failures: Vec<UserFailure>,
     source_error: Option<String>,
+    source_seconds: Option<f64>,
     cancelled: bool,
 }
 
@@ -458,6 +461,7 @@ impl Outcome {
             received: 0,
             failures: Vec::new(),
             source_error: None,
+            source_seconds: None,
             cancelled: false,
         }
     }
@@ -486,6 +490,7 @@ impl Outcome {
             seconds: elapsed.as_secs_f64(),
             failures: self.failures,
             source_error: self.source_error,
+            source_seconds: self.source_seconds,
             expected_bytes: self.expected_bytes,
             peak_rss_bytes: report::peak_rss_bytes(),
             generation: None,
@@ -494,9 +499,9 @@ impl Outcome {
 }
 
 async fn resolve(host: &str, port: u16) -> Result<SocketAddr, CheckError> {
-    let resolve_error = |source| CheckError::Resolve {
+    let resolve_error = |error| CheckError::Resolve {
         host: host.to_string(),
-        source,
+        error,
     };
     let mut addrs = tokio::net::lookup_host((host, port))
         .await
@@ -596,6 +601,23 @@ mod tests {
         assert!(!config.random_pairs);
         assert_eq!(config.max_event_source_batch_size, 7);
         assert_eq!(config.settle_ms, 500);
+    }
+
+    #[test]
+    fn the_seed_environment_variables_sit_between_defaults_and_flags() {
+        // Names unused by the other tests in this module, which may share the process.
+        std::env::set_var("randomSeed", "5");
+        std::env::set_var("maxEventSourceBatchSize", "9");
+        let flags = CheckFlags {
+            max_event_source_batch_size: Some(3),
+            ..CheckFlags::default()
+        };
+        let config = flags.load().unwrap();
+        assert_eq!(config.random_seed, 5, "the environment beats the default");
+        assert_eq!(
+            config.max_event_source_batch_size, 3,
+            "a flag beats the environment"
+        );
     }
 
     #[test]

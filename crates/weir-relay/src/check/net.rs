@@ -53,15 +53,14 @@ pub async fn connect_clients(
         };
         let (slot, user, connected) =
             joined.map_err(|err| CheckError::Internal(err.to_string()))?;
-        let stream =
-            connected.map_err(|source| CheckError::ConnectClient { user, addr, source })?;
+        let stream = connected.map_err(|error| CheckError::ConnectClient { user, addr, error })?;
         streams[slot] = Some(stream);
     }
     Ok(streams.into_iter().flatten().collect())
 }
 
 pub async fn connect_source(addr: SocketAddr) -> Result<std::net::TcpStream, CheckError> {
-    let connect_error = |source| CheckError::ConnectSource { addr, source };
+    let connect_error = |error| CheckError::ConnectSource { addr, error };
     let stream = TcpStream::connect(addr).await.map_err(connect_error)?;
     let stream = stream.into_std().map_err(connect_error)?;
     stream.set_nonblocking(false).map_err(connect_error)?;

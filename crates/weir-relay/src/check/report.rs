@@ -37,6 +37,8 @@ pub struct CheckReport {
     pub failures: Vec<UserFailure>,
     /// Why the event connection broke, if it did.
     pub source_error: Option<String>,
+    /// When the last event was written, from the first: how fast the server took them in.
+    pub source_seconds: Option<f64>,
     /// Heap bytes of the expected streams.
     pub expected_bytes: u64,
     /// Peak resident memory of this process (Linux only).
@@ -92,13 +94,17 @@ impl std::fmt::Display for CheckReport {
             )?;
         }
         let elapsed = std::time::Duration::from_secs_f64(self.seconds);
-        writeln!(
+        write!(
             f,
             "events:        {} of {} sent ({} events/s)",
             self.events_sent,
             self.events_total,
             human(per_second(self.events_sent, elapsed))
         )?;
+        if let Some(seconds) = self.source_seconds {
+            write!(f, ", all written after {seconds:.3} s")?;
+        }
+        writeln!(f)?;
         writeln!(
             f,
             "notifications: {} received of {} expected, {} users ({} notifications/s)",
@@ -189,6 +195,7 @@ pub fn dry_run(params: StreamParams, users: &[u32], config: &CheckConfig) -> Che
         seconds: expectation_seconds + stream_seconds,
         failures: Vec::new(),
         source_error: None,
+        source_seconds: None,
         expected_bytes: expectations.bytes(),
         peak_rss_bytes: peak_rss_bytes(),
         generation: Some(Generation {
@@ -229,6 +236,7 @@ mod tests {
             seconds: 0.5,
             failures: Vec::new(),
             source_error: None,
+            source_seconds: Some(0.25),
             expected_bytes: 800,
             peak_rss_bytes: Some(10 << 20),
             generation: None,
