@@ -83,10 +83,17 @@ pub struct Client {
     pub buffer: usize,
 }
 
+/// How often a user whose next notification has not been sent yet looks again.
+const DUE_POLL: Duration = Duration::from_millis(50);
+
 /// Reads and checks one user's notifications until `stop`, the connection ends, or a due
 /// notification does not come within the timeout. Keeps reading after the stream is complete,
 /// both to catch extras and so that a server is never held up by a checker that stopped
 /// reading.
+///
+/// The timeout only runs while the next expected notification is due, that is once its event
+/// has been written: a user whose next notification is millions of events away is not failed
+/// for a slow server's silence.
 pub async fn watch_client(
     client: Client,
     stop: CancellationToken,
@@ -106,12 +113,25 @@ pub async fn watch_client(
     if settled {
         let _ = notes.send((slot, Note::Settled));
     }
+    let mut last_data = tokio::time::Instant::now();
+    let mut due_since: Option<tokio::time::Instant> = None;
     let ending = loop {
+        let now = tokio::time::Instant::now();
+        let due = check
+            .next_seq()
+            .is_some_and(|seq| seq <= counters.events_sent());
+        let deadline = if settled {
+            None
+        } else if due {
+            let since = *due_since.get_or_insert(now);
+            Some(since.max(last_data) + timeout)
+        } else {
+            Some(now + DUE_POLL)
+        };
         let read = async {
-            if settled {
-                Ok(stream.read(&mut buf).await)
-            } else {
-                tokio::time::timeout(timeout, stream.read(&mut buf)).await
+            match deadline {
+                None => Ok(stream.read(&mut buf).await),
+                Some(at) => tokio::time::timeout_at(at, stream.read(&mut buf)).await,
             }
         };
         let read = tokio::select! {
@@ -120,13 +140,16 @@ pub async fn watch_client(
             read = read => read,
         };
         match read {
-            Err(_elapsed) => {
+            Err(_elapsed) if due => {
                 break Missing::Timeout {
                     ms: timeout.as_millis() as u64,
                 }
             }
+            Err(_elapsed) => continue,
             Ok(Ok(0)) => break Missing::Closed,
             Ok(Ok(n)) => {
+                last_data = tokio::time::Instant::now();
+                due_since = None;
                 let count = lines.push(&buf[..n], |line| check.feed(line));
                 counters.notifications.fetch_add(count, Ordering::Relaxed);
             }

@@ -111,6 +111,14 @@ impl UserCheck {
         self.divergence.is_some() || self.next == self.expected.len()
     }
 
+    /// Sequence number of the next notification awaited, if any.
+    pub fn next_seq(&self) -> Option<u64> {
+        if self.divergence.is_some() {
+            return None;
+        }
+        self.expected.get(self.next).map(Event::seq)
+    }
+
     pub fn received(&self) -> u64 {
         self.received
     }
@@ -249,6 +257,7 @@ mod tests {
     fn a_shortfall_names_its_cause() {
         let check = check_lines(&["3|F|7|1\n"]);
         assert!(!check.is_settled());
+        assert_eq!(check.next_seq(), Some(8), "what the timeout waits for");
         let divergence = check.finish(Missing::Timeout { ms: 2_000 }).unwrap();
         assert_eq!(divergence.index, 1);
         assert_eq!(
