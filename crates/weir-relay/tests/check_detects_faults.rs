@@ -382,3 +382,23 @@ async fn nobody_listening_is_an_error_not_a_failure() {
         "{err:?}"
     );
 }
+
+#[tokio::test]
+async fn a_dry_run_connects_nowhere_and_expects_what_a_real_run_expects() {
+    let config = CheckConfig {
+        event_listener_port: 1,
+        client_listener_port: 1,
+        total_events: 20_000,
+        concurrency_level: 20,
+        dry_run: true,
+        ..CheckConfig::default()
+    };
+    let report = check::run(config, CancellationToken::new()).await.unwrap();
+    assert!(report.passed && report.dry_run, "{report}");
+    assert_eq!(report.events_sent, 0);
+    let generation = report.generation.clone().expect("dry runs time generation");
+    assert!(generation.stream_bytes > 20_000 * 8, "{report}");
+    // The same settings against the reference relay expect the same notifications.
+    let (real, _) = check_against(Fault::None, |_| {}).await;
+    assert_eq!(real.notifications_expected, report.notifications_expected);
+}

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-pub use report::{CheckReport, UserFailure};
+pub use report::{CheckReport, Generation, UserFailure};
 pub use verify::{Divergence, Missing, Received};
 
 use net::{Client, Note, Source, SourceEnd};
