@@ -110,6 +110,9 @@ impl Worker {
                 }
             }
             metrics::gauge!("increments_worker_held").set(self.aggregator.len() as f64);
+            if let Consumer::Embedded(consumer) = &self.consumer {
+                metrics::gauge!("increments_queue_depth").set(consumer.depth() as f64);
+            }
             if self.until_due().is_zero() || self.aggregator.len() >= self.max_pending {
                 self.flush(&token).await;
             }

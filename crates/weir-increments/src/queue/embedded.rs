@@ -2,8 +2,8 @@
 //!
 //! Requests hand their increment to one writer thread; it appends everything that queued
 //! up while the previous write was syncing, syncs once, and only then lets those requests
-//! answer 202. So a 202 survives `kill -9` of the process (and, with `fsync`, power loss),
-//! and the sync cost is shared by every request in the group.
+//! answer 202. So a 202 survives `kill -9` of the process (the bytes are in the kernel), and
+//! with `fsync` also power loss, the sync cost then shared by every request in the group.
 //!
 //! Records are 40 bytes: accept time (ms), key, value, and a check that binds them to their
 //! sequence number, so a torn tail from a crash mid-write is recognised and cut off.
