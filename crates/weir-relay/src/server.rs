@@ -39,6 +39,8 @@ pub enum RelayError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot read a listener's address: {0}")]
+    Address(std::io::Error),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("the relay task failed: {0}")]
@@ -126,22 +128,11 @@ pub fn spawn(
         );
     }
     let stats = Arc::new(RelayStats::default());
-    let events_addr = listeners
-        .events
-        .local_addr()
-        .map_err(|source| RelayError::Bind {
-            what: "the event source port",
-            addr: SocketAddr::from(([0, 0, 0, 0], config.event_listener_port)),
-            source,
-        })?;
+    let events_addr = listeners.events.local_addr().map_err(RelayError::Address)?;
     let clients_addr = listeners
         .clients
         .local_addr()
-        .map_err(|source| RelayError::Bind {
-            what: "the user client port",
-            addr: SocketAddr::from(([0, 0, 0, 0], config.client_listener_port)),
-            source,
-        })?;
+        .map_err(RelayError::Address)?;
     let config = Arc::new(config);
     // Bounded: a source faster than the dispatcher waits in TCP, not in memory.
     let (source_tx, source_rx) = mpsc::channel(16);
@@ -157,7 +148,6 @@ pub fn spawn(
         listeners.events,
         config.clone(),
         source_tx,
-        stats.clone(),
         shutdown.clone(),
     ));
     let tracker = shutdown.tracker.clone();
@@ -222,7 +212,6 @@ async fn accept_sources(
     listener: TcpListener,
     config: Arc<RelayConfig>,
     tx: mpsc::Sender<SourceMessage>,
-    stats: Arc<RelayStats>,
     shutdown: Shutdown,
 ) {
     let active = Arc::new(AtomicBool::new(false));
@@ -255,7 +244,6 @@ async fn accept_sources(
             session.await;
             active.store(false, Ordering::Release);
         });
-        stats.set_sources_connected(1);
     }
 }
 
@@ -670,6 +658,7 @@ impl Dispatcher {
             SourceMessage::Started { peer } => {
                 let resume = self.config.source_mode == SourceMode::Resume
                     || std::mem::take(&mut self.continue_saved_stream);
+                self.stats.set_sources_connected(1);
                 if !resume {
                     self.window.reset(1);
                     self.router.graph_mut().clear();
