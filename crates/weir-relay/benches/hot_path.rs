@@ -39,12 +39,20 @@ fn stream() -> Vec<String> {
 
 fn bench(c: &mut Criterion) {
     let lines = stream();
-    let events: Vec<Event> = lines.iter().map(|line| parse(line.as_bytes()).unwrap()).collect();
+    let events: Vec<Event> = lines
+        .iter()
+        .map(|line| parse(line.as_bytes()).unwrap())
+        .collect();
     let mut group = c.benchmark_group("relay");
     group.throughput(Throughput::Elements(EVENTS));
 
     group.bench_function("parse", |b| {
-        b.iter(|| lines.iter().filter(|line| parse(line.as_bytes()).is_ok()).count())
+        b.iter(|| {
+            lines
+                .iter()
+                .filter(|line| parse(line.as_bytes()).is_ok())
+                .count()
+        })
     });
 
     group.bench_function("reorder", |b| {
