@@ -205,6 +205,28 @@ enum Slot {
     Skip,
 }
 
+/// The next connection, or `None` once shutdown begins. A failed accept (out of file
+/// descriptors, say) is logged and retried after a pause, rather than spinning.
+async fn next_connection(
+    listener: &TcpListener,
+    token: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(err) => tracing::warn!(%err, "accepting {what} failed"),
+            },
+        }
+        tokio::select! {
+            _ = token.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Event source
 
@@ -216,15 +238,10 @@ async fn accept_sources(
 ) {
     let active = Arc::new(AtomicBool::new(false));
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.token.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(%err, "accepting an event source failed");
-                    continue;
-                }
-            },
+        let Some((stream, peer)) =
+            next_connection(&listener, &shutdown.token, "an event source").await
+        else {
+            return;
         };
         if active.swap(true, Ordering::AcqRel) {
             tracing::warn!(%peer, "refused a second event source: one is already connected");
@@ -425,15 +442,10 @@ async fn accept_clients(
 ) {
     let mut next_conn: ConnId = 0;
     loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.token.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(%err, "accepting a user client failed");
-                    continue;
-                }
-            },
+        let Some((stream, peer)) =
+            next_connection(&listener, &shutdown.token, "a user client").await
+        else {
+            return;
         };
         next_conn += 1;
         let session = client_session(
