@@ -228,6 +228,17 @@ async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
         )
         .await
         .unwrap();
+    let full = Uuid::new_v4();
+    for value in [i64::MAX, 1] {
+        let _: String = conn
+            .xadd(
+                &config.stream,
+                "*",
+                &[("k", full.to_string()), ("v", value.to_string())],
+            )
+            .await
+            .unwrap();
+    }
 
     let survivor = start(worker(&config, "survivor"), Role::Worker).await;
     wait_for_store_total(&store, key, 7).await;
@@ -235,7 +246,7 @@ async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
     let dead = loop {
         let dead: redis::streams::StreamRangeReply =
             conn.xrange_all(config.dead_letter_stream()).await.unwrap();
-        if dead.ids.len() >= 2 || tokio::time::Instant::now() > deadline {
+        if dead.ids.len() >= 3 || tokio::time::Instant::now() > deadline {
             break dead;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -246,7 +257,16 @@ async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
         .iter()
         .filter_map(|e| e.get::<String>("reason"))
         .collect();
-    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("overflow")),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        total(&store, full).await,
+        i64::MAX,
+        "the overflowing increment alone was set aside"
+    );
     assert!(
         reasons.iter().any(|r| r.contains("not a UUID")),
         "{reasons:?}"

@@ -7,7 +7,7 @@ pub mod redis;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::aggregate::{EntryId, Item, Pending};
+use crate::aggregate::{DeadLetter, EntryId, Item, Pending};
 use crate::store::Dedupe;
 use crate::validate::Increment;
 
@@ -141,6 +141,15 @@ impl Consumer {
                 let ids: Vec<EntryId> = pending.ids().collect();
                 consumer.ack(&ids).await
             }
+        }
+    }
+
+    /// Copies increments the store dead-lettered to the dead-letter stream (Redis only;
+    /// the embedded mode keeps them in the store's dead-letter table alone).
+    pub async fn publish_dead(&mut self, dead: &[DeadLetter]) -> Result<(), QueueError> {
+        match self {
+            Consumer::Redis(consumer) if !dead.is_empty() => consumer.publish_dead(dead).await,
+            _ => Ok(()),
         }
     }
 

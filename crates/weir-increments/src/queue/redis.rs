@@ -18,7 +18,7 @@ use redis::{AsyncCommands, Value};
 use uuid::Uuid;
 
 use super::{Next, QueueError};
-use crate::aggregate::{EntryId, Item};
+use crate::aggregate::{DeadLetter, EntryId, Item};
 use crate::config::IncrementsConfig;
 use crate::validate::Increment;
 
@@ -238,6 +238,19 @@ impl RedisConsumer {
         metrics::counter!("increments_dead_letters_total", "reason" => reason_label(reason))
             .increment(1);
         tracing::warn!(id = %entry.id, reason, "entry sent to the dead-letter stream");
+        Ok(())
+    }
+
+    pub async fn publish_dead(&mut self, dead: &[DeadLetter]) -> Result<(), QueueError> {
+        for letter in dead {
+            let fields = [
+                ("id", letter.id.to_string()),
+                ("reason", letter.reason.clone()),
+                ("field:k", letter.key.hyphenated().to_string()),
+                ("field:v", letter.value.to_string()),
+            ];
+            let _: String = self.conn.xadd(&self.dead_stream, "*", &fields).await?;
+        }
         Ok(())
     }
 
