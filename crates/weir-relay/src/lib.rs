@@ -9,7 +9,8 @@
 //! - [`state`]: the state file (next sequence number and follow graph) across restarts.
 //!
 //! I/O at the edges:
-//! - [`server`]: the listeners, the source session, client sessions, and the dispatcher.
+//! - [`server`]: the listeners, the source session, client sessions, and the dispatcher
+//!   (one file each under `server/`).
 //! - [`stats`]: counters for tests and Prometheus.
 //! - [`check`]: `weir relay check`, the load generator and verifier for any relay.
 //!

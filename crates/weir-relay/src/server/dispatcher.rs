@@ -1,0 +1,269 @@
+//! The dispatcher: the one task that owns the reorder window, the follow graph and the
+//! router, so routing needs no locks.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{ClientHandle, Control, LogLimiter, SourceItem, SourceMessage};
+use crate::config::{RelayConfig, SourceMode};
+use crate::event::Event;
+use crate::graph::FollowGraph;
+use crate::reorder::{Insert, Released, ReorderWindow};
+use crate::router::Router;
+use crate::state::{self, StreamState};
+use crate::stats::{Counts, RelayStats};
+
+/// A held window slot: an event, or a sequence number whose line was malformed and which is
+/// released as handled so the stream does not stall on it.
+enum Slot {
+    Event(Event),
+    Skip,
+}
+
+pub(super) struct Dispatcher {
+    config: Arc<RelayConfig>,
+    stats: Arc<RelayStats>,
+    router: Router<ClientHandle>,
+    window: ReorderWindow<Slot>,
+    released: Vec<Released<Slot>>,
+    counts: Counts,
+    /// The first source after a start continues a stream loaded from the state file, even
+    /// in reset mode: that is what the state file is for.
+    continue_saved_stream: bool,
+    /// When the current head gap started blocking held events, and at which number.
+    blocked: Option<(u64, tokio::time::Instant)>,
+    state_dirty: bool,
+    gap_log: LogLimiter,
+}
+
+impl Dispatcher {
+    pub(super) fn new(
+        config: Arc<RelayConfig>,
+        stats: Arc<RelayStats>,
+        saved: Option<StreamState>,
+    ) -> Self {
+        let (next, graph, continue_saved_stream) = match saved {
+            Some(saved) => (saved.next_sequence, saved.graph(), true),
+            None => (1, FollowGraph::new(), false),
+        };
+        Dispatcher {
+            window: ReorderWindow::new(next, config.max_window),
+            router: Router::new(graph),
+            config,
+            stats,
+            released: Vec::new(),
+            counts: Counts::default(),
+            continue_saved_stream,
+            blocked: None,
+            state_dirty: false,
+            gap_log: LogLimiter::new("missing sequence number"),
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut control: mpsc::UnboundedReceiver<Control>,
+        mut source: mpsc::Receiver<SourceMessage>,
+        token: CancellationToken,
+    ) {
+        let mut state_tick = tokio::time::interval(self.config.state_interval());
+        state_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let gap_timeout = self.config.gap_timeout();
+        loop {
+            let gap_deadline = match (gap_timeout, self.blocked) {
+                (Some(timeout), Some((_, since))) => Some(since + timeout),
+                _ => None,
+            };
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => break,
+                Some(message) = control.recv() => self.on_control(message),
+                Some(message) = source.recv() => self.on_source(message),
+                _ = sleep_until(gap_deadline), if gap_deadline.is_some() => {
+                    let mut released = std::mem::take(&mut self.released);
+                    self.window.skip_gap(&mut released);
+                    self.released = released;
+                    self.deliver_released();
+                }
+                _ = state_tick.tick(), if self.config.state_file.is_some() => self.save_state().await,
+            }
+            self.publish();
+        }
+        // Shutdown: what the sources already read is accepted; route it, then let go of
+        // every client so its session writes what is queued and closes.
+        source.close();
+        while let Some(message) = source.recv().await {
+            self.on_source(message);
+        }
+        while let Ok(message) = control.try_recv() {
+            self.on_control(message);
+        }
+        self.save_state().await;
+        let clients = self.router.drain_clients();
+        self.publish();
+        tracing::info!(clients = clients.len(), "relay stopped");
+    }
+
+    fn on_control(&mut self, message: Control) {
+        match message {
+            Control::Connect { conn, user, handle } => self.router.connect(conn, user, handle),
+            Control::Disconnect { conn } => {
+                self.router.disconnect(conn);
+            }
+            Control::Rejected => self.counts.clients_rejected += 1,
+        }
+    }
+
+    fn on_source(&mut self, message: SourceMessage) {
+        match message {
+            SourceMessage::Started { peer } => {
+                let resume = self.config.source_mode == SourceMode::Resume
+                    || std::mem::take(&mut self.continue_saved_stream);
+                self.stats.set_sources_connected(1);
+                if !resume {
+                    self.window.reset(1);
+                    self.router.graph_mut().clear();
+                    self.blocked = None;
+                }
+                tracing::info!(
+                    %peer,
+                    next_sequence = self.window.next_expected(),
+                    "stream {}",
+                    if resume { "continues" } else { "starts" }
+                );
+            }
+            SourceMessage::Batch(items) => self.on_batch(items),
+            SourceMessage::Ended { peer } => {
+                if self.config.source_mode == SourceMode::Reset {
+                    // The stream is over: nothing can fill the gaps any more.
+                    let mut released = std::mem::take(&mut self.released);
+                    self.window.drain_all(&mut released);
+                    self.released = released;
+                    self.deliver_released();
+                }
+                tracing::info!(
+                    %peer,
+                    next_sequence = self.window.next_expected(),
+                    held = self.window.held(),
+                    "source gone; everything deliverable was delivered"
+                );
+                self.stats.set_sources_connected(0);
+                self.state_dirty = true;
+            }
+            SourceMessage::Refused => self.counts.sources_refused += 1,
+        }
+    }
+
+    fn on_batch(&mut self, items: Vec<SourceItem>) {
+        let mut released = std::mem::take(&mut self.released);
+        for item in items {
+            let (seq, slot) = match item {
+                SourceItem::Event(event) => {
+                    self.counts.events_received += 1;
+                    (event.seq, Slot::Event(event))
+                }
+                SourceItem::Malformed(bad) => {
+                    self.counts.events_malformed += 1;
+                    match bad.seq {
+                        Some(seq) => (seq, Slot::Skip),
+                        None => continue,
+                    }
+                }
+            };
+            match self.window.insert(seq, slot, &mut released) {
+                Insert::Accepted => {}
+                Insert::Stale | Insert::Duplicate => self.counts.events_stale += 1,
+            }
+        }
+        self.released = released;
+        self.deliver_released();
+    }
+
+    /// Routes everything the window released, then hands each client its bytes.
+    fn deliver_released(&mut self) {
+        for released in self.released.drain(..) {
+            match released {
+                Released::Event(Slot::Event(event)) => {
+                    self.counts.events_delivered += 1;
+                    self.counts.notifications_sent += self.router.route(&event) as u64;
+                }
+                Released::Event(Slot::Skip) => {}
+                Released::Gap { first, count } => {
+                    self.counts.gaps_skipped += count;
+                    self.gap_log.note(&format_args!(
+                        "skipped {count} missing sequence number(s) from {first}"
+                    ));
+                }
+            }
+        }
+        let limit = self.config.client_buffer;
+        let dropped = self.router.flush(|client, bytes| {
+            let len = bytes.len();
+            if client.queued.load(Ordering::Acquire) + len > limit {
+                return false;
+            }
+            client.queued.fetch_add(len, Ordering::AcqRel);
+            // A closed channel means the session is already leaving; its disconnect follows.
+            let _ = client.tx.send(Bytes::from(bytes));
+            true
+        });
+        for (conn, client) in dropped {
+            client.kick.cancel();
+            self.counts.clients_dropped_slow += 1;
+            tracing::warn!(conn, limit, "dropped a client that fell too far behind");
+        }
+        self.state_dirty = true;
+        self.update_blocked();
+    }
+
+    fn update_blocked(&mut self) {
+        if self.window.held() == 0 {
+            self.blocked = None;
+            return;
+        }
+        let next = self.window.next_expected();
+        match self.blocked {
+            Some((blocked_at, _)) if blocked_at == next => {}
+            _ => self.blocked = Some((next, tokio::time::Instant::now())),
+        }
+    }
+
+    fn publish(&mut self) {
+        self.stats.add(&std::mem::take(&mut self.counts));
+        self.stats
+            .set_gauges(self.router.client_count(), self.window.held());
+    }
+
+    async fn save_state(&mut self) {
+        let Some(path) = self.config.state_file.clone() else {
+            return;
+        };
+        if !std::mem::take(&mut self.state_dirty) {
+            return;
+        }
+        let snapshot = StreamState::capture(self.window.next_expected(), self.router.graph());
+        let saved = tokio::task::spawn_blocking(move || state::save(&path, &snapshot)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::error!(%err, "could not save the relay state");
+                self.state_dirty = true;
+            }
+            Err(err) => {
+                tracing::error!(%err, "the state writer failed");
+                self.state_dirty = true;
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

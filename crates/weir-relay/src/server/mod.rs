@@ -1,0 +1,278 @@
+//! The relay's I/O: two listeners, one source session at a time, one session per client,
+//! and the dispatcher task that owns all routing state.
+//!
+//! ```text
+//! source socket -> source session (split lines, parse) --batches--> dispatcher
+//! client socket -> client session (read id) --connect/disconnect--> dispatcher
+//! dispatcher (reorder window, follow graph, router) --bytes per batch--> client sessions
+//! ```
+//!
+//! Only the dispatcher touches routing state, so there are no locks; batching keeps the
+//! per-event cost to parsing, one window slot and one memcpy per notification.
+//!
+//! - `mod.rs`: binding, start-up, the messages between tasks.
+//! - `source.rs`: the event source session and its line splitter.
+//! - `client.rs`: user client sessions.
+//! - `dispatcher.rs`: the task that orders, routes and hands out bytes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use weir_runtime::Shutdown;
+
+mod client;
+mod dispatcher;
+mod source;
+
+use client::accept_clients;
+use dispatcher::Dispatcher;
+use source::accept_sources;
+
+use crate::config::RelayConfig;
+use crate::event::{Event, Malformed};
+use crate::router::ConnId;
+use crate::state::{self, StateError};
+use crate::stats::RelayStats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read a listener's address: {0}")]
+    Address(std::io::Error),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the relay task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The two listening sockets, bound before the relay starts so callers (and tests, on port
+/// 0) know the addresses.
+pub struct Listeners {
+    pub events: TcpListener,
+    pub clients: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &RelayConfig) -> Result<Listeners, RelayError> {
+        let events = bind(
+            config.bind_address,
+            config.event_listener_port,
+            "the event source port",
+        )
+        .await?;
+        let clients = bind(
+            config.bind_address,
+            config.client_listener_port,
+            "the user client port",
+        )
+        .await?;
+        Ok(Listeners { events, clients })
+    }
+}
+
+async fn bind(
+    ip: std::net::IpAddr,
+    port: u16,
+    what: &'static str,
+) -> Result<TcpListener, RelayError> {
+    let addr = SocketAddr::new(ip, port);
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| RelayError::Bind { what, addr, source })
+}
+
+/// A running relay.
+pub struct RelayHandle {
+    pub stats: Arc<RelayStats>,
+    pub events_addr: SocketAddr,
+    pub clients_addr: SocketAddr,
+    dispatcher: JoinHandle<()>,
+}
+
+impl RelayHandle {
+    /// Resolves when the relay has stopped (after `shutdown.token` is cancelled and the
+    /// final flush is done).
+    pub async fn wait(self) -> Result<(), RelayError> {
+        self.dispatcher.await?;
+        Ok(())
+    }
+}
+
+/// Runs the relay until `shutdown.token` is cancelled, then delivers what is deliverable,
+/// saves the state file, and returns.
+pub async fn run(
+    listeners: Listeners,
+    config: RelayConfig,
+    shutdown: Shutdown,
+) -> Result<(), RelayError> {
+    spawn(listeners, config, shutdown)?.wait().await
+}
+
+/// Starts the relay's tasks (tracked by `shutdown.tracker`) and returns at once.
+pub fn spawn(
+    listeners: Listeners,
+    config: RelayConfig,
+    shutdown: Shutdown,
+) -> Result<RelayHandle, RelayError> {
+    let saved = match &config.state_file {
+        Some(path) => state::load(path)?,
+        None => None,
+    };
+    if let Some(saved) = &saved {
+        tracing::info!(
+            next_sequence = saved.next_sequence,
+            follows = saved.follows.len(),
+            "continuing the stream from the state file"
+        );
+    }
+    let stats = Arc::new(RelayStats::default());
+    let events_addr = listeners.events.local_addr().map_err(RelayError::Address)?;
+    let clients_addr = listeners
+        .clients
+        .local_addr()
+        .map_err(RelayError::Address)?;
+    let config = Arc::new(config);
+    // Bounded: a source faster than the dispatcher waits in TCP, not in memory.
+    let (source_tx, source_rx) = mpsc::channel(16);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+
+    let dispatcher = Dispatcher::new(config.clone(), stats.clone(), saved);
+    let token = shutdown.token.clone();
+    let dispatcher = shutdown
+        .tracker
+        .spawn(dispatcher.run(control_rx, source_rx, token));
+
+    shutdown.tracker.spawn(accept_sources(
+        listeners.events,
+        config.clone(),
+        source_tx,
+        shutdown.clone(),
+    ));
+    let tracker = shutdown.tracker.clone();
+    tracker.spawn(accept_clients(
+        listeners.clients,
+        config,
+        control_tx,
+        shutdown,
+    ));
+    Ok(RelayHandle {
+        stats,
+        events_addr,
+        clients_addr,
+        dispatcher,
+    })
+}
+
+/// What the dispatcher holds for each client connection.
+struct ClientHandle {
+    tx: mpsc::UnboundedSender<Bytes>,
+    /// Bytes handed to the session and not yet written to the socket.
+    queued: Arc<AtomicUsize>,
+    /// Cancelled to make the session close at once, without writing what is queued.
+    kick: CancellationToken,
+}
+
+enum Control {
+    Connect {
+        conn: ConnId,
+        user: u64,
+        handle: ClientHandle,
+    },
+    Disconnect {
+        conn: ConnId,
+    },
+    Rejected,
+}
+
+enum SourceItem {
+    Event(Event),
+    Malformed(Malformed),
+}
+
+enum SourceMessage {
+    Started { peer: SocketAddr },
+    Batch(Vec<SourceItem>),
+    Ended { peer: SocketAddr },
+    Refused,
+}
+
+/// The next connection, or `None` once shutdown begins. A failed accept (out of file
+/// descriptors, say) is logged and retried after a pause, rather than spinning.
+async fn next_connection(
+    listener: &TcpListener,
+    token: &CancellationToken,
+    what: &str,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(err) => tracing::warn!(%err, "accepting {what} failed"),
+            },
+        }
+        tokio::select! {
+            _ = token.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// Logs the first few problems of each second and counts the rest, so a stream of garbage
+/// cannot flood the logs.
+struct LogLimiter {
+    what: &'static str,
+    window_start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    const PER_SECOND: u32 = 10;
+
+    fn new(what: &'static str) -> Self {
+        LogLimiter {
+            what,
+            window_start: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn note(&mut self, detail: &dyn std::fmt::Display) {
+        if self.window_start.elapsed() >= Duration::from_secs(1) {
+            self.flush();
+            self.window_start = Instant::now();
+            self.logged = 0;
+        }
+        if self.logged < Self::PER_SECOND {
+            self.logged += 1;
+            tracing::warn!(%detail, "skipped a {}", self.what);
+        } else {
+            self.suppressed += 1;
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.suppressed > 0 {
+            tracing::warn!(
+                count = self.suppressed,
+                "skipped more of: {} (not logged one by one)",
+                self.what
+            );
+            self.suppressed = 0;
+        }
+    }
+}
