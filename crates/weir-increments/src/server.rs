@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -93,10 +93,14 @@ pub fn router(state: AppState) -> Router {
             }
         });
     }
-    let guarded = Router::new()
+    let mut guarded = Router::new()
         .route("/increment", post(increment))
-        .route("/counts/{key}", get(count))
-        .route_layer(middleware::from_fn_with_state(state.clone(), guard));
+        .route("/counts/{key}", get(count));
+    // Without auth or a limit the guard has nothing to do; leaving it out saves a boxed
+    // middleware per request on the hot path.
+    if !state.api_keys.is_empty() || state.limiter.is_some() {
+        guarded = guarded.route_layer(middleware::from_fn_with_state(state.clone(), guard));
+    }
     Router::new()
         .merge(guarded)
         .route(
@@ -111,21 +115,49 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
         .merge(weir_runtime::http::metrics_router())
-        .layer(middleware::from_fn(count_statuses))
 }
 
-async fn count_statuses(request: Request, next: Next) -> Response {
-    let is_increment = request.uri().path() == "/increment";
-    let response = next.run(request).await;
-    if is_increment {
-        metrics::counter!("increments_requests_total", "status" => response.status().as_str().to_owned())
-            .increment(1);
+/// Counts one `POST /increment` answer by status. Handles of the usual statuses are
+/// registered once, so the hot path does no label hashing or allocation.
+fn count_status(status: StatusCode) {
+    static COUNTERS: OnceLock<Vec<(u16, metrics::Counter)>> = OnceLock::new();
+    let counters = COUNTERS.get_or_init(|| {
+        [202u16, 400, 401, 413, 415, 429, 503]
+            .into_iter()
+            .map(|code| {
+                let label = code.to_string();
+                (
+                    code,
+                    metrics::counter!("increments_requests_total", "status" => label),
+                )
+            })
+            .collect()
+    });
+    match counters.iter().find(|(code, _)| *code == status.as_u16()) {
+        Some((_, counter)) => counter.increment(1),
+        None => {
+            metrics::counter!("increments_requests_total", "status" => status.as_str().to_owned())
+                .increment(1)
+        }
     }
-    response
 }
 
 /// Auth, then rate limiting (per API key when auth is on, else per client address).
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let is_increment = request.uri().path() == "/increment";
+    let response = check(&state, &request);
+    match response {
+        Some(rejection) => {
+            if is_increment {
+                count_status(rejection.status());
+            }
+            rejection
+        }
+        None => next.run(request).await,
+    }
+}
+
+fn check(state: &AppState, request: &Request) -> Option<Response> {
     let mut limit_key = None;
     if !state.api_keys.is_empty() {
         let presented = request
@@ -135,7 +167,9 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(str::trim);
         let Some(presented) = presented else {
-            return unauthorized("missing bearer API key (Authorization: Bearer <key>)");
+            return Some(unauthorized(
+                "missing bearer API key (Authorization: Bearer <key>)",
+            ));
         };
         // Every configured key is compared, in constant time, so timing reveals neither
         // which key matched nor how much of a guess was right.
@@ -146,7 +180,7 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
             }
         }
         let Some(matched) = matched else {
-            return unauthorized("unknown API key");
+            return Some(unauthorized("unknown API key"));
         };
         limit_key = Some(LimitKey::ApiKey(matched.clone()));
     }
@@ -169,10 +203,10 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-            return response;
+            return Some(response);
         }
     }
-    next.run(request).await
+    None
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -184,6 +218,12 @@ fn unauthorized(message: &str) -> Response {
 }
 
 async fn increment(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let response = accept(&state, &headers, body).await;
+    count_status(response.status());
+    response
+}
+
+async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());

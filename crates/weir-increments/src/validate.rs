@@ -71,8 +71,32 @@ impl<'de> Deserialize<'de> for Fields {
     }
 }
 
+/// The shape of a valid body, for the common case: borrowed, no allocation. serde's derive
+/// already refuses unknown and duplicate fields; anything it refuses takes the slow path,
+/// whose only job is to say precisely why.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Plain<'a> {
+    key: &'a str,
+    value: i64,
+}
+
 /// Parses and validates one body.
 pub fn parse_increment(body: &[u8]) -> Result<Increment, Rejection> {
+    if let Ok(plain) = serde_json::from_slice::<Plain>(body) {
+        if plain.key.len() == 36 && plain.value >= 1 {
+            if let Ok(key) = Uuid::try_parse(plain.key) {
+                return Ok(Increment {
+                    key,
+                    value: plain.value,
+                });
+            }
+        }
+    }
+    explain(body)
+}
+
+fn explain(body: &[u8]) -> Result<Increment, Rejection> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(Rejection::body("the body is empty; expected a JSON object"));
     }
@@ -339,6 +363,38 @@ mod tests {
         );
         let r = reject(&format!(r#"{{"key": "{KEY}"}}"#));
         assert_eq!(r.field, Some("value"));
+    }
+
+    proptest::proptest! {
+        // The allocation-free path must accept exactly what the detailed path accepts.
+        #[test]
+        fn both_paths_agree(
+            key in proptest::prop_oneof![
+                proptest::strategy::Just(KEY.to_string()),
+                "[0-9a-fA-F-]{30,40}",
+                "\\PC{0,8}",
+            ],
+            value in proptest::prop_oneof![
+                proptest::strategy::Just("0".to_string()),
+                proptest::strategy::Just("9223372036854775807".to_string()),
+                proptest::strategy::Just("9223372036854775808".to_string()),
+                "-?[0-9]{1,20}",
+                proptest::strategy::Just("1.0".to_string()),
+            ],
+            extra in proptest::prop_oneof![
+                proptest::strategy::Just(""),
+                proptest::strategy::Just(r#", "x": 1"#),
+                proptest::strategy::Just(r#", "key": "a""#),
+            ],
+        ) {
+            let body = format!(r#"{{"key": {}, "value": {value}{extra}}}"#, serde_json::json!(key));
+            let fast = parse_increment(body.as_bytes());
+            let slow = explain(body.as_bytes());
+            proptest::prop_assert_eq!(fast.is_ok(), slow.is_ok(), "{}", body);
+            if let (Ok(a), Ok(b)) = (fast, slow) {
+                proptest::prop_assert_eq!(a, b);
+            }
+        }
     }
 
     #[test]
