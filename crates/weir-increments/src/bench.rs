@@ -148,7 +148,8 @@ pub async fn run(flags: BenchFlags, token: CancellationToken) -> Result<bool, Be
         )
         .await;
     }
-    if let Some(staleness) = scrape(&authority, "increments_staleness_max_seconds").await {
+    let staleness = scrape(&authority, "increments_staleness_max_seconds").await;
+    if let Some(staleness) = &staleness {
         println!("largest staleness the service measured: {staleness} s");
     }
     println!(
@@ -156,6 +157,7 @@ pub async fn run(flags: BenchFlags, token: CancellationToken) -> Result<bool, Be
         serde_json::json!({
             "requests": count, "rps": rps.round(), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
             "max_ms": pct(1.0), "accepted": accepted, "errors": total.errors, "passed": passed,
+            "max_staleness_s": staleness.and_then(|s| s.parse::<f64>().ok()),
         })
     );
     Ok(passed)
