@@ -83,6 +83,7 @@ async fn a_redelivered_flush_is_applied_once_in_both_modes() {
         .await
         .unwrap();
     assert_eq!(pruned, 10);
+    drop_tables(&config).await;
 }
 
 #[tokio::test]
@@ -123,6 +124,7 @@ async fn overflow_is_dead_lettered_in_the_same_transaction() {
     );
     let dead = store.dead_letters("s").await.unwrap();
     assert_eq!((dead.len(), dead[0].value), (1, 5));
+    drop_tables(&config).await;
 }
 
 #[tokio::test]
@@ -131,13 +133,14 @@ async fn serve_with_postgres_persists_totals() {
     let Some(config) = pg_config(dir.path()).await else {
         return;
     };
-    let server = start(config, Role::Serve).await;
+    let server = start(config.clone(), Role::Serve).await;
     let key = Uuid::new_v4().to_string();
     for value in 1..=10 {
         assert_eq!(post_increment(server.addr, &key, value).await.status, 202);
     }
     wait_for_total(server.addr, &key, 55).await;
     server.stop().await;
+    drop_tables(&config).await;
 }
 
 /// Forwards TCP to `target` while the switch is on; turning it off cuts every open
@@ -220,12 +223,11 @@ async fn postgres_going_away_and_coming_back_loses_nothing() {
         restored.elapsed()
     );
     server.stop().await;
-    let store = Store::open(&IncrementsConfig {
+    let direct = IncrementsConfig {
         database_url: Some(format!("postgres://{user}@{target}/{db}")),
         ..config
-    })
-    .await
-    .unwrap();
+    };
+    let store = Store::open(&direct).await.unwrap();
     let total = store
         .count(key.parse().unwrap())
         .await
@@ -233,4 +235,5 @@ async fn postgres_going_away_and_coming_back_loses_nothing() {
         .unwrap()
         .total;
     assert_eq!(total, accepted, "exactly what was accepted, no more");
+    drop_tables(&direct).await;
 }

@@ -57,6 +57,7 @@ async fn pending_count(config: &IncrementsConfig) -> usize {
 }
 
 async fn cleanup(config: &IncrementsConfig) {
+    drop_tables(config).await;
     let mut conn = redis_conn(config).await;
     let _: () = conn
         .del(&[&config.stream, &config.dead_letter_stream()])

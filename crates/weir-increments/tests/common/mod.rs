@@ -226,3 +226,20 @@ pub async fn redis_url() -> Option<String> {
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
+
+/// Drops a test's tables so the shared database does not collect them.
+pub async fn drop_tables(config: &IncrementsConfig) {
+    let Some(url) = &config.database_url else {
+        return;
+    };
+    let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await else {
+        return;
+    };
+    tokio::spawn(connection);
+    let p = &config.table_prefix;
+    let _ = client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {p}_counts, {p}_marks, {p}_applied, {p}_dead_letters"
+        ))
+        .await;
+}
