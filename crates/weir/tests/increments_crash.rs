@@ -313,6 +313,16 @@ async fn kill_9_of_a_worker_mid_load_loses_and_doubles_nothing() {
     reborn.kill9().await;
     drop(steady);
     drop(api);
+    if let Ok((client, connection)) =
+        tokio_postgres::connect(&postgres, tokio_postgres::NoTls).await
+    {
+        tokio::spawn(connection);
+        let _ = client
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS {prefix}_counts, {prefix}_marks, {prefix}_applied, {prefix}_dead_letters"
+            ))
+            .await;
+    }
     if let Ok(client) = redis::Client::open(redis.as_str()) {
         if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
             let _: Result<(), _> = redis::cmd("DEL")
