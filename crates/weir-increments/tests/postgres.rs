@@ -9,8 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use uuid::Uuid;
 use weir_increments::aggregate::{Aggregator, EntryId, Item};
 use weir_increments::config::IncrementsConfig;
@@ -141,36 +139,6 @@ async fn serve_with_postgres_persists_totals() {
     wait_for_total(server.addr, &key, 55).await;
     server.stop().await;
     drop_tables(&config).await;
-}
-
-/// Forwards TCP to `target` while the switch is on; turning it off cuts every open
-/// connection and refuses new ones.
-async fn proxy(target: SocketAddr) -> (SocketAddr, watch::Sender<bool>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (switch, _) = watch::channel(true);
-    let on = switch.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut inbound, _)) = listener.accept().await else {
-                return;
-            };
-            let mut state = on.subscribe();
-            if !*state.borrow() {
-                continue;
-            }
-            tokio::spawn(async move {
-                let Ok(mut outbound) = TcpStream::connect(target).await else {
-                    return;
-                };
-                tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    _ = state.wait_for(|on| !*on) => {}
-                }
-            });
-        }
-    });
-    (addr, switch)
 }
 
 #[tokio::test]

@@ -284,3 +284,66 @@ async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
     assert_eq!(pending_count(&config).await, 0);
     cleanup(&config).await;
 }
+
+#[tokio::test]
+async fn redis_going_away_is_a_503_and_readyz_says_so_then_service_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut config) = config(dir.path()).await else {
+        return;
+    };
+    let direct = config.clone();
+    let raw = direct.redis_url.clone().unwrap();
+    let authority = raw
+        .trim_start_matches("redis://")
+        .split('/')
+        .next()
+        .unwrap()
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .to_string();
+    let target = if authority.contains(':') {
+        authority
+    } else {
+        format!("{authority}:6379")
+    };
+    let target: std::net::SocketAddr = tokio::net::lookup_host(target)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let (via, switch) = proxy(target).await;
+    config.redis_url = Some(format!("redis://{via}"));
+    let server = start(config.clone(), Role::Serve).await;
+    let key = Uuid::new_v4().to_string();
+    let mut accepted = 0;
+    for _ in 0..20 {
+        assert_eq!(post_increment(server.addr, &key, 2).await.status, 202);
+        accepted += 2;
+    }
+    switch.send_replace(false);
+    let refused = post_increment(server.addr, &key, 5).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let ready = request(server.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert_ne!(ready.json()["queue"], "ok");
+    switch.send_replace(true);
+    // The connection manager reconnects on its own; the first requests may still see it down.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut resumed = 0;
+    while resumed < 20 {
+        let reply = post_increment(server.addr, &key, 3).await;
+        match reply.status {
+            202 => {
+                accepted += 3;
+                resumed += 1;
+            }
+            503 => assert!(tokio::time::Instant::now() < deadline, "never resumed"),
+            other => panic!("unexpected {other}: {}", reply.body),
+        }
+    }
+    wait_for_total(server.addr, &key, accepted).await;
+    server.stop().await;
+    cleanup(&direct).await;
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use weir_increments::config::IncrementsConfig;
 use weir_increments::{IncrementsError, Role};
@@ -242,4 +243,34 @@ pub async fn drop_tables(config: &IncrementsConfig) {
             "DROP TABLE IF EXISTS {p}_counts, {p}_marks, {p}_applied, {p}_dead_letters"
         ))
         .await;
+}
+
+/// Forwards TCP to `target` while the switch is on; turning it off cuts every open
+/// connection and refuses new ones.
+pub async fn proxy(target: SocketAddr) -> (SocketAddr, watch::Sender<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (switch, _) = watch::channel(true);
+    let on = switch.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else {
+                return;
+            };
+            let mut state = on.subscribe();
+            if !*state.borrow() {
+                continue;
+            }
+            tokio::spawn(async move {
+                let Ok(mut outbound) = TcpStream::connect(target).await else {
+                    return;
+                };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    _ = state.wait_for(|on| !*on) => {}
+                }
+            });
+        }
+    });
+    (addr, switch)
 }
