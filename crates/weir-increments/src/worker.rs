@@ -48,6 +48,7 @@ pub struct Worker {
     health: Arc<WorkerHealth>,
     last_prune: Instant,
     last_touch: Instant,
+    last_depth: Instant,
 }
 
 impl Worker {
@@ -72,6 +73,7 @@ impl Worker {
             health,
             last_prune: Instant::now(),
             last_touch: Instant::now(),
+            last_depth: Instant::now(),
         }
     }
 
@@ -110,8 +112,11 @@ impl Worker {
                 }
             }
             metrics::gauge!("increments_worker_held").set(self.aggregator.len() as f64);
-            if let Consumer::Embedded(consumer) = &self.consumer {
-                metrics::gauge!("increments_queue_depth").set(consumer.depth() as f64);
+            if self.last_depth.elapsed() >= Duration::from_secs(1) {
+                self.last_depth = Instant::now();
+                if let Ok(depth) = self.consumer.depth().await {
+                    metrics::gauge!("increments_queue_depth").set(depth as f64);
+                }
             }
             if self.until_due().is_zero() || self.aggregator.len() >= self.max_pending {
                 self.catch_up().await;

@@ -161,6 +161,14 @@ impl Consumer {
         }
     }
 
+    /// Increments accepted and not yet committed.
+    pub async fn depth(&mut self) -> Result<u64, QueueError> {
+        match self {
+            Consumer::Embedded(consumer) => Ok(consumer.depth()),
+            Consumer::Redis(consumer) => consumer.depth().await,
+        }
+    }
+
     /// Below which id recorded entry ids may be forgotten (see `Store::prune_applied`).
     pub async fn prune_bound(&mut self) -> Result<Option<EntryId>, QueueError> {
         match self {

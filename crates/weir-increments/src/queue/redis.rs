@@ -281,6 +281,16 @@ impl RedisConsumer {
         Ok(())
     }
 
+    /// Entries not yet acknowledged: never delivered (the group's lag) plus pending.
+    pub async fn depth(&mut self) -> Result<u64, QueueError> {
+        let groups: StreamInfoGroupsReply = self.conn.xinfo_groups(&self.stream).await?;
+        Ok(groups
+            .groups
+            .iter()
+            .find(|group| group.name == self.group)
+            .map_or(0, |group| (group.lag.unwrap_or(0) + group.pending) as u64))
+    }
+
     /// Every entry below the returned id that was ever delivered has been acknowledged:
     /// it is below the group's oldest pending entry, and was delivered before we looked.
     pub async fn prune_bound(&mut self) -> Result<Option<EntryId>, QueueError> {
