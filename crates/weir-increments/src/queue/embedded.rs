@@ -398,7 +398,6 @@ mod tests {
             }
             assert_eq!(drain(&mut consumer).await.len(), 5);
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let segment = list_segments(dir.path()).unwrap()[0].1.clone();
         let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
         file.write_all(&[7u8; 17]).unwrap();

@@ -176,4 +176,12 @@ impl Consumer {
             Consumer::Redis(consumer) => consumer.prune_bound().await,
         }
     }
+
+    /// Drops acknowledged entries below `bound` from the queue itself.
+    pub async fn trim_below(&mut self, bound: EntryId) -> Result<u64, QueueError> {
+        match self {
+            Consumer::Embedded(_) => Ok(0),
+            Consumer::Redis(consumer) => consumer.trim_below(bound).await,
+        }
+    }
 }

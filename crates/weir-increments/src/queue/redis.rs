@@ -316,6 +316,19 @@ impl RedisConsumer {
             _ => after_last,
         }))
     }
+
+    /// Deletes the entries below `bound` (see `prune_bound`: all delivered and
+    /// acknowledged) so the stream holds only what is still owed, not every increment ever
+    /// accepted. Returns how many entries went.
+    pub async fn trim_below(&mut self, bound: EntryId) -> Result<u64, QueueError> {
+        let removed: u64 = redis::cmd("XTRIM")
+            .arg(&self.stream)
+            .arg("MINID")
+            .arg(bound.to_string())
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(removed)
+    }
 }
 
 fn value_text(value: &Value) -> String {
