@@ -1,15 +1,26 @@
 #!/usr/bin/env bash
 # The same load against the bare 202 ceiling, embedded, and Redis + Postgres, interleaved
-# round after round so that whatever else the machine does hits all three alike.
-# Usage: crates/weir-increments/scripts/bench-interleaved.sh [path/to/weir] [rounds]
+# round after round so that whatever else the machine does hits all three alike; ends with
+# the median of each. This is the benchmark behind the README's increments table.
+# Usage: scripts/increments-bench-interleaved.sh [path/to/weir] [rounds]
 set -euo pipefail
+cd "$(dirname "$0")/.."
 WEIR=${1:-target/release/weir}
-ROUNDS=${2:-3}
+ROUNDS=${2:-5}
+[ -x "$WEIR" ] || cargo build --release -p weir
 PG=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 REDIS=${REDIS_URL:-redis://127.0.0.1:6379}
 DATA=$(mktemp -d)
 S=bench_$(date +%s)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DATA"; redis-cli -u "$REDIS" del "$S" >/dev/null 2>&1 || true' EXIT
+RESULTS="$DATA/results"
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+  redis-cli -u "$REDIS" del "$S" "$S:dead" >/dev/null 2>&1 || true
+  psql "$PG" -qc "DROP TABLE IF EXISTS ${S}_counts, ${S}_marks, ${S}_applied, ${S}_dead_letters" >/dev/null 2>&1 || true
+  rm -rf "$DATA"
+}
+trap cleanup EXIT
 export RUST_LOG=warn
 unset DATABASE_URL REDIS_URL
 "$WEIR" increments bench --bare 127.0.0.1:3410 >/dev/null 2>&1 &
@@ -22,6 +33,21 @@ for round in $(seq "$ROUNDS"); do
     name=${target%%:*} port=${target##*:}
     verify=; [ "$name" != bare ] && verify=--verify
     line=$("$WEIR" increments bench --url "http://127.0.0.1:$port" --connections 64 --duration-secs 8 --keys 1000 $verify | tail -1)
-    echo "round $round $name $line"
+    echo "round $round $name $line" | tee -a "$RESULTS"
   done
 done
+python3 - "$RESULTS" <<'PY' || true
+import json, statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    _, _, name, doc = line.split(" ", 3)
+    runs.setdefault(name, []).append(json.loads(doc))
+bare = statistics.median(r["rps"] for r in runs["bare"])
+print(f"{'target':<15} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'staleness s':>12} {'vs bare':>8} verified")
+for name, rs in runs.items():
+    rps = statistics.median(r["rps"] for r in rs)
+    stale = max((r["max_staleness_s"] or 0) for r in rs)
+    print(f"{name:<15} {rps:>8.0f} {statistics.median(r['p50_ms'] for r in rs):>7.2f} "
+          f"{statistics.median(r['p99_ms'] for r in rs):>7.2f} {stale:>12.3f} {rps / bare:>8.0%} "
+          f"{all(r['passed'] for r in rs)}")
+PY

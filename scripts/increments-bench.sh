@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
 # Reproduces the README's measurements: the bare 202 ceiling, embedded (with and without
 # fsync), Redis + Postgres in one process, and as separate api + worker processes.
-# Usage: crates/weir-increments/scripts/bench.sh [path/to/weir]   (build: cargo build --release -p weir)
+# Usage: scripts/increments-bench.sh [path/to/weir]
 set -euo pipefail
+cd "$(dirname "$0")/.."
 WEIR=${1:-target/release/weir}
+[ -x "$WEIR" ] || cargo build --release -p weir
 PG=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 REDIS=${REDIS_URL:-redis://127.0.0.1:6379}
 LOAD=(--connections "${CONNECTIONS:-64}" --duration-secs "${SECONDS_OF_LOAD:-10}" --keys 1000)
 DATA=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DATA"' EXIT
+S=bench_$(date +%s)
+S2=${S}_split
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  wait 2>/dev/null || true
+  for s in "$S" "$S2"; do
+    redis-cli -u "$REDIS" del "$s" "$s:dead" >/dev/null 2>&1 || true
+    psql "$PG" -qc "DROP TABLE IF EXISTS ${s}_counts, ${s}_marks, ${s}_applied, ${s}_dead_letters" >/dev/null 2>&1 || true
+  done
+  rm -rf "$DATA"
+}
+trap cleanup EXIT
 export RUST_LOG=warn
 unset DATABASE_URL REDIS_URL
 
@@ -25,12 +38,9 @@ run() { # name, port, then the server command
 run bare 3400 "$WEIR" increments bench --bare 127.0.0.1:3400
 VERIFY=--verify run embedded 3401 "$WEIR" increments serve --bind-address 127.0.0.1 --port 3401 --data-dir "$DATA/e1"
 VERIFY=--verify run embedded-fsync 3402 "$WEIR" increments serve --bind-address 127.0.0.1 --port 3402 --data-dir "$DATA/e2" --fsync true
-S=bench_$(date +%s)
 VERIFY=--verify run redis-postgres 3403 "$WEIR" increments serve --bind-address 127.0.0.1 --port 3403 \
   --queue "$REDIS" --database "$PG" --stream "$S" --table-prefix "$S"
-S2=${S}_split
 "$WEIR" --metrics-addr 127.0.0.1:9191 increments worker --queue "$REDIS" --database "$PG" --stream "$S2" --table-prefix "$S2" >"$DATA/worker.log" 2>&1 &
 VERIFY=--verify run api-plus-worker 3404 "$WEIR" increments api --bind-address 127.0.0.1 --port 3404 --database "$PG" --table-prefix "$S2" \
   --queue "$REDIS" --stream "$S2"
 echo "worker: $(curl -s 127.0.0.1:9191/metrics | grep '^increments_staleness_max_seconds')"
-redis-cli -u "$REDIS" del "$S" "$S2" >/dev/null 2>&1 || true

@@ -81,17 +81,12 @@ pub async fn up(shutdown: &Shutdown) -> anyhow::Result<Vec<String>> {
     config.redis_url = None;
     config.database_url = None;
     let listener = bind(&config).await?;
-    let description = format!(
-        "increments: POST http://{}/increment (SQLite {})",
-        listener.local_addr()?,
-        config.sqlite_path().display()
-    );
+    let description = describe(&config, &listener)?;
     let shutdown_for_task = shutdown.clone();
     shutdown.tracker.spawn(async move {
-        if let Err(err) =
-            weir_increments::run(Some(listener), config, Role::Serve, shutdown_for_task).await
-        {
-            tracing::error!(%err, "increments stopped");
+        match weir_increments::run(Some(listener), config, Role::Serve, shutdown_for_task).await {
+            Ok(()) => tracing::info!("increments stopped after its final flush"),
+            Err(err) => tracing::error!(%err, "increments stopped"),
         }
     });
     Ok(vec![description])
