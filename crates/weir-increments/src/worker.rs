@@ -315,3 +315,55 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::embedded;
+    use crate::validate::Increment;
+    use uuid::Uuid;
+
+    #[tokio::test]
+    async fn a_flush_commits_then_releases_and_a_reopened_log_replays_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = IncrementsConfig {
+            data_dir: dir.path().to_path_buf(),
+            ..IncrementsConfig::default()
+        };
+        let store = Store::open(&config).await.unwrap();
+        let key = Uuid::from_u128(7);
+        let token = CancellationToken::new();
+        {
+            let (producer, consumer) = embedded::open(&config.log_dir(), 0, false).unwrap();
+            let health = Arc::new(WorkerHealth::default());
+            let mut worker = Worker::new(
+                Consumer::Embedded(consumer),
+                store.clone(),
+                &config,
+                health.clone(),
+            );
+            for value in [3, 4] {
+                producer.enqueue(Increment { key, value }).await.unwrap();
+            }
+            let report = worker.flush_once(&token).await.unwrap();
+            assert_eq!((report.applied, report.duplicates), (2, 0));
+            assert!(health.last_flush_ms.load(Ordering::Relaxed) > 0);
+            assert_eq!(
+                producer.depth(),
+                0,
+                "committed increments leave the queue depth"
+            );
+            assert!(
+                worker.flush_once(&token).await.is_none(),
+                "nothing left to flush"
+            );
+        }
+        assert_eq!(store.count(key).await.unwrap().unwrap().total, 7);
+        // A restart reads the log above the committed watermark: nothing to apply twice.
+        let watermark = store.watermark("embedded").await.unwrap();
+        assert_eq!(watermark, 2);
+        let (_producer, mut consumer) =
+            embedded::open(&config.log_dir(), watermark, false).unwrap();
+        assert!(consumer.try_next().is_none());
+    }
+}
