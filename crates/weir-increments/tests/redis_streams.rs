@@ -33,6 +33,22 @@ async fn redis_conn(config: &IncrementsConfig) -> redis::aio::MultiplexedConnect
     client.get_multiplexed_async_connection().await.unwrap()
 }
 
+/// Appends one entry as an API replica would (`k`, `v`), returning its id.
+async fn add_entry(
+    conn: &mut redis::aio::MultiplexedConnection,
+    config: &IncrementsConfig,
+    key: &str,
+    value: i64,
+) -> String {
+    conn.xadd(
+        &config.stream,
+        "*",
+        &[("k", key.to_string()), ("v", value.to_string())],
+    )
+    .await
+    .unwrap()
+}
+
 async fn total(store: &Store, key: Uuid) -> i64 {
     store.count(key).await.unwrap().map_or(0, |c| c.total)
 }
@@ -124,14 +140,7 @@ async fn a_dead_workers_entries_are_taken_over_and_a_crash_after_commit_counts_o
         .await
         .unwrap();
     for value in 1..=10i64 {
-        let _: String = conn
-            .xadd(
-                &config.stream,
-                "*",
-                &[("k", key.to_string()), ("v", value.to_string())],
-            )
-            .await
-            .unwrap();
+        add_entry(&mut conn, &config, &key.to_string(), value).await;
     }
     let first = match committed.next(Duration::from_millis(200)).await.unwrap() {
         Next::Items(items) => items,
@@ -154,14 +163,7 @@ async fn a_dead_workers_entries_are_taken_over_and_a_crash_after_commit_counts_o
         .unwrap();
     drop(committed);
     for value in 11..=12i64 {
-        let _: String = conn
-            .xadd(
-                &config.stream,
-                "*",
-                &[("k", key.to_string()), ("v", value.to_string())],
-            )
-            .await
-            .unwrap();
+        add_entry(&mut conn, &config, &key.to_string(), value).await;
     }
     assert!(
         matches!(read_only.next(Duration::from_millis(200)).await.unwrap(), Next::Items(items) if items.len() == 2)
@@ -194,14 +196,7 @@ async fn acknowledged_entries_are_trimmed_and_pending_ones_kept() {
         .unwrap();
     let key = Uuid::new_v4();
     for value in 1..=10i64 {
-        let _: String = conn
-            .xadd(
-                &config.stream,
-                "*",
-                &[("k", key.to_string()), ("v", value.to_string())],
-            )
-            .await
-            .unwrap();
+        add_entry(&mut conn, &config, &key.to_string(), value).await;
     }
     let read = match consumer.next(Duration::from_millis(200)).await.unwrap() {
         Next::Items(items) => items,
@@ -233,18 +228,8 @@ async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
     let store = Store::open(&config).await.unwrap();
     let mut conn = redis_conn(&config).await;
     let key = Uuid::new_v4();
-    let _: String = conn
-        .xadd(&config.stream, "*", &[("k", "not-a-uuid"), ("v", "1")])
-        .await
-        .unwrap();
-    let poison: String = conn
-        .xadd(
-            &config.stream,
-            "*",
-            &[("k", key.to_string()), ("v", "1000".to_string())],
-        )
-        .await
-        .unwrap();
+    add_entry(&mut conn, &config, "not-a-uuid", 1).await;
+    let poison = add_entry(&mut conn, &config, &key.to_string(), 1000).await;
     // The poison entry is read by a worker that keeps dying before its commit.
     let mut doomed = RedisConsumer::connect(&worker(&config, "doomed"), &url)
         .await
@@ -262,24 +247,10 @@ async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let _: String = conn
-        .xadd(
-            &config.stream,
-            "*",
-            &[("k", key.to_string()), ("v", "7".to_string())],
-        )
-        .await
-        .unwrap();
+    add_entry(&mut conn, &config, &key.to_string(), 7).await;
     let full = Uuid::new_v4();
     for value in [i64::MAX, 1] {
-        let _: String = conn
-            .xadd(
-                &config.stream,
-                "*",
-                &[("k", full.to_string()), ("v", value.to_string())],
-            )
-            .await
-            .unwrap();
+        add_entry(&mut conn, &config, &full.to_string(), value).await;
     }
 
     let survivor = start(worker(&config, "survivor"), Role::Worker).await;
