@@ -54,15 +54,13 @@ async fn total(store: &Store, key: Uuid) -> i64 {
 }
 
 async fn wait_for_store_total(store: &Store, key: Uuid, expected: i64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while total(store, key).await != expected {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "total of {key} is {} not {expected}",
-            total(store, key).await
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    eventually(|| async {
+        match total(store, key).await {
+            actual if actual == expected => Ok(()),
+            actual => Err(format!("total of {key} is {actual} not {expected}")),
+        }
+    })
+    .await
 }
 
 async fn pending_count(config: &IncrementsConfig) -> usize {
@@ -255,15 +253,18 @@ async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
 
     let survivor = start(worker(&config, "survivor"), Role::Worker).await;
     wait_for_store_total(&store, key, 7).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let dead = loop {
-        let dead: redis::streams::StreamRangeReply =
-            conn.xrange_all(config.dead_letter_stream()).await.unwrap();
-        if dead.ids.len() >= 3 || tokio::time::Instant::now() > deadline {
-            break dead;
+    let dead = eventually(|| {
+        let mut conn = conn.clone();
+        let stream = config.dead_letter_stream();
+        async move {
+            let dead: redis::streams::StreamRangeReply = conn.xrange_all(stream).await.unwrap();
+            match dead.ids.len() {
+                3.. => Ok(dead),
+                n => Err(format!("{n} dead letters, expected 3")),
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     survivor.stop().await;
     let reasons: Vec<String> = dead
         .ids

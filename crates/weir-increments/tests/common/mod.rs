@@ -153,21 +153,37 @@ pub async fn start(config: IncrementsConfig, role: Role) -> Running {
     }
 }
 
-/// Polls `/counts/{key}` until it reports `total` (or fails after a generous deadline).
-pub async fn wait_for_total(addr: SocketAddr, key: &str, total: i64) {
+/// Polls `probe` until it returns `Ok`, failing with its last `Err` after a generous
+/// deadline: tests wait for a state to be reached, never for a fixed time.
+pub async fn eventually<T, F, Fut>(mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let reply = request(addr, "GET", &format!("/counts/{key}"), &[], b"").await;
-        if reply.status == 200 && reply.json()["total"] == total {
-            return;
+        match probe().await {
+            Ok(value) => return value,
+            Err(why) => assert!(tokio::time::Instant::now() < deadline, "{why}"),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "total of {key} never reached {total}: {}",
-            reply.body
-        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Polls `/counts/{key}` until it reports `total`.
+pub async fn wait_for_total(addr: SocketAddr, key: &str, total: i64) {
+    eventually(|| async {
+        let reply = request(addr, "GET", &format!("/counts/{key}"), &[], b"").await;
+        if reply.status == 200 && reply.json()["total"] == total {
+            Ok(())
+        } else {
+            Err(format!(
+                "total of {key} never reached {total}: {}",
+                reply.body
+            ))
+        }
+    })
+    .await
 }
 
 fn required() -> bool {
