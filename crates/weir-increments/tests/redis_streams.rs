@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::*;
 use redis::AsyncCommands;
 use uuid::Uuid;
+use weir_increments::aggregate::Item;
 use weir_increments::config::IncrementsConfig;
 use weir_increments::queue::redis::RedisConsumer;
 use weir_increments::queue::Next;
@@ -47,6 +48,14 @@ async fn add_entry(
     )
     .await
     .unwrap()
+}
+
+/// One read by `consumer`, which must deliver something.
+async fn read_batch(consumer: &mut RedisConsumer) -> Vec<Item> {
+    match consumer.next(Duration::from_millis(200)).await.unwrap() {
+        Next::Items(items) => items,
+        _ => panic!("no entries"),
+    }
 }
 
 async fn total(store: &Store, key: Uuid) -> i64 {
@@ -140,10 +149,7 @@ async fn a_dead_workers_entries_are_taken_over_and_a_crash_after_commit_counts_o
     for value in 1..=10i64 {
         add_entry(&mut conn, &config, &key.to_string(), value).await;
     }
-    let first = match committed.next(Duration::from_millis(200)).await.unwrap() {
-        Next::Items(items) => items,
-        _ => panic!("no entries"),
-    };
+    let first = read_batch(&mut committed).await;
     assert_eq!(first.len(), 10);
     let mut agg = weir_increments::aggregate::Aggregator::default();
     for item in &first[..6] {
@@ -163,9 +169,7 @@ async fn a_dead_workers_entries_are_taken_over_and_a_crash_after_commit_counts_o
     for value in 11..=12i64 {
         add_entry(&mut conn, &config, &key.to_string(), value).await;
     }
-    assert!(
-        matches!(read_only.next(Duration::from_millis(200)).await.unwrap(), Next::Items(items) if items.len() == 2)
-    );
+    assert_eq!(read_batch(&mut read_only).await.len(), 2);
     drop(read_only);
     assert_eq!(total(&store, key).await, 21);
 
@@ -196,10 +200,7 @@ async fn acknowledged_entries_are_trimmed_and_pending_ones_kept() {
     for value in 1..=10i64 {
         add_entry(&mut conn, &config, &key.to_string(), value).await;
     }
-    let read = match consumer.next(Duration::from_millis(200)).await.unwrap() {
-        Next::Items(items) => items,
-        _ => panic!("no entries"),
-    };
+    let read = read_batch(&mut consumer).await;
     assert_eq!(read.len(), 10);
     // Acknowledge the first six and a later one: the trim stops at the oldest still owed.
     let acked: Vec<_> = read[..6].iter().chain(&read[8..9]).map(|i| i.id).collect();
