@@ -60,6 +60,8 @@ pub enum IncrementsError {
     NeedsListener(Role),
     #[error("the API server failed: {0}")]
     Serve(#[from] std::io::Error),
+    #[error(transparent)]
+    DataDir(#[from] weir_runtime::datadir::DataDirError),
 }
 
 /// Starts `role` and returns when it has stopped: after `shutdown.token` is cancelled, the
@@ -72,6 +74,15 @@ pub async fn run(
 ) -> Result<(), IncrementsError> {
     let token = shutdown.token.clone();
     let needs_store = role != Role::Api || config.database_url.is_some();
+    let uses_data_dir =
+        config.redis_url.is_none() || (needs_store && config.database_url.is_none());
+    // Held until this function returns: a second process on the same directory would number
+    // its log records from the same place and lose half of what both acknowledged.
+    let _data_dir = if uses_data_dir {
+        Some(weir_runtime::datadir::lock(&config.data_dir, "--data-dir")?)
+    } else {
+        None
+    };
     let store = if needs_store {
         Some(Store::open(&config).await?)
     } else {

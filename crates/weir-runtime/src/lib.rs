@@ -4,9 +4,13 @@
 //! - [`telemetry`]: tracing subscriber (pretty or JSON, `RUST_LOG`) and the Prometheus recorder.
 //! - [`shutdown`]: SIGINT/SIGTERM wired to a `CancellationToken`, plus task tracking.
 //! - [`http`]: axum helpers: JSON error bodies, `/metrics`, graceful serving.
+//! - [`datadir`]: the lock that makes a data directory one process's own.
+//! - [`logs`]: rate limits and escaping for log lines that remote input can trigger.
 
 pub mod config;
+pub mod datadir;
 pub mod http;
+pub mod logs;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -4,6 +4,7 @@
 //! (default `info`). Metrics use the `metrics` facade with a Prometheus recorder; services
 //! only call `metrics::counter!` and friends and never see the exporter.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -32,8 +33,11 @@ pub enum LogFormat {
 /// ignored), which keeps tests that start several services simple.
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes are for people at a terminal; in a file or a pipe they are noise.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _already_set = match format {
         LogFormat::Pretty => builder.with_target(false).try_init(),
