@@ -72,57 +72,52 @@ pub async fn run(
     role: Role,
     shutdown: Shutdown,
 ) -> Result<(), IncrementsError> {
-    let token = shutdown.token.clone();
+    start(listener, config, role, shutdown).await?.serve().await
+}
+
+/// A started service: its data directory locked, its store and queue open, its worker
+/// running. What can fail at start-up has failed by the time this exists, so a caller that
+/// starts several services can tell "cannot start" from "stopped later".
+pub struct Running {
+    api: Option<(TcpListener, axum::Router)>,
+    worker_done: Option<tokio::task::JoinHandle<()>>,
+    token: tokio_util::sync::CancellationToken,
+    // Held for the process's life: a second process on the same directory would number its
+    // log records from the same place and lose half of what both acknowledged.
+    _data_dir: Option<weir_runtime::datadir::DataDirLock>,
+}
+
+/// Opens everything `role` needs and starts its worker, without serving yet.
+pub async fn start(
+    listener: Option<TcpListener>,
+    config: IncrementsConfig,
+    role: Role,
+    shutdown: Shutdown,
+) -> Result<Running, IncrementsError> {
     let needs_store = role != Role::Api || config.database_url.is_some();
     let uses_data_dir =
         config.redis_url.is_none() || (needs_store && config.database_url.is_none());
-    // Held until this function returns: a second process on the same directory would number
-    // its log records from the same place and lose half of what both acknowledged.
-    let _data_dir = if uses_data_dir {
+    let data_dir = if uses_data_dir {
         Some(weir_runtime::datadir::lock(&config.data_dir, "--data-dir")?)
     } else {
         None
     };
+    if role != Role::Worker && listener.is_none() {
+        return Err(IncrementsError::NeedsListener(role));
+    }
     let store = if needs_store {
         Some(Store::open(&config).await?)
     } else {
         None
     };
-    let (producer, consumer) = match (&config.redis_url, role) {
-        (None, Role::Serve) => {
-            let store = store.as_ref().ok_or(StoreError::Task("no store".into()))?;
-            let watermark = store.watermark("embedded").await?;
-            let (producer, consumer) =
-                queue::embedded::open(&config.log_dir(), watermark, config.fsync)?;
-            (
-                Some(Producer::Embedded(producer)),
-                Some(Consumer::Embedded(consumer)),
-            )
-        }
-        (None, role) => return Err(IncrementsError::NeedsRedis(role)),
-        (Some(url), role) => {
-            let producer = if role == Role::Worker {
-                None
-            } else {
-                Some(Producer::Redis(RedisProducer::connect(&config, url).await?))
-            };
-            let consumer = if role == Role::Api {
-                None
-            } else {
-                Some(Consumer::Redis(Box::new(
-                    RedisConsumer::connect(&config, url).await?,
-                )))
-            };
-            (producer, consumer)
-        }
-    };
+    let (producer, consumer) = open_queue(&config, role, store.as_ref()).await?;
     let mut health = None;
     let worker_done = match (consumer, store.clone()) {
         (Some(consumer), Some(store)) => {
             let state = Arc::new(WorkerHealth::default());
             health = Some(state.clone());
             let worker = Worker::new(consumer, store, &config, state);
-            let token = token.clone();
+            let token = shutdown.token.clone();
             Some(shutdown.tracker.spawn(async move {
                 if let Err(err) = worker.run(token).await {
                     tracing::error!(%err, "worker stopped");
@@ -131,21 +126,73 @@ pub async fn run(
         }
         _ => None,
     };
-    if let Some(producer) = producer {
-        let listener = listener.ok_or(IncrementsError::NeedsListener(role))?;
-        let state = server::AppState::new(&config, producer, store, health);
-        let served =
-            weir_runtime::http::serve(listener, server::router(state), token.clone()).await;
-        if let Err(err) = served {
-            // Stop the worker too: without an API the embedded log never closes.
-            token.cancel();
-            return Err(err.into());
+    let api = match (producer, listener) {
+        (Some(producer), Some(listener)) => {
+            let state = server::AppState::new(&config, producer, store, health);
+            Some((listener, server::router(state)))
+        }
+        _ => None,
+    };
+    Ok(Running {
+        api,
+        worker_done,
+        token: shutdown.token.clone(),
+        _data_dir: data_dir,
+    })
+}
+
+async fn open_queue(
+    config: &IncrementsConfig,
+    role: Role,
+    store: Option<&Store>,
+) -> Result<(Option<Producer>, Option<Consumer>), IncrementsError> {
+    match (&config.redis_url, role) {
+        (None, Role::Serve) => {
+            let store = store.ok_or(StoreError::Task("no store".into()))?;
+            let watermark = store.watermark("embedded").await?;
+            let (producer, consumer) =
+                queue::embedded::open(&config.log_dir(), watermark, config.fsync)?;
+            Ok((
+                Some(Producer::Embedded(producer)),
+                Some(Consumer::Embedded(consumer)),
+            ))
+        }
+        (None, role) => Err(IncrementsError::NeedsRedis(role)),
+        (Some(url), role) => {
+            let producer = if role == Role::Worker {
+                None
+            } else {
+                Some(Producer::Redis(RedisProducer::connect(config, url).await?))
+            };
+            let consumer = if role == Role::Api {
+                None
+            } else {
+                Some(Consumer::Redis(Box::new(
+                    RedisConsumer::connect(config, url).await?,
+                )))
+            };
+            Ok((producer, consumer))
         }
     }
-    if let Some(done) = worker_done {
-        if let Err(err) = done.await {
-            tracing::error!(%err, "worker task failed");
+}
+
+impl Running {
+    /// Serves the API (if this role has one) until the token is cancelled, then waits for
+    /// the worker's final flush.
+    pub async fn serve(self) -> Result<(), IncrementsError> {
+        if let Some((listener, router)) = self.api {
+            let served = weir_runtime::http::serve(listener, router, self.token.clone()).await;
+            if let Err(err) = served {
+                // Stop the worker too: without an API the embedded log never closes.
+                self.token.cancel();
+                return Err(err.into());
+            }
         }
+        if let Some(done) = self.worker_done {
+            if let Err(err) = done.await {
+                tracing::error!(%err, "worker task failed");
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }

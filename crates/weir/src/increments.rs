@@ -37,14 +37,19 @@ pub async fn run(command: IncrementsCommand, shutdown: Shutdown) -> anyhow::Resu
         }
     };
     let config = flags.load()?;
-    let listener = if role == Role::Worker {
-        None
+    let (listener, description) = if role == Role::Worker {
+        (None, None)
     } else {
         let listener = bind(&config).await?;
-        println!("{}", describe(&config, &listener)?);
-        Some(listener)
+        let description = describe(&config, &listener)?;
+        (Some(listener), Some(description))
     };
-    weir_increments::run(listener, config, role, shutdown.clone()).await?;
+    let running = weir_increments::start(listener, config, role, shutdown.clone()).await?;
+    // Announced only once it can take requests: scripts wait for this line.
+    if let Some(description) = description {
+        println!("{description}");
+    }
+    running.serve().await?;
     shutdown.drain(Duration::from_secs(10)).await;
     Ok(ExitCode::SUCCESS)
 }
@@ -74,20 +79,27 @@ fn describe(
     ))
 }
 
-/// Starts the embedded serve mode in the background of `weir up`.
-pub async fn up(shutdown: &Shutdown) -> anyhow::Result<Vec<String>> {
+/// Starts the embedded serve mode for `weir up`: returns once the data directory is locked,
+/// the log and SQLite are open and the port is bound, with the task that serves it.
+pub async fn up(shutdown: &Shutdown) -> anyhow::Result<crate::up::Service> {
     let mut config = IncrementsFlags::default().load()?;
-    // `weir up` is the embedded, single-machine mode whatever the environment says.
+    // `weir up` is the embedded, single-machine mode whatever the environment says, with a
+    // directory of its own beside the other services' under ./weir-data.
     config.redis_url = None;
     config.database_url = None;
+    config.data_dir = config.data_dir.join("increments");
     let listener = bind(&config).await?;
     let description = describe(&config, &listener)?;
-    let shutdown_for_task = shutdown.clone();
-    shutdown.tracker.spawn(async move {
-        match weir_increments::run(Some(listener), config, Role::Serve, shutdown_for_task).await {
-            Ok(()) => tracing::info!("increments stopped after its final flush"),
-            Err(err) => tracing::error!(%err, "increments stopped"),
-        }
+    let running =
+        weir_increments::start(Some(listener), config, Role::Serve, shutdown.clone()).await?;
+    let task = shutdown.tracker.spawn(async move {
+        running.serve().await?;
+        tracing::info!("increments stopped after its final flush");
+        Ok(())
     });
-    Ok(vec![description])
+    Ok(crate::up::Service {
+        name: "increments",
+        description,
+        task,
+    })
 }

@@ -39,18 +39,22 @@ pub async fn run(command: RelayCommand, shutdown: Shutdown) -> anyhow::Result<Ex
     }
 }
 
-/// Starts the relay with its defaults in the background of `weir up`.
-pub async fn up(shutdown: &Shutdown) -> anyhow::Result<String> {
+/// Starts the relay with its defaults for `weir up`: returns once both ports are bound and
+/// the relay's tasks are running, with the task that ends when it stops.
+pub async fn up(shutdown: &Shutdown) -> anyhow::Result<crate::up::Service> {
     let config = ServeFlags::default().load()?;
     let listeners = Listeners::bind(&config).await?;
     let description = describe(&listeners)?;
-    let shutdown_for_task = shutdown.clone();
-    shutdown.tracker.spawn(async move {
-        if let Err(err) = weir_relay::run(listeners, config, shutdown_for_task).await {
-            tracing::error!(%err, "relay stopped");
-        }
+    let relay = weir_relay::spawn(listeners, config, shutdown.clone())?;
+    let task = shutdown.tracker.spawn(async move {
+        relay.wait().await?;
+        Ok(())
     });
-    Ok(description)
+    Ok(crate::up::Service {
+        name: "relay",
+        description,
+        task,
+    })
 }
 
 fn describe(listeners: &Listeners) -> std::io::Result<String> {
