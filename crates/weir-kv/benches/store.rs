@@ -1,0 +1,89 @@
+//! The store's operations at 10k, 100k and 1M keys. Keys are made before timing starts, so
+//! what is measured is the store, not the allocation of the request's strings.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use weir_kv::store::Store;
+
+const SIZES: [usize; 3] = [10_000, 100_000, 1_000_000];
+const BATCH: usize = 10_000;
+
+fn keys(count: usize, prefix: &str) -> Vec<String> {
+    // Spread like real keys rather than sequential ones, so the hash table is not flattered.
+    (0..count)
+        .map(|i| {
+            format!(
+                "{prefix}-{:016x}",
+                (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            )
+        })
+        .collect()
+}
+
+fn filled(keys: &[String]) -> Store {
+    let mut store = Store::new();
+    for key in keys {
+        store.add(key, "value-of-about-thirty-bytes...");
+    }
+    store
+}
+
+fn bench(c: &mut Criterion) {
+    for size in SIZES {
+        let present = keys(size, "k");
+        let fresh = keys(BATCH, "new");
+        let store = filled(&present);
+        let mut group = c.benchmark_group(format!("store/{size}"));
+
+        group.throughput(Throughput::Elements(1));
+        let mut at = 0;
+        group.bench_function("get", |b| {
+            b.iter(|| {
+                at = (at + 7919) % size;
+                black_box(store.get(&present[at]))
+            })
+        });
+
+        group.throughput(Throughput::Elements(BATCH as u64));
+        group.bench_function("add", |b| {
+            b.iter_batched_ref(
+                || store.clone(),
+                |store| {
+                    for key in &fresh {
+                        store.add(key, "value");
+                    }
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        group.bench_function("remove", |b| {
+            b.iter_batched_ref(
+                || store.clone(),
+                |store| {
+                    for key in present.iter().step_by(size / BATCH) {
+                        black_box(store.remove(key));
+                    }
+                },
+                BatchSize::PerIteration,
+            )
+        });
+
+        group.throughput(Throughput::Elements(1_000));
+        let mut cursor = 0u64;
+        group.bench_function("page_of_1000", |b| {
+            b.iter(|| {
+                cursor = (cursor + 104_729) % (size as u64 - 1_000);
+                black_box(store.page(Some(cursor), 1_000).items.len())
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20);
+    targets = bench
+}
+criterion_main!(benches);
