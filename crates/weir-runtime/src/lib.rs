@@ -6,11 +6,13 @@
 //! - [`http`]: axum helpers: JSON error bodies, `/metrics`, graceful serving.
 //! - [`datadir`]: the lock that makes a data directory one process's own.
 //! - [`logs`]: rate limits and escaping for log lines that remote input can trigger.
+//! - [`recordlog`]: append-only record files that tell a torn tail from damage.
 
 pub mod config;
 pub mod datadir;
 pub mod http;
 pub mod logs;
+pub mod recordlog;
 pub mod shutdown;
 pub mod telemetry;
 
