@@ -4,6 +4,12 @@
 //! - [`store`]: the insertion-ordered map (O(1) add, get and remove; paged ordered reads).
 //! - [`protocol`]: the wire contract, one JSON request to a [`protocol::Request`] or the
 //!   reason it is malformed, and the JSON replies.
+//! - [`dedupe`]: which redelivered requests were already applied.
+//!
+//! I/O at the edges:
+//! - [`journal`]: the data directory, a snapshot plus an append-only journal of writes.
 
+pub mod dedupe;
+pub mod journal;
 pub mod protocol;
 pub mod store;
