@@ -5,11 +5,18 @@
 //! - [`protocol`]: the wire contract, one JSON request to a [`protocol::Request`] or the
 //!   reason it is malformed, and the JSON replies.
 //! - [`dedupe`]: which redelivered requests were already applied.
+//! - [`engine`]: one request to its effects (store, reply, journal write, dead letter).
 //!
 //! I/O at the edges:
 //! - [`journal`]: the data directory, a snapshot plus an append-only journal of writes.
+//! - [`server`]: the broker loop: consume, apply in order, log, reply, acknowledge.
+//!
+//! [`config`] holds the settings, validated at start.
 
+pub mod config;
 pub mod dedupe;
+pub mod engine;
 pub mod journal;
 pub mod protocol;
+pub mod server;
 pub mod store;

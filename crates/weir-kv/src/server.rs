@@ -1,0 +1,471 @@
+//! `weir kv serve`: the broker loop around the [`Engine`].
+//!
+//! One exclusive consumer with manual acknowledgements and a prefetch window. Whatever the
+//! broker has sent ahead is handled as one batch: every request applied in delivery order, the
+//! batch's writes committed to the journal in one write, then the replies and dead letters
+//! published and the whole batch acknowledged with one `multiple` ack. So nothing is
+//! acknowledged before it is logged, and the per-request cost is parsing and one store
+//! operation. Being the only consumer is what makes delivery order the order of application:
+//! a second server on the same queue is refused by the broker (exclusive consume).
+//!
+//! When the broker goes away the loop reconnects with capped exponential backoff, never
+//! spinning; the broker redelivers what was not acknowledged and the engine recognises the
+//! copies it already applied.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write as _};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio_util::sync::CancellationToken;
+use weir_runtime::logs::LogLimiter;
+use weir_runtime::Shutdown;
+
+use crate::config::{Durability, KvConfig};
+use crate::engine::{Engine, Incoming, Outcome};
+use crate::journal::{Journal, JournalError, Write, WriteKind};
+
+static BROKER_ERRORS: LogLimiter = LogLimiter::per_second();
+static MALFORMED: LogLimiter = LogLimiter::per_second();
+
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error(transparent)]
+    DataDir(#[from] weir_runtime::datadir::DataDirError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("--output {path}: {source}")]
+    Output {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the snapshot task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Why a broker session ended (it is retried, not fatal).
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("broker: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker cancelled the consumer")]
+    ConsumerClosed,
+    #[error(transparent)]
+    Fatal(#[from] KvError),
+}
+
+/// What `/readyz` reports.
+#[derive(Debug, Default)]
+pub struct KvHealth {
+    pub broker_connected: AtomicBool,
+    pub store_loaded: AtomicBool,
+    pub keys: AtomicU64,
+}
+
+/// A started server: data dir locked, store loaded; the broker is connected by [`serve`].
+///
+/// [`serve`]: Running::serve
+pub struct Running {
+    config: KvConfig,
+    engine: Engine,
+    journal: Option<Journal>,
+    output: Option<BufWriter<File>>,
+    health: Arc<KvHealth>,
+    token: CancellationToken,
+    _data_dir: Option<weir_runtime::datadir::DataDirLock>,
+}
+
+pub fn register_metrics() {
+    metrics::describe_counter!(
+        "weir_kv_requests_total",
+        "Requests handled, by action and outcome (applied, duplicate, malformed)."
+    );
+    metrics::describe_counter!(
+        "weir_kv_dead_letters_total",
+        "Malformed requests sent to the dead-letter queue."
+    );
+    metrics::describe_counter!(
+        "weir_kv_reconnects_total",
+        "Broker sessions that ended and were retried."
+    );
+    metrics::describe_histogram!(
+        "weir_kv_batch_seconds",
+        "From a batch's first delivery to its acknowledgement (apply, log, reply)."
+    );
+    metrics::describe_gauge!("weir_kv_store_keys", "Keys in the store.");
+    metrics::describe_gauge!(
+        "weir_kv_store_bytes",
+        "Bytes of keys and values in the store."
+    );
+    metrics::describe_gauge!(
+        "weir_kv_broker_connected",
+        "1 while consuming from the broker."
+    );
+    metrics::describe_gauge!(
+        "weir_kv_journal_bytes",
+        "Bytes in the journal since the last snapshot."
+    );
+    for action in ["add", "remove", "get", "getall"] {
+        for outcome in [Outcome::Applied, Outcome::Duplicate] {
+            metrics::counter!("weir_kv_requests_total", "action" => action, "outcome" => outcome.label())
+                .absolute(0);
+        }
+    }
+    metrics::counter!("weir_kv_requests_total", "action" => "malformed", "outcome" => "malformed")
+        .absolute(0);
+    metrics::counter!("weir_kv_dead_letters_total").absolute(0);
+    metrics::counter!("weir_kv_reconnects_total").absolute(0);
+    metrics::gauge!("weir_kv_broker_connected").set(0.0);
+}
+
+/// Locks the data directory, loads the snapshot and journal, and opens `--output`.
+pub fn start(config: KvConfig, shutdown: &Shutdown) -> Result<Running, KvError> {
+    register_metrics();
+    let (data_dir, journal, engine) = if config.durability == Durability::None {
+        (None, None, Engine::default())
+    } else {
+        let lock = weir_runtime::datadir::lock(&config.data_dir, "--data-dir")?;
+        let (journal, recovered) = Journal::open(&config.data_dir, config.repair)?;
+        tracing::info!(
+            keys = recovered.store.len(),
+            last_op = recovered.last_op,
+            unacknowledged = recovered.unacked.len(),
+            "kv store loaded"
+        );
+        let engine = Engine::new(recovered.store, recovered.last_op, recovered.unacked);
+        (Some(lock), Some(journal), engine)
+    };
+    let output = match &config.output {
+        Some(path) => Some(BufWriter::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| KvError::Output {
+                    path: path.clone(),
+                    source,
+                })?,
+        )),
+        None => None,
+    };
+    let health = Arc::new(KvHealth::default());
+    health.store_loaded.store(true, Ordering::Relaxed);
+    let running = Running {
+        config,
+        engine,
+        journal,
+        output,
+        health,
+        token: shutdown.token.clone(),
+        _data_dir: data_dir,
+    };
+    running.publish_sizes();
+    Ok(running)
+}
+
+impl Running {
+    pub fn health(&self) -> Arc<KvHealth> {
+        self.health.clone()
+    }
+
+    /// Consumes until the shutdown token, reconnecting whenever the broker goes away.
+    pub async fn serve(mut self) -> Result<(), KvError> {
+        let mut backoff = Duration::from_millis(100);
+        while !self.token.is_cancelled() {
+            let started = Instant::now();
+            match self.session().await {
+                Ok(()) => break,
+                Err(SessionError::Fatal(err)) => return Err(err),
+                Err(err) => {
+                    self.set_connected(false);
+                    metrics::counter!("weir_kv_reconnects_total").increment(1);
+                    weir_runtime::warn_limited!(BROKER_ERRORS, %err, retry_in_ms = backoff.as_millis() as u64, "kv lost the broker; reconnecting");
+                }
+            }
+            // A session that lasted a while earned a fresh start on the backoff.
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.token.cancelled() => {}
+            }
+            backoff = (backoff * 2).min(self.config.reconnect_max());
+        }
+        if let Some(journal) = &mut self.journal {
+            journal.commit(self.config.durability == Durability::Fsync)?;
+        }
+        Ok(())
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.health
+            .broker_connected
+            .store(connected, Ordering::Relaxed);
+        metrics::gauge!("weir_kv_broker_connected").set(if connected { 1.0 } else { 0.0 });
+    }
+
+    async fn session(&mut self) -> Result<(), SessionError> {
+        let properties = ConnectionProperties::default().with_connection_name("weir-kv".into());
+        let connection = Connection::connect(&self.config.amqp_url, properties).await?;
+        let channel = connection.create_channel().await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        for queue in [self.config.queue.clone(), self.config.dead_letter_queue()] {
+            channel
+                .queue_declare(queue.into(), durable, FieldTable::default())
+                .await?;
+        }
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await?;
+        let options = BasicConsumeOptions {
+            exclusive: true,
+            ..BasicConsumeOptions::default()
+        };
+        let mut consumer = channel
+            .basic_consume(
+                self.config.queue.clone().into(),
+                "weir-kv".into(),
+                options,
+                FieldTable::default(),
+            )
+            .await?;
+        self.set_connected(true);
+        tracing::info!(queue = %self.config.queue, "kv consuming");
+        loop {
+            let first = tokio::select! {
+                next = consumer.next() => next,
+                _ = self.token.cancelled() => break,
+            };
+            let first = first.ok_or(SessionError::ConsumerClosed)??;
+            let mut batch = vec![first];
+            let mut ended = None;
+            while batch.len() < usize::from(self.config.prefetch) {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(delivery))) => batch.push(delivery),
+                    Some(Some(Err(err))) => {
+                        ended = Some(SessionError::Broker(err));
+                        break;
+                    }
+                    Some(None) => {
+                        ended = Some(SessionError::ConsumerClosed);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            self.handle_batch(&channel, batch).await?;
+            if let Some(err) = ended {
+                return Err(err);
+            }
+        }
+        // Stop deliveries, then close: what was not acknowledged goes back to the queue.
+        let _ = channel
+            .basic_cancel("weir-kv".into(), BasicCancelOptions::default())
+            .await;
+        let _ = connection.close(200, "weir kv shutting down".into()).await;
+        Ok(())
+    }
+
+    async fn handle_batch(
+        &mut self,
+        channel: &Channel,
+        batch: Vec<Delivery>,
+    ) -> Result<(), SessionError> {
+        let started = Instant::now();
+        let mut outgoing = Vec::with_capacity(batch.len());
+        for delivery in &batch {
+            let properties = &delivery.properties;
+            let handled = self.engine.handle(Incoming {
+                body: &delivery.data,
+                redelivered: delivery.redelivered,
+                correlation_id: properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(ShortString::as_str),
+                reply_to: properties.reply_to().as_ref().map(ShortString::as_str),
+                message_id: properties.message_id().as_ref().map(ShortString::as_str),
+            });
+            metrics::counter!("weir_kv_requests_total", "action" => handled.action, "outcome" => handled.outcome.label())
+                .increment(1);
+            if let Some(write) = &handled.write {
+                if let Some(journal) = &mut self.journal {
+                    journal.append(write);
+                }
+                if let Some(output) = &mut self.output {
+                    write_output_line(output, write).map_err(|source| self.output_error(source))?;
+                }
+            }
+            if let Some(reason) = &handled.dead_letter {
+                weir_runtime::warn_limited!(MALFORMED, %reason, body = %weir_runtime::logs::escape(&delivery.data), "malformed kv request; dead-lettered");
+            }
+            outgoing.push((handled.reply, handled.dead_letter));
+        }
+        if let Some(journal) = &mut self.journal {
+            journal
+                .commit(self.config.durability == Durability::Fsync)
+                .map_err(KvError::from)?;
+        }
+        if let Some(output) = &mut self.output {
+            output.flush().map_err(|source| self.output_error(source))?;
+        }
+        for (delivery, (reply, dead_letter)) in batch.iter().zip(outgoing) {
+            if let Some(reason) = dead_letter {
+                self.dead_letter(channel, delivery, &reason).await?;
+            }
+            if let Some(reply_to) = delivery.properties.reply_to() {
+                let mut properties =
+                    BasicProperties::default().with_content_type("application/json".into());
+                if let Some(id) = delivery.properties.correlation_id() {
+                    properties = properties.with_correlation_id(id.clone());
+                }
+                channel
+                    .basic_publish(
+                        "".into(),
+                        reply_to.clone(),
+                        BasicPublishOptions::default(),
+                        &reply,
+                        properties,
+                    )
+                    .await?;
+            }
+        }
+        if let Some(last) = batch.last() {
+            channel
+                .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                .await?;
+        }
+        let acked = self.engine.last_op();
+        self.engine.acked_through(acked);
+        if let Some(journal) = &mut self.journal {
+            journal.append_acked(acked);
+        }
+        metrics::histogram!("weir_kv_batch_seconds").record(started.elapsed().as_secs_f64());
+        self.publish_sizes();
+        self.snapshot_if_due().await?;
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        channel: &Channel,
+        delivery: &Delivery,
+        reason: &str,
+    ) -> Result<(), SessionError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert("x-weir-reason".into(), AMQPValue::LongString(reason.into()));
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        channel
+            .basic_publish(
+                "".into(),
+                self.config.dead_letter_queue().into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                properties,
+            )
+            .await?;
+        metrics::counter!("weir_kv_dead_letters_total").increment(1);
+        Ok(())
+    }
+
+    /// Once the journal is large, writes a snapshot (the file work off the async threads) and
+    /// restarts the journal. Runs right after an acknowledgement, so nothing is unacknowledged
+    /// and the acknowledged mark is the snapshot's own.
+    async fn snapshot_if_due(&mut self) -> Result<(), KvError> {
+        let Some(journal) = &mut self.journal else {
+            return Ok(());
+        };
+        metrics::gauge!("weir_kv_journal_bytes").set(journal.len() as f64);
+        if journal.len() < self.config.snapshot_after_bytes {
+            return Ok(());
+        }
+        journal.commit(true)?;
+        let encoded = Journal::encode_snapshot(&self.engine.store, self.engine.last_op());
+        let dir = self.config.data_dir.clone();
+        tokio::task::spawn_blocking(move || Journal::install_snapshot(&dir, &encoded)).await??;
+        journal.reset()?;
+        tracing::info!(
+            keys = self.engine.store.len(),
+            "kv snapshot written, journal restarted"
+        );
+        Ok(())
+    }
+
+    fn publish_sizes(&self) {
+        let store = &self.engine.store;
+        self.health
+            .keys
+            .store(store.len() as u64, Ordering::Relaxed);
+        metrics::gauge!("weir_kv_store_keys").set(store.len() as f64);
+        metrics::gauge!("weir_kv_store_bytes").set(store.payload_bytes() as f64);
+    }
+
+    fn output_error(&self, source: std::io::Error) -> SessionError {
+        SessionError::Fatal(KvError::Output {
+            path: self.config.output.clone().unwrap_or_default(),
+            source,
+        })
+    }
+}
+
+fn write_output_line(output: &mut impl std::io::Write, write: &Write) -> std::io::Result<()> {
+    let line = match &write.kind {
+        WriteKind::Add { key, value } => serde_json::json!({
+            "op": write.op, "action": "add", "key": key, "value": value, "replaced": write.outcome,
+        }),
+        WriteKind::Remove { key } => serde_json::json!({
+            "op": write.op, "action": "remove", "key": key, "removed": write.outcome,
+        }),
+    };
+    serde_json::to_writer(&mut *output, &line)?;
+    output.write_all(b"\n")
+}
+
+/// `/healthz` and `/readyz` (broker connected and store loaded), for the metrics listener.
+pub fn health_router(health: Arc<KvHealth>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    let broker = health.broker_connected.load(Ordering::Relaxed);
+                    let store = health.store_loaded.load(Ordering::Relaxed);
+                    let status = if broker && store {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    let body = serde_json::json!({
+                        "ready": broker && store,
+                        "broker": if broker { "connected" } else { "reconnecting" },
+                        "store": if store { "loaded" } else { "loading" },
+                        "keys": health.keys.load(Ordering::Relaxed),
+                    });
+                    (status, Json(body)).into_response()
+                }
+            }),
+        )
+}
