@@ -56,6 +56,9 @@ pub struct IncrementsConfig {
     /// any process (the write reached the kernel first); on, it also survives power loss,
     /// at the price of one disk sync per group of requests.
     pub fsync: bool,
+    /// On start, move a damaged embedded log segment aside (to `<name>.damaged-<ms>`),
+    /// keeping its records before the damage, instead of refusing to start.
+    pub repair: bool,
     /// Accepted but unflushed increments above which the API answers 503.
     pub max_queue_depth: u64,
     /// Milliseconds a graceful shutdown keeps retrying its final flush.
@@ -86,6 +89,7 @@ impl Default for IncrementsConfig {
             max_deliveries: 5,
             claim_idle_ms: 5_000,
             fsync: false,
+            repair: false,
             max_queue_depth: 10_000_000,
             shutdown_flush_ms: 5_000,
         }
@@ -232,6 +236,11 @@ pub struct IncrementsFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fsync: Option<bool>,
+    /// Start even if the embedded log is damaged: move the damaged segment aside, keep the
+    /// records before the damage, log what was lost [default: false, refuse to start].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<bool>,
 }
 
 impl IncrementsFlags {

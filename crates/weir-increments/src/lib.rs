@@ -92,8 +92,12 @@ pub async fn run(
         (None, Role::Serve) => {
             let store = store.as_ref().ok_or(StoreError::Task("no store".into()))?;
             let watermark = store.watermark("embedded").await?;
+            let options = queue::embedded::LogOptions {
+                fsync: config.fsync,
+                repair: config.repair,
+            };
             let (producer, consumer) =
-                queue::embedded::open(&config.log_dir(), watermark, config.fsync)?;
+                queue::embedded::open_with(&config.log_dir(), watermark, options)?;
             (
                 Some(Producer::Embedded(producer)),
                 Some(Consumer::Embedded(consumer)),
