@@ -4,11 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
 use super::{to_i64, to_u64, Count, Dedupe, FlushReport, StoreError, Tables};
-use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending};
+use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending, Plan};
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -65,6 +65,8 @@ impl SqliteStore {
         .map_err(|err| StoreError::Task(err.to_string()))?
     }
 
+    /// One flush, one transaction: which entries are new, the current totals of their
+    /// keys, the plan applied, and (embedded log) the watermark moved past them.
     pub async fn flush(
         &self,
         source: &str,
@@ -75,78 +77,13 @@ impl SqliteStore {
         let source = source.to_string();
         self.with(move |conn, t| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let fresh = match dedupe {
-                Dedupe::Watermark => {
-                    let mark: Option<i64> = tx
-                        .query_row(
-                            &format!("SELECT seq FROM {} WHERE source = ?1", t.marks),
-                            [&source],
-                            |row| row.get(0),
-                        )
-                        .optional()?;
-                    Fresh::AboveSeq(to_u64(mark.unwrap_or(0))?)
-                }
-                Dedupe::Ids => {
-                    let mut insert = tx.prepare_cached(&format!(
-                        "INSERT OR IGNORE INTO {} (source, ms, seq) VALUES (?1, ?2, ?3)",
-                        t.applied
-                    ))?;
-                    let mut new = HashSet::new();
-                    for id in pending.ids() {
-                        if insert.execute(params![source, to_i64(id.ms)?, to_i64(id.seq)?])? == 1 {
-                            new.insert(id);
-                        }
-                    }
-                    Fresh::Ids(new)
-                }
-            };
-            let mut bases = HashMap::with_capacity(pending.keys.len());
-            {
-                let mut select =
-                    tx.prepare_cached(&format!("SELECT total FROM {} WHERE key = ?1", t.counts))?;
-                for (key, _) in &pending.keys {
-                    let total: Option<i64> = select
-                        .query_row([key.to_string()], |row| row.get(0))
-                        .optional()?;
-                    bases.insert(*key, total.unwrap_or(0));
-                }
-            }
+            let fresh = fresh_entries(&tx, t, &source, dedupe, &pending)?;
+            let bases = current_totals(&tx, t, &pending)?;
             let plan = plan(&pending, fresh, |key| bases.get(key).copied().unwrap_or(0));
-            {
-                let mut upsert = tx.prepare_cached(&format!(
-                    "INSERT INTO {c} (key, total, updated_ms) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (key) DO UPDATE SET total = {c}.total + excluded.total, updated_ms = excluded.updated_ms",
-                    c = t.counts
-                ))?;
-                for (key, delta) in &plan.deltas {
-                    upsert.execute(params![key.to_string(), delta, now_ms])?;
-                }
-                let mut dead = tx.prepare_cached(&format!(
-                    "INSERT OR IGNORE INTO {} (source, ms, seq, key, value, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    t.dead
-                ))?;
-                for letter in &plan.dead {
-                    dead.execute(params![
-                        source,
-                        to_i64(letter.id.ms)?,
-                        to_i64(letter.id.seq)?,
-                        letter.key.to_string(),
-                        letter.value,
-                        letter.reason,
-                        now_ms
-                    ])?;
-                }
-            }
+            apply(&tx, t, &source, &plan, now_ms)?;
             if dedupe == Dedupe::Watermark {
                 if let Some(max) = pending.max_seq() {
-                    tx.execute(
-                        &format!(
-                            "INSERT INTO {m} (source, seq) VALUES (?1, ?2)
-                             ON CONFLICT (source) DO UPDATE SET seq = max({m}.seq, excluded.seq)",
-                            m = t.marks
-                        ),
-                        params![source, to_i64(max)?],
-                    )?;
+                    advance_watermark(&tx, t, &source, max)?;
                 }
             }
             tx.commit()?;
@@ -246,4 +183,109 @@ impl SqliteStore {
         })
         .await
     }
+}
+
+/// Which entries of `pending` were not applied before: above the watermark, or (stream
+/// ids) not yet recorded, recording them as it goes.
+fn fresh_entries(
+    tx: &Transaction,
+    t: &Tables,
+    source: &str,
+    dedupe: Dedupe,
+    pending: &Pending,
+) -> Result<Fresh, StoreError> {
+    match dedupe {
+        Dedupe::Watermark => {
+            let mark: Option<i64> = tx
+                .query_row(
+                    &format!("SELECT seq FROM {} WHERE source = ?1", t.marks),
+                    [source],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            Ok(Fresh::AboveSeq(to_u64(mark.unwrap_or(0))?))
+        }
+        Dedupe::Ids => {
+            let mut insert = tx.prepare_cached(&format!(
+                "INSERT OR IGNORE INTO {} (source, ms, seq) VALUES (?1, ?2, ?3)",
+                t.applied
+            ))?;
+            let mut new = HashSet::new();
+            for id in pending.ids() {
+                if insert.execute(params![source, to_i64(id.ms)?, to_i64(id.seq)?])? == 1 {
+                    new.insert(id);
+                }
+            }
+            Ok(Fresh::Ids(new))
+        }
+    }
+}
+
+/// The persisted total of every key of `pending` (absent keys are 0).
+fn current_totals(
+    tx: &Transaction,
+    t: &Tables,
+    pending: &Pending,
+) -> Result<HashMap<Uuid, i64>, StoreError> {
+    let mut totals = HashMap::with_capacity(pending.keys.len());
+    let mut select =
+        tx.prepare_cached(&format!("SELECT total FROM {} WHERE key = ?1", t.counts))?;
+    for (key, _) in &pending.keys {
+        let total: Option<i64> = select
+            .query_row([key.to_string()], |row| row.get(0))
+            .optional()?;
+        totals.insert(*key, total.unwrap_or(0));
+    }
+    Ok(totals)
+}
+
+/// Adds the plan's deltas to the totals and records its dead letters.
+fn apply(
+    tx: &Transaction,
+    t: &Tables,
+    source: &str,
+    plan: &Plan,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let mut upsert = tx.prepare_cached(&format!(
+        "INSERT INTO {c} (key, total, updated_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET total = {c}.total + excluded.total, updated_ms = excluded.updated_ms",
+        c = t.counts
+    ))?;
+    for (key, delta) in &plan.deltas {
+        upsert.execute(params![key.to_string(), delta, now_ms])?;
+    }
+    let mut dead = tx.prepare_cached(&format!(
+        "INSERT OR IGNORE INTO {} (source, ms, seq, key, value, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        t.dead
+    ))?;
+    for letter in &plan.dead {
+        dead.execute(params![
+            source,
+            to_i64(letter.id.ms)?,
+            to_i64(letter.id.seq)?,
+            letter.key.to_string(),
+            letter.value,
+            letter.reason,
+            now_ms
+        ])?;
+    }
+    Ok(())
+}
+
+fn advance_watermark(
+    tx: &Transaction,
+    t: &Tables,
+    source: &str,
+    seq: u64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        &format!(
+            "INSERT INTO {m} (source, seq) VALUES (?1, ?2)
+             ON CONFLICT (source) DO UPDATE SET seq = max({m}.seq, excluded.seq)",
+            m = t.marks
+        ),
+        params![source, to_i64(seq)?],
+    )?;
+    Ok(())
 }
