@@ -15,7 +15,7 @@ use crate::aggregate::{Aggregator, Pending};
 use crate::config::IncrementsConfig;
 use crate::queue::embedded::now_ms;
 use crate::queue::{Consumer, Next, QueueError};
-use crate::store::{FlushReport, Store, StoreError};
+use crate::store::{DeadLetterRetention, FlushReport, Store, StoreError};
 
 /// What the worker reports to `/readyz` and `/counts`.
 #[derive(Debug, Default)]
@@ -37,6 +37,8 @@ pub enum WorkerError {
 
 /// How often acknowledged entries are dropped from the stream and the applied table.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
+/// How often dead letters beyond their retention are deleted.
+const DEAD_LETTER_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Worker {
     consumer: Consumer,
@@ -50,6 +52,8 @@ pub struct Worker {
     shutdown_flush: Duration,
     health: Arc<WorkerHealth>,
     last_prune: Instant,
+    dead_letter_retention: DeadLetterRetention,
+    last_dead_letter_prune: Instant,
     last_touch: Instant,
     last_depth: Instant,
 }
@@ -75,6 +79,8 @@ impl Worker {
             shutdown_flush: Duration::from_millis(config.shutdown_flush_ms),
             health,
             last_prune: Instant::now(),
+            dead_letter_retention: config.dead_letter_retention(),
+            last_dead_letter_prune: Instant::now(),
             last_touch: Instant::now(),
             last_depth: Instant::now(),
         }
@@ -275,11 +281,31 @@ impl Worker {
         }
     }
 
+    async fn prune_dead_letters(&mut self) {
+        if self.last_dead_letter_prune.elapsed() < DEAD_LETTER_PRUNE_EVERY {
+            return;
+        }
+        self.last_dead_letter_prune = Instant::now();
+        let retention = self.dead_letter_retention;
+        match self
+            .store
+            .prune_dead_letters(now_ms() as i64, retention)
+            .await
+        {
+            Ok(removed) if removed > 0 => {
+                tracing::info!(removed, "pruned dead letters beyond their retention")
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "cannot prune dead letters"),
+        }
+    }
+
     /// Forgets what can never be delivered again: acknowledged entries leave the stream,
     /// and their ids leave the store's applied table, so neither grows with the traffic
     /// ever accepted. Often enough that a busy stream stays small, rarely enough that it
     /// costs nothing next to the flushes.
     async fn housekeeping(&mut self) {
+        self.prune_dead_letters().await;
         if self.last_prune.elapsed() < PRUNE_EVERY {
             return;
         }

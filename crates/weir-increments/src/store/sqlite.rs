@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
-use super::{to_i64, to_u64, Count, Dedupe, FlushReport, StoreError, Tables};
+use super::{to_i64, to_u64, Count, DeadLetterRetention, Dedupe, FlushReport, StoreError, Tables};
 use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending, Plan};
 
 #[derive(Clone)]
@@ -32,7 +32,8 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS {c} (key TEXT PRIMARY KEY, total INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS {m} (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS {a} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));
-             CREATE TABLE IF NOT EXISTS {d} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));",
+             CREATE TABLE IF NOT EXISTS {d} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));
+             CREATE INDEX IF NOT EXISTS {d}_at ON {d} (at_ms);",
             c = tables.counts,
             m = tables.marks,
             a = tables.applied,
@@ -146,6 +147,33 @@ impl SqliteStore {
                 params![source, to_i64(below.ms)?, to_i64(below.seq)?],
             )?;
             Ok(removed as u64)
+        })
+        .await
+    }
+
+    /// Deletes dead letters older than `retention.max_age`, then the oldest beyond
+    /// `retention.max_rows`.
+    pub async fn prune_dead_letters(
+        &self,
+        now_ms: i64,
+        retention: DeadLetterRetention,
+    ) -> Result<u64, StoreError> {
+        let max_age_ms = i64::try_from(retention.max_age.as_millis()).unwrap_or(i64::MAX);
+        let max_rows = to_i64(retention.max_rows)?;
+        self.with(move |conn, t| {
+            let expired = conn.execute(
+                &format!("DELETE FROM {} WHERE at_ms < ?1", t.dead),
+                [now_ms.saturating_sub(max_age_ms)],
+            )?;
+            let excess = conn.execute(
+                &format!(
+                    "DELETE FROM {d} WHERE rowid IN
+                     (SELECT rowid FROM {d} ORDER BY at_ms DESC, rowid DESC LIMIT -1 OFFSET ?1)",
+                    d = t.dead
+                ),
+                [max_rows],
+            )?;
+            Ok((expired + excess) as u64)
         })
         .await
     }
@@ -288,4 +316,85 @@ fn advance_watermark(
         params![source, to_i64(seq)?],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A store whose dead-letter table holds one row per `at_ms`.
+    async fn with_dead_letters(dir: &Path, at: &[i64]) -> SqliteStore {
+        let tables = Tables::new("t").unwrap();
+        let store = SqliteStore::open(&dir.join("s.sqlite"), tables)
+            .await
+            .unwrap();
+        let at = at.to_vec();
+        store
+            .with(move |conn, t| {
+                for (n, at_ms) in at.iter().enumerate() {
+                    conn.execute(
+                        &format!(
+                            "INSERT INTO {} (source, ms, seq, key, value, reason, at_ms)
+                             VALUES ('s', ?1, ?1, 'k', 1, 'overflow', ?2)",
+                            t.dead
+                        ),
+                        params![n as i64, at_ms],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        store
+    }
+
+    async fn kept(store: &SqliteStore) -> Vec<i64> {
+        store
+            .with(|conn, t| {
+                let mut stmt =
+                    conn.prepare(&format!("SELECT at_ms FROM {} ORDER BY at_ms", t.dead))?;
+                let rows = stmt.query_map([], |row| row.get(0))?;
+                Ok(rows.collect::<Result<Vec<i64>, _>>()?)
+            })
+            .await
+            .unwrap()
+    }
+
+    fn retention(max_age_ms: u64, max_rows: u64) -> DeadLetterRetention {
+        DeadLetterRetention {
+            max_age: Duration::from_millis(max_age_ms),
+            max_rows,
+        }
+    }
+
+    #[tokio::test]
+    async fn dead_letters_older_than_the_retention_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = with_dead_letters(dir.path(), &[1_000, 2_000, 3_000, 4_000, 5_000]).await;
+        let removed = store
+            .prune_dead_letters(10_000, retention(7_000, 100))
+            .await
+            .unwrap();
+        assert_eq!(removed, 2);
+        assert_eq!(kept(&store).await, vec![3_000, 4_000, 5_000]);
+    }
+
+    #[tokio::test]
+    async fn beyond_the_row_limit_the_oldest_dead_letters_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = with_dead_letters(dir.path(), &[4_000, 1_000, 5_000, 3_000, 2_000]).await;
+        let removed = store
+            .prune_dead_letters(10_000, retention(60_000, 2))
+            .await
+            .unwrap();
+        assert_eq!(removed, 3);
+        assert_eq!(kept(&store).await, vec![4_000, 5_000]);
+        let again = store
+            .prune_dead_letters(10_000, retention(60_000, 2))
+            .await
+            .unwrap();
+        assert_eq!(again, 0, "within both bounds, nothing more goes");
+    }
 }
