@@ -307,6 +307,26 @@ mod tests {
     }
 
     #[test]
+    fn repair_is_a_bare_flag_and_off_by_default() {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            flags: IncrementsFlags,
+        }
+        let parse = |args: &[&str]| {
+            <Serve as clap::Parser>::try_parse_from(args)
+                .unwrap()
+                .flags
+                .load()
+                .unwrap()
+                .repair
+        };
+        assert!(!parse(&["serve"]));
+        assert!(parse(&["serve", "--repair"]));
+        assert!(!parse(&["serve", "--repair", "false"]));
+    }
+
+    #[test]
     fn the_flush_interval_never_exceeds_the_staleness_bound() {
         let config = IncrementsConfig {
             flush_interval_ms: 60_000,

@@ -656,6 +656,18 @@ mod tests {
         assert_eq!(rest, expected);
     }
 
+    #[test]
+    fn a_committed_record_missing_from_disk_is_an_error_not_an_empty_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_segment(dir.path(), 1, 10);
+        let (_producer, mut consumer) = open(dir.path(), 0, false).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            consumer.try_next(),
+            Err(QueueError::Missing { seq: 1, .. })
+        ));
+    }
+
     #[tokio::test]
     async fn the_consumer_reads_what_is_committed_and_closes_with_the_writer() {
         let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,8 @@ pub enum QueueError {
         offset: u64,
         detail: String,
     },
+    #[error("{dir}: record {seq} is committed but no log segment holds it")]
+    Missing { dir: String, seq: u64 },
     #[error("the log reader failed: {0}")]
     Reader(String),
     #[error("redis: {0}")]

@@ -78,6 +78,13 @@ impl ReadCursor {
                 self.segment = None;
             }
         }
+        if items.is_empty() && max > 0 && self.next_seq <= upto {
+            // Committed but on no segment: without this error the worker would spin.
+            return Err(QueueError::Missing {
+                dir: self.dir.display().to_string(),
+                seq: self.next_seq,
+            });
+        }
         Ok(items)
     }
 
