@@ -657,6 +657,23 @@ mod tests {
     }
 
     #[test]
+    fn missing_records_between_segments_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write_segment(dir.path(), 1, 10);
+        write_segment(dir.path(), 21, 10);
+        let (opened, logs) = logged(|| open(dir.path(), 0, false));
+        let (_producer, mut consumer) = opened.unwrap();
+        assert_eq!(drain(&mut consumer).len(), 20);
+        assert!(
+            logs.contains("WARN") && logs.contains("missing between"),
+            "{logs}"
+        );
+        assert!(logs.contains("first_missing=11 last_missing=20"), "{logs}");
+        let (_, quiet) = logged(|| open(dir.path(), 25, false).map(|_| ()));
+        assert!(!quiet.contains("missing"), "below the watermark: {quiet}");
+    }
+
+    #[test]
     fn a_committed_record_missing_from_disk_is_an_error_not_an_empty_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = write_segment(dir.path(), 1, 10);

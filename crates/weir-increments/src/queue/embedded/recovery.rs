@@ -86,12 +86,32 @@ pub(super) fn recover(dir: &Path, watermark: u64, repair: bool) -> Result<Recove
             Verdict::Damaged if repair => move_aside(path, *base, &scan)?,
             Verdict::Damaged => return Err(damaged(path, &scan)),
         }
+        warn_of_a_gap(
+            recovered.last.as_ref(),
+            recovered.next_seq,
+            *base,
+            watermark,
+        );
         let end = base + scan.valid_prefix;
         recovered.pending += end.saturating_sub((*base).max(watermark + 1));
         recovered.next_seq = recovered.next_seq.max(end);
         recovered.last = Some((*base, path.clone()));
     }
     Ok(recovered)
+}
+
+/// Sequence numbers above the watermark that no segment holds were acknowledged and are
+/// gone (a segment deleted by hand, or cut short by an earlier repair): say so loudly.
+fn warn_of_a_gap(previous: Option<&(u64, PathBuf)>, end: u64, base: u64, watermark: u64) {
+    let first_missing = end.max(watermark + 1);
+    if let (Some((_, previous)), true) = (previous, first_missing < base) {
+        tracing::warn!(
+            after = %previous.display(),
+            first_missing,
+            last_missing = base - 1,
+            "records above the committed watermark are missing between two log segments"
+        );
+    }
 }
 
 pub(super) fn scan_segment(path: &Path, base: u64) -> Result<SegmentScan, QueueError> {
