@@ -39,7 +39,7 @@ pub struct IncrementsConfig {
     pub consumer: Option<String>,
     /// Unset: `<stream>:dead`.
     pub dead_letter_stream: Option<String>,
-    /// Dead letters older than this are pruned (SQLite table; Postgres and Redis alike).
+    /// Dead letters older than this are pruned from the store's dead-letter table.
     pub dead_letter_retention_secs: NonZeroU64,
     /// At most this many dead letters are kept, the oldest pruned first.
     pub dead_letter_max_rows: NonZeroU64,

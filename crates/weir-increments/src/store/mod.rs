@@ -170,8 +170,7 @@ impl Store {
         }
     }
 
-    /// Drops dead letters beyond `retention`; returns how many. (SQLite here; the Postgres
-    /// table is bounded by its own store.)
+    /// Drops dead letters beyond `retention`; returns how many. Postgres: not pruned yet.
     pub async fn prune_dead_letters(
         &self,
         now_ms: i64,

@@ -52,6 +52,24 @@ impl ReadCursor {
     /// skipped; they were reported when the repair moved them aside.
     pub fn read(&mut self, upto: u64, max: usize) -> Result<Vec<Item>, QueueError> {
         let mut items = Vec::new();
+        match self.fill(upto, max, &mut items) {
+            Ok(()) => {}
+            // Deliver what was read before the failure; the cursor stops at the record that
+            // failed, so the next read reports it again.
+            Err(_) if !items.is_empty() => return Ok(items),
+            Err(err) => return Err(err),
+        }
+        if items.is_empty() && max > 0 && self.next_seq <= upto {
+            // Committed but on no segment: without this error the worker would spin.
+            return Err(QueueError::Missing {
+                dir: self.dir.display().to_string(),
+                seq: self.next_seq,
+            });
+        }
+        Ok(items)
+    }
+
+    fn fill(&mut self, upto: u64, max: usize, items: &mut Vec<Item>) -> Result<(), QueueError> {
         let mut relisted_without_progress = false;
         while self.next_seq <= upto && items.len() < max {
             let positioned = self
@@ -66,7 +84,7 @@ impl ReadCursor {
             }
             let want = (upto - self.next_seq + 1).min((max - items.len()) as u64);
             let before = items.len();
-            let segment_done = self.read_segment(want, &mut items)?;
+            let segment_done = self.read_segment(want, items)?;
             if items.len() > before {
                 relisted_without_progress = false;
             } else if segment_done {
@@ -78,14 +96,7 @@ impl ReadCursor {
                 self.segment = None;
             }
         }
-        if items.is_empty() && max > 0 && self.next_seq <= upto {
-            // Committed but on no segment: without this error the worker would spin.
-            return Err(QueueError::Missing {
-                dir: self.dir.display().to_string(),
-                seq: self.next_seq,
-            });
-        }
-        Ok(items)
+        Ok(())
     }
 
     /// Opens the segment holding `next_seq` (or the first one after it, skipping a gap).
@@ -139,16 +150,18 @@ impl ReadCursor {
             .map_err(|err| QueueError::io(&segment.path, err))?;
         items.reserve(count as usize);
         for (n, record) in buf.chunks_exact(RECORD).enumerate() {
-            let seq = self.next_seq + n as u64;
-            let item = decode(record, seq).ok_or_else(|| QueueError::Damaged {
-                path: segment.path.display().to_string(),
-                offset: offset + (n * RECORD) as u64,
-                detail: "a record written and checked earlier no longer passes its check"
-                    .to_string(),
-            })?;
-            items.push(item);
+            match decode(record, self.next_seq) {
+                Some(item) => items.push(item),
+                None => {
+                    return Err(QueueError::Damaged {
+                        path: segment.path.display().to_string(),
+                        offset: offset + (n * RECORD) as u64,
+                        detail: "a record written whole no longer passes its check".to_string(),
+                    })
+                }
+            }
+            self.next_seq += 1;
         }
-        self.next_seq += count;
         Ok(false)
     }
 }
