@@ -7,12 +7,12 @@
 //! with `fsync` also power loss, the sync cost then shared by every request in the group.
 //!
 //! The log is the queue: the writer only publishes "committed up to seq N", and the worker
-//! reads the records from the segments in bounded chunks ([`reader`]), so a backlog (a
+//! reads the records from the segments in bounded chunks (`reader.rs`), so a backlog (a
 //! database outage, a restart) waits on disk and memory stays flat however long it grows.
 //!
 //! Records are 40 bytes: accept time (ms), key, value, and a check that binds them to their
 //! sequence number, so a torn or misplaced record is recognised. On start every segment is
-//! checked ([`recovery`]): a torn tail is cut (with a WARN), damage before the end refuses
+//! checked (`recovery.rs`): a torn tail is cut (with a WARN), damage before the end refuses
 //! the start unless `repair`. Segments are named by their first sequence number and
 //! deleted once a flush whose watermark covers them has committed.
 
