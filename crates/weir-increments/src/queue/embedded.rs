@@ -214,6 +214,7 @@ pub fn open_with(
         current_base: current_base.clone(),
         committed: committed_tx,
         depth: depth.clone(),
+        unusable: None,
     };
     std::thread::Builder::new()
         .name("increments-log".into())
@@ -258,6 +259,8 @@ struct Writer {
     current_base: Arc<AtomicU64>,
     committed: watch::Sender<u64>,
     depth: Arc<AtomicU64>,
+    /// Set once the file can no longer be kept aligned on records.
+    unusable: Option<String>,
 }
 
 impl Writer {
@@ -307,6 +310,9 @@ impl Writer {
     }
 
     fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if let Some(reason) = &self.unusable {
+            return Err(std::io::Error::other(reason.clone()));
+        }
         let result = self.file.write_all(buf).and_then(|()| {
             if self.fsync {
                 self.file.sync_data()
@@ -320,9 +326,29 @@ impl Writer {
                 Ok(())
             }
             Err(err) => {
-                // Cut a partial write so the next group starts on a record boundary.
-                let _ = self.file.set_len(self.written);
+                self.undo_failed_append();
                 Err(err)
+            }
+        }
+    }
+
+    /// Cuts what a failed append left, so the next group starts on a record boundary. If
+    /// that fails too, every later record would sit at the wrong position and read back as
+    /// damage: the log then refuses all further writes instead.
+    fn undo_failed_append(&mut self) {
+        let len = self.file.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+        match self.file.set_len(self.written) {
+            Ok(()) => {
+                if len > self.written {
+                    tracing::warn!(
+                        bytes = len - self.written,
+                        "cut the partial write of a failed append (never acknowledged)"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::error!(%err, "cannot cut a failed append; the log takes no more writes");
+                self.unusable = Some(format!("a failed append could not be undone: {err}"));
             }
         }
     }
