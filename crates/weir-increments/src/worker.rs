@@ -53,7 +53,9 @@ pub struct Worker {
     health: Arc<WorkerHealth>,
     last_prune: Instant,
     dead_letter_retention: DeadLetterRetention,
-    last_dead_letter_prune: Instant,
+    /// None until the first prune, which runs at once: a restart after a long stop
+    /// prunes what expired meanwhile.
+    last_dead_letter_prune: Option<Instant>,
     last_touch: Instant,
     last_depth: Instant,
 }
@@ -80,7 +82,7 @@ impl Worker {
             health,
             last_prune: Instant::now(),
             dead_letter_retention: config.dead_letter_retention(),
-            last_dead_letter_prune: Instant::now(),
+            last_dead_letter_prune: None,
             last_touch: Instant::now(),
             last_depth: Instant::now(),
         }
@@ -282,10 +284,13 @@ impl Worker {
     }
 
     async fn prune_dead_letters(&mut self) {
-        if self.last_dead_letter_prune.elapsed() < DEAD_LETTER_PRUNE_EVERY {
+        if self
+            .last_dead_letter_prune
+            .is_some_and(|last| last.elapsed() < DEAD_LETTER_PRUNE_EVERY)
+        {
             return;
         }
-        self.last_dead_letter_prune = Instant::now();
+        self.last_dead_letter_prune = Some(Instant::now());
         let retention = self.dead_letter_retention;
         match self
             .store
