@@ -6,6 +6,7 @@
 //! name works in the file, in the environment and behind its flag.
 
 use std::net::IpAddr;
+use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -38,6 +39,10 @@ pub struct IncrementsConfig {
     pub consumer: Option<String>,
     /// Unset: `<stream>:dead`.
     pub dead_letter_stream: Option<String>,
+    /// Dead letters older than this are pruned from the store's dead-letter table.
+    pub dead_letter_retention_secs: NonZeroU64,
+    /// At most this many dead letters are kept, the oldest pruned first.
+    pub dead_letter_max_rows: NonZeroU64,
     /// Flush once the oldest unflushed increment is this old.
     pub flush_interval_ms: u64,
     /// The promise: what is persisted is never older than this. Retries back off within it.
@@ -56,11 +61,18 @@ pub struct IncrementsConfig {
     /// any process (the write reached the kernel first); on, it also survives power loss,
     /// at the price of one disk sync per group of requests.
     pub fsync: bool,
+    /// On start, move a damaged embedded log segment aside (to `<name>.damaged-<ms>`),
+    /// keeping its records before the damage, instead of refusing to start.
+    pub repair: bool,
     /// Accepted but unflushed increments above which the API answers 503.
     pub max_queue_depth: u64,
     /// Milliseconds a graceful shutdown keeps retrying its final flush.
     pub shutdown_flush_ms: u64,
 }
+
+/// A week: long enough to notice and replay, short enough that the table stays small.
+const DEAD_LETTER_RETENTION_SECS: NonZeroU64 = NonZeroU64::new(7 * 24 * 3600).unwrap();
+const DEAD_LETTER_MAX_ROWS: NonZeroU64 = NonZeroU64::new(1_000_000).unwrap();
 
 impl Default for IncrementsConfig {
     fn default() -> Self {
@@ -78,6 +90,8 @@ impl Default for IncrementsConfig {
             group: "weir-increments".into(),
             consumer: None,
             dead_letter_stream: None,
+            dead_letter_retention_secs: DEAD_LETTER_RETENTION_SECS,
+            dead_letter_max_rows: DEAD_LETTER_MAX_ROWS,
             flush_interval_ms: 1_000,
             max_staleness_ms: 10_000,
             max_pending: 1_000_000,
@@ -86,6 +100,7 @@ impl Default for IncrementsConfig {
             max_deliveries: 5,
             claim_idle_ms: 5_000,
             fsync: false,
+            repair: false,
             max_queue_depth: 10_000_000,
             shutdown_flush_ms: 5_000,
         }
@@ -117,6 +132,13 @@ impl IncrementsConfig {
                 .unwrap_or_else(|_| "host".into());
             format!("{host}-{}", std::process::id())
         })
+    }
+
+    pub fn dead_letter_retention(&self) -> crate::store::DeadLetterRetention {
+        crate::store::DeadLetterRetention {
+            max_age: Duration::from_secs(self.dead_letter_retention_secs.get()),
+            max_rows: self.dead_letter_max_rows.get(),
+        }
     }
 
     pub fn sqlite_path(&self) -> PathBuf {
@@ -232,6 +254,11 @@ pub struct IncrementsFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fsync: Option<bool>,
+    /// Start even if the embedded log is damaged: move the damaged segment aside, keep the
+    /// records before the damage, log what was lost [default: false, refuse to start].
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair: Option<bool>,
 }
 
 impl IncrementsFlags {
@@ -262,6 +289,41 @@ mod tests {
         assert_eq!(config.port, 4001);
         assert_eq!(config.flush_interval(), Duration::from_millis(250));
         assert_eq!(config.api_keys, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn a_zero_dead_letter_bound_is_refused_naming_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        for key in ["deadLetterRetentionSecs", "deadLetterMaxRows"] {
+            let path = dir.path().join("c.json");
+            std::fs::write(&path, format!(r#"{{"{key}": 0}}"#)).unwrap();
+            let flags = IncrementsFlags {
+                config_file: Some(path),
+                ..IncrementsFlags::default()
+            };
+            let err = flags.load().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn repair_is_a_bare_flag_and_off_by_default() {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            flags: IncrementsFlags,
+        }
+        let parse = |args: &[&str]| {
+            <Serve as clap::Parser>::try_parse_from(args)
+                .unwrap()
+                .flags
+                .load()
+                .unwrap()
+                .repair
+        };
+        assert!(!parse(&["serve"]));
+        assert!(parse(&["serve", "--repair"]));
+        assert!(!parse(&["serve", "--repair", "false"]));
     }
 
     #[test]

@@ -150,8 +150,12 @@ async fn open_queue(
         (None, Role::Serve) => {
             let store = store.ok_or(StoreError::Task("no store".into()))?;
             let watermark = store.watermark("embedded").await?;
+            let options = queue::embedded::LogOptions {
+                fsync: config.fsync,
+                repair: config.repair,
+            };
             let (producer, consumer) =
-                queue::embedded::open(&config.log_dir(), watermark, config.fsync)?;
+                queue::embedded::open_with(&config.log_dir(), watermark, options)?;
             Ok((
                 Some(Producer::Embedded(producer)),
                 Some(Consumer::Embedded(consumer)),

@@ -15,7 +15,7 @@ use crate::aggregate::{Aggregator, Pending};
 use crate::config::IncrementsConfig;
 use crate::queue::embedded::now_ms;
 use crate::queue::{Consumer, Next, QueueError};
-use crate::store::{FlushReport, Store, StoreError};
+use crate::store::{DeadLetterRetention, FlushReport, Store, StoreError};
 
 /// What the worker reports to `/readyz` and `/counts`.
 #[derive(Debug, Default)]
@@ -37,6 +37,8 @@ pub enum WorkerError {
 
 /// How often acknowledged entries are dropped from the stream and the applied table.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
+/// How often dead letters beyond their retention are deleted.
+const DEAD_LETTER_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Worker {
     consumer: Consumer,
@@ -50,6 +52,10 @@ pub struct Worker {
     shutdown_flush: Duration,
     health: Arc<WorkerHealth>,
     last_prune: Instant,
+    dead_letter_retention: DeadLetterRetention,
+    /// None until the first prune, which runs at once: a restart after a long stop
+    /// prunes what expired meanwhile.
+    last_dead_letter_prune: Option<Instant>,
     last_touch: Instant,
     last_depth: Instant,
 }
@@ -75,6 +81,8 @@ impl Worker {
             shutdown_flush: Duration::from_millis(config.shutdown_flush_ms),
             health,
             last_prune: Instant::now(),
+            dead_letter_retention: config.dead_letter_retention(),
+            last_dead_letter_prune: None,
             last_touch: Instant::now(),
             last_depth: Instant::now(),
         }
@@ -127,14 +135,7 @@ impl Worker {
             }
             self.housekeeping().await;
         }
-        // Whatever is still in the local channel was logged already; take it too.
-        if let Consumer::Embedded(consumer) = &mut self.consumer {
-            while let Some(items) = consumer.try_next() {
-                for item in items {
-                    self.aggregator.push(item);
-                }
-            }
-        }
+        // What was not read stays in the log (or the stream) for the next start.
         self.flush(&token).await;
         Ok(())
     }
@@ -282,11 +283,34 @@ impl Worker {
         }
     }
 
+    async fn prune_dead_letters(&mut self) {
+        if self
+            .last_dead_letter_prune
+            .is_some_and(|last| last.elapsed() < DEAD_LETTER_PRUNE_EVERY)
+        {
+            return;
+        }
+        self.last_dead_letter_prune = Some(Instant::now());
+        let retention = self.dead_letter_retention;
+        match self
+            .store
+            .prune_dead_letters(now_ms() as i64, retention)
+            .await
+        {
+            Ok(removed) if removed > 0 => {
+                tracing::info!(removed, "pruned dead letters beyond their retention")
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "cannot prune dead letters"),
+        }
+    }
+
     /// Forgets what can never be delivered again: acknowledged entries leave the stream,
     /// and their ids leave the store's applied table, so neither grows with the traffic
     /// ever accepted. Often enough that a busy stream stays small, rarely enough that it
     /// costs nothing next to the flushes.
     async fn housekeeping(&mut self) {
+        self.prune_dead_letters().await;
         if self.last_prune.elapsed() < PRUNE_EVERY {
             return;
         }
@@ -364,6 +388,6 @@ mod tests {
         assert_eq!(watermark, 2);
         let (_producer, mut consumer) =
             embedded::open(&config.log_dir(), watermark, false).unwrap();
-        assert!(consumer.try_next().is_none());
+        assert!(consumer.try_next().unwrap().is_none());
     }
 }

@@ -22,8 +22,16 @@ pub enum QueueError {
         path: String,
         source: std::io::Error,
     },
-    #[error("log segment {0} is corrupt before its end")]
-    Corrupt(String),
+    #[error("{path}: damaged log record at byte {offset}: {detail}")]
+    Damaged {
+        path: String,
+        offset: u64,
+        detail: String,
+    },
+    #[error("{dir}: record {seq} is committed but no log segment holds it")]
+    Missing { dir: String, seq: u64 },
+    #[error("the log reader failed: {0}")]
+    Reader(String),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
     #[error("the queue holds {0} unflushed increments, its limit")]
@@ -72,8 +80,6 @@ impl Producer {
     }
 }
 
-const EMBEDDED_READ_MAX: usize = 100_000;
-
 pub enum Next {
     Items(Vec<Item>),
     Idle,
@@ -106,23 +112,13 @@ impl Consumer {
     /// the worker never drops this future, it bounds it with `wait` instead.
     pub async fn next(&mut self, wait: Duration) -> Result<Next, QueueError> {
         match self {
-            Consumer::Embedded(consumer) => {
-                match tokio::time::timeout(wait, consumer.next()).await {
-                    Ok(Some(mut items)) => {
-                        // Take every group already waiting: after an outage the backlog
-                        // then goes out in one flush instead of one flush per group.
-                        while items.len() < EMBEDDED_READ_MAX {
-                            match consumer.try_next() {
-                                Some(more) => items.extend(more),
-                                None => break,
-                            }
-                        }
-                        Ok(Next::Items(items))
-                    }
-                    Ok(None) => Ok(Next::Closed),
-                    Err(_) => Ok(Next::Idle),
-                }
-            }
+            // Only the wait is bounded by `wait`: the read itself then always completes.
+            Consumer::Embedded(consumer) => match tokio::time::timeout(wait, consumer.wait()).await
+            {
+                Ok(true) => Ok(Next::Items(consumer.read().await?)),
+                Ok(false) => Ok(Next::Closed),
+                Err(_) => Ok(Next::Idle),
+            },
             Consumer::Redis(consumer) => consumer.next(wait).await,
         }
     }

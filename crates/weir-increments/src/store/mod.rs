@@ -53,6 +53,13 @@ pub struct FlushReport {
     pub dead: Vec<DeadLetter>,
 }
 
+/// How many dead letters a store keeps: whichever bound is hit first prunes the oldest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterRetention {
+    pub max_age: std::time::Duration,
+    pub max_rows: u64,
+}
+
 /// The persisted total of one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Count {
@@ -160,6 +167,18 @@ impl Store {
         match self {
             Store::Sqlite(store) => store.prune_applied(source, below).await,
             Store::Postgres(store) => store.prune_applied(source, below).await,
+        }
+    }
+
+    /// Drops dead letters beyond `retention`; returns how many. Postgres: not pruned yet.
+    pub async fn prune_dead_letters(
+        &self,
+        now_ms: i64,
+        retention: DeadLetterRetention,
+    ) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.prune_dead_letters(now_ms, retention).await,
+            Store::Postgres(_) => Ok(0),
         }
     }
 

@@ -4,11 +4,11 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
-use super::{to_i64, to_u64, Count, Dedupe, FlushReport, StoreError, Tables};
-use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending};
+use super::{to_i64, to_u64, Count, DeadLetterRetention, Dedupe, FlushReport, StoreError, Tables};
+use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending, Plan};
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -32,7 +32,8 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS {c} (key TEXT PRIMARY KEY, total INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS {m} (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS {a} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));
-             CREATE TABLE IF NOT EXISTS {d} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));",
+             CREATE TABLE IF NOT EXISTS {d} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));
+             CREATE INDEX IF NOT EXISTS {d}_at ON {d} (at_ms);",
             c = tables.counts,
             m = tables.marks,
             a = tables.applied,
@@ -65,6 +66,8 @@ impl SqliteStore {
         .map_err(|err| StoreError::Task(err.to_string()))?
     }
 
+    /// One flush, one transaction: which entries are new, the current totals of their
+    /// keys, the plan applied, and (embedded log) the watermark moved past them.
     pub async fn flush(
         &self,
         source: &str,
@@ -75,78 +78,13 @@ impl SqliteStore {
         let source = source.to_string();
         self.with(move |conn, t| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let fresh = match dedupe {
-                Dedupe::Watermark => {
-                    let mark: Option<i64> = tx
-                        .query_row(
-                            &format!("SELECT seq FROM {} WHERE source = ?1", t.marks),
-                            [&source],
-                            |row| row.get(0),
-                        )
-                        .optional()?;
-                    Fresh::AboveSeq(to_u64(mark.unwrap_or(0))?)
-                }
-                Dedupe::Ids => {
-                    let mut insert = tx.prepare_cached(&format!(
-                        "INSERT OR IGNORE INTO {} (source, ms, seq) VALUES (?1, ?2, ?3)",
-                        t.applied
-                    ))?;
-                    let mut new = HashSet::new();
-                    for id in pending.ids() {
-                        if insert.execute(params![source, to_i64(id.ms)?, to_i64(id.seq)?])? == 1 {
-                            new.insert(id);
-                        }
-                    }
-                    Fresh::Ids(new)
-                }
-            };
-            let mut bases = HashMap::with_capacity(pending.keys.len());
-            {
-                let mut select =
-                    tx.prepare_cached(&format!("SELECT total FROM {} WHERE key = ?1", t.counts))?;
-                for (key, _) in &pending.keys {
-                    let total: Option<i64> = select
-                        .query_row([key.to_string()], |row| row.get(0))
-                        .optional()?;
-                    bases.insert(*key, total.unwrap_or(0));
-                }
-            }
+            let fresh = fresh_entries(&tx, t, &source, dedupe, &pending)?;
+            let bases = current_totals(&tx, t, &pending)?;
             let plan = plan(&pending, fresh, |key| bases.get(key).copied().unwrap_or(0));
-            {
-                let mut upsert = tx.prepare_cached(&format!(
-                    "INSERT INTO {c} (key, total, updated_ms) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (key) DO UPDATE SET total = {c}.total + excluded.total, updated_ms = excluded.updated_ms",
-                    c = t.counts
-                ))?;
-                for (key, delta) in &plan.deltas {
-                    upsert.execute(params![key.to_string(), delta, now_ms])?;
-                }
-                let mut dead = tx.prepare_cached(&format!(
-                    "INSERT OR IGNORE INTO {} (source, ms, seq, key, value, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    t.dead
-                ))?;
-                for letter in &plan.dead {
-                    dead.execute(params![
-                        source,
-                        to_i64(letter.id.ms)?,
-                        to_i64(letter.id.seq)?,
-                        letter.key.to_string(),
-                        letter.value,
-                        letter.reason,
-                        now_ms
-                    ])?;
-                }
-            }
+            apply(&tx, t, &source, &plan, now_ms)?;
             if dedupe == Dedupe::Watermark {
                 if let Some(max) = pending.max_seq() {
-                    tx.execute(
-                        &format!(
-                            "INSERT INTO {m} (source, seq) VALUES (?1, ?2)
-                             ON CONFLICT (source) DO UPDATE SET seq = max({m}.seq, excluded.seq)",
-                            m = t.marks
-                        ),
-                        params![source, to_i64(max)?],
-                    )?;
+                    advance_watermark(&tx, t, &source, max)?;
                 }
             }
             tx.commit()?;
@@ -213,6 +151,33 @@ impl SqliteStore {
         .await
     }
 
+    /// Deletes dead letters older than `retention.max_age`, then the oldest beyond
+    /// `retention.max_rows`.
+    pub async fn prune_dead_letters(
+        &self,
+        now_ms: i64,
+        retention: DeadLetterRetention,
+    ) -> Result<u64, StoreError> {
+        let max_age_ms = i64::try_from(retention.max_age.as_millis()).unwrap_or(i64::MAX);
+        let max_rows = to_i64(retention.max_rows)?;
+        self.with(move |conn, t| {
+            let expired = conn.execute(
+                &format!("DELETE FROM {} WHERE at_ms < ?1", t.dead),
+                [now_ms.saturating_sub(max_age_ms)],
+            )?;
+            let excess = conn.execute(
+                &format!(
+                    "DELETE FROM {d} WHERE rowid IN
+                     (SELECT rowid FROM {d} ORDER BY at_ms DESC, rowid DESC LIMIT -1 OFFSET ?1)",
+                    d = t.dead
+                ),
+                [max_rows],
+            )?;
+            Ok((expired + excess) as u64)
+        })
+        .await
+    }
+
     pub async fn dead_letters(&self, source: &str) -> Result<Vec<DeadLetter>, StoreError> {
         let source = source.to_string();
         self.with(move |conn, t| {
@@ -245,5 +210,191 @@ impl SqliteStore {
             Ok(out)
         })
         .await
+    }
+}
+
+/// Which entries of `pending` were not applied before: above the watermark, or (stream
+/// ids) not yet recorded, recording them as it goes.
+fn fresh_entries(
+    tx: &Transaction,
+    t: &Tables,
+    source: &str,
+    dedupe: Dedupe,
+    pending: &Pending,
+) -> Result<Fresh, StoreError> {
+    match dedupe {
+        Dedupe::Watermark => {
+            let mark: Option<i64> = tx
+                .query_row(
+                    &format!("SELECT seq FROM {} WHERE source = ?1", t.marks),
+                    [source],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            Ok(Fresh::AboveSeq(to_u64(mark.unwrap_or(0))?))
+        }
+        Dedupe::Ids => {
+            let mut insert = tx.prepare_cached(&format!(
+                "INSERT OR IGNORE INTO {} (source, ms, seq) VALUES (?1, ?2, ?3)",
+                t.applied
+            ))?;
+            let mut new = HashSet::new();
+            for id in pending.ids() {
+                if insert.execute(params![source, to_i64(id.ms)?, to_i64(id.seq)?])? == 1 {
+                    new.insert(id);
+                }
+            }
+            Ok(Fresh::Ids(new))
+        }
+    }
+}
+
+/// The persisted total of every key of `pending` (absent keys are 0).
+fn current_totals(
+    tx: &Transaction,
+    t: &Tables,
+    pending: &Pending,
+) -> Result<HashMap<Uuid, i64>, StoreError> {
+    let mut totals = HashMap::with_capacity(pending.keys.len());
+    let mut select =
+        tx.prepare_cached(&format!("SELECT total FROM {} WHERE key = ?1", t.counts))?;
+    for (key, _) in &pending.keys {
+        let total: Option<i64> = select
+            .query_row([key.to_string()], |row| row.get(0))
+            .optional()?;
+        totals.insert(*key, total.unwrap_or(0));
+    }
+    Ok(totals)
+}
+
+/// Adds the plan's deltas to the totals and records its dead letters.
+fn apply(
+    tx: &Transaction,
+    t: &Tables,
+    source: &str,
+    plan: &Plan,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let mut upsert = tx.prepare_cached(&format!(
+        "INSERT INTO {c} (key, total, updated_ms) VALUES (?1, ?2, ?3)
+         ON CONFLICT (key) DO UPDATE SET total = {c}.total + excluded.total, updated_ms = excluded.updated_ms",
+        c = t.counts
+    ))?;
+    for (key, delta) in &plan.deltas {
+        upsert.execute(params![key.to_string(), delta, now_ms])?;
+    }
+    let mut dead = tx.prepare_cached(&format!(
+        "INSERT OR IGNORE INTO {} (source, ms, seq, key, value, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        t.dead
+    ))?;
+    for letter in &plan.dead {
+        dead.execute(params![
+            source,
+            to_i64(letter.id.ms)?,
+            to_i64(letter.id.seq)?,
+            letter.key.to_string(),
+            letter.value,
+            letter.reason,
+            now_ms
+        ])?;
+    }
+    Ok(())
+}
+
+fn advance_watermark(
+    tx: &Transaction,
+    t: &Tables,
+    source: &str,
+    seq: u64,
+) -> Result<(), StoreError> {
+    tx.execute(
+        &format!(
+            "INSERT INTO {m} (source, seq) VALUES (?1, ?2)
+             ON CONFLICT (source) DO UPDATE SET seq = max({m}.seq, excluded.seq)",
+            m = t.marks
+        ),
+        params![source, to_i64(seq)?],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A store whose dead-letter table holds one row per `at_ms`.
+    async fn with_dead_letters(dir: &Path, at: &[i64]) -> SqliteStore {
+        let tables = Tables::new("t").unwrap();
+        let store = SqliteStore::open(&dir.join("s.sqlite"), tables)
+            .await
+            .unwrap();
+        let at = at.to_vec();
+        store
+            .with(move |conn, t| {
+                for (n, at_ms) in at.iter().enumerate() {
+                    conn.execute(
+                        &format!(
+                            "INSERT INTO {} (source, ms, seq, key, value, reason, at_ms)
+                             VALUES ('s', ?1, ?1, 'k', 1, 'overflow', ?2)",
+                            t.dead
+                        ),
+                        params![n as i64, at_ms],
+                    )?;
+                }
+                Ok(())
+            })
+            .await
+            .unwrap();
+        store
+    }
+
+    async fn kept(store: &SqliteStore) -> Vec<i64> {
+        store
+            .with(|conn, t| {
+                let mut stmt =
+                    conn.prepare(&format!("SELECT at_ms FROM {} ORDER BY at_ms", t.dead))?;
+                let rows = stmt.query_map([], |row| row.get(0))?;
+                Ok(rows.collect::<Result<Vec<i64>, _>>()?)
+            })
+            .await
+            .unwrap()
+    }
+
+    fn retention(max_age_ms: u64, max_rows: u64) -> DeadLetterRetention {
+        DeadLetterRetention {
+            max_age: Duration::from_millis(max_age_ms),
+            max_rows,
+        }
+    }
+
+    #[tokio::test]
+    async fn dead_letters_older_than_the_retention_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = with_dead_letters(dir.path(), &[1_000, 2_000, 3_000, 4_000, 5_000]).await;
+        let removed = store
+            .prune_dead_letters(10_000, retention(7_000, 100))
+            .await
+            .unwrap();
+        assert_eq!(removed, 2);
+        assert_eq!(kept(&store).await, vec![3_000, 4_000, 5_000]);
+    }
+
+    #[tokio::test]
+    async fn beyond_the_row_limit_the_oldest_dead_letters_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = with_dead_letters(dir.path(), &[4_000, 1_000, 5_000, 3_000, 2_000]).await;
+        let removed = store
+            .prune_dead_letters(10_000, retention(60_000, 2))
+            .await
+            .unwrap();
+        assert_eq!(removed, 3);
+        assert_eq!(kept(&store).await, vec![4_000, 5_000]);
+        let again = store
+            .prune_dead_letters(10_000, retention(60_000, 2))
+            .await
+            .unwrap();
+        assert_eq!(again, 0, "within both bounds, nothing more goes");
     }
 }
