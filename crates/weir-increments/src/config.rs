@@ -60,6 +60,10 @@ pub struct IncrementsConfig {
     pub max_queue_depth: u64,
     /// Milliseconds a graceful shutdown keeps retrying its final flush.
     pub shutdown_flush_ms: u64,
+    /// Dead letters older than this are deleted (table and stream).
+    pub dead_letter_retention_secs: u64,
+    /// At most this many dead letters are kept (table rows per stream, stream entries).
+    pub dead_letter_max_rows: u64,
 }
 
 impl Default for IncrementsConfig {
@@ -88,6 +92,8 @@ impl Default for IncrementsConfig {
             fsync: false,
             max_queue_depth: 10_000_000,
             shutdown_flush_ms: 5_000,
+            dead_letter_retention_secs: 604_800,
+            dead_letter_max_rows: 1_000_000,
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct WorkerHealth {
     pub last_flush_ms: AtomicU64,
     pub max_staleness_ms: AtomicU64,
     pub flushed: AtomicU64,
+    /// Times the Redis stream or its group was found gone and recreated (see the ERROR log).
+    pub streams_lost: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,9 @@ pub enum WorkerError {
 
 /// How often acknowledged entries are dropped from the stream and the applied table.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
+/// How often old and excess dead letters are deleted: they grow slowly, and the count
+/// behind the row limit is not free.
+const DEAD_LETTER_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Worker {
     consumer: Consumer,
@@ -52,6 +57,9 @@ pub struct Worker {
     last_prune: Instant,
     last_touch: Instant,
     last_depth: Instant,
+    dead_letter_retention: Duration,
+    dead_letter_max_rows: u64,
+    last_dead_letter_prune: Option<Instant>,
 }
 
 impl Worker {
@@ -77,6 +85,9 @@ impl Worker {
             last_prune: Instant::now(),
             last_touch: Instant::now(),
             last_depth: Instant::now(),
+            dead_letter_retention: Duration::from_secs(config.dead_letter_retention_secs),
+            dead_letter_max_rows: config.dead_letter_max_rows,
+            last_dead_letter_prune: None,
         }
     }
 
@@ -114,6 +125,9 @@ impl Worker {
                     }
                 }
             }
+            self.health
+                .streams_lost
+                .store(self.consumer.streams_lost(), Ordering::Relaxed);
             metrics::gauge!("increments_worker_held").set(self.aggregator.len() as f64);
             if self.last_depth.elapsed() >= Duration::from_secs(1) {
                 self.last_depth = Instant::now();
@@ -287,6 +301,7 @@ impl Worker {
     /// ever accepted. Often enough that a busy stream stays small, rarely enough that it
     /// costs nothing next to the flushes.
     async fn housekeeping(&mut self) {
+        self.prune_dead_letters().await;
         if self.last_prune.elapsed() < PRUNE_EVERY {
             return;
         }
@@ -312,6 +327,32 @@ impl Worker {
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(%err, "cannot prune applied entry ids"),
+        }
+    }
+}
+
+impl Worker {
+    /// Keeps the dead letters (store table and Redis stream) within their retention and
+    /// row limit.
+    async fn prune_dead_letters(&mut self) {
+        if self
+            .last_dead_letter_prune
+            .is_some_and(|at| at.elapsed() < DEAD_LETTER_PRUNE_EVERY)
+        {
+            return;
+        }
+        self.last_dead_letter_prune = Some(Instant::now());
+        let before_ms = now_ms().saturating_sub(self.dead_letter_retention.as_millis() as u64);
+        let keep = self.dead_letter_max_rows;
+        let pruned = self
+            .store
+            .prune_dead_letters(&self.source, before_ms as i64, keep)
+            .await;
+        if let Err(err) = pruned {
+            tracing::warn!(%err, "cannot prune the dead-letter table");
+        }
+        if let Err(err) = self.consumer.trim_dead_letters(before_ms, keep).await {
+            tracing::warn!(%err, "cannot trim the dead-letter stream");
         }
     }
 }

@@ -177,6 +177,26 @@ impl Consumer {
         }
     }
 
+    /// How many times the queue itself was found lost and recreated (Redis only).
+    pub fn streams_lost(&self) -> u64 {
+        match self {
+            Consumer::Embedded(_) => 0,
+            Consumer::Redis(consumer) => consumer.streams_lost(),
+        }
+    }
+
+    /// Bounds the dead-letter stream (Redis only): see `RedisConsumer::trim_dead_letters`.
+    pub async fn trim_dead_letters(
+        &mut self,
+        before_ms: u64,
+        keep: u64,
+    ) -> Result<u64, QueueError> {
+        match self {
+            Consumer::Embedded(_) => Ok(0),
+            Consumer::Redis(consumer) => consumer.trim_dead_letters(before_ms, keep).await,
+        }
+    }
+
     /// Drops acknowledged entries below `bound` from the queue itself.
     pub async fn trim_below(&mut self, bound: EntryId) -> Result<u64, QueueError> {
         match self {

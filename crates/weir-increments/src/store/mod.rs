@@ -6,6 +6,7 @@
 //! records what it applied. A crash between the commit and the queue acknowledgement
 //! therefore never counts an increment twice: the redelivered entries are recognised.
 
+pub mod floor;
 pub mod postgres;
 pub mod sqlite;
 
@@ -20,7 +21,7 @@ use crate::config::IncrementsConfig;
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", describe_postgres(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("postgres pool: {0}")]
     Pool(String),
@@ -105,7 +106,13 @@ impl Store {
         let tables = Tables::new(&config.table_prefix)?;
         match &config.database_url {
             Some(url) => Ok(Store::Postgres(
-                postgres::PostgresStore::open(url, tables, config.chunk_size).await?,
+                postgres::PostgresStore::open(
+                    url,
+                    tables,
+                    config.chunk_size,
+                    flush_timeout(config),
+                )
+                .await?,
             )),
             None => Ok(Store::Sqlite(
                 sqlite::SqliteStore::open(&config.sqlite_path(), tables).await?,
@@ -163,12 +170,53 @@ impl Store {
         }
     }
 
+    /// Deletes the dead letters of `source` recorded before `before_ms`, then all but the
+    /// newest `keep`, so the table stays bounded whatever goes wrong for how long.
+    pub async fn prune_dead_letters(
+        &self,
+        source: &str,
+        before_ms: i64,
+        keep: u64,
+    ) -> Result<u64, StoreError> {
+        match self {
+            // The SQLite store bounds its own table (see `store::sqlite`).
+            Store::Sqlite(_) => Ok(0),
+            Store::Postgres(store) => store.prune_dead_letters(source, before_ms, keep).await,
+        }
+    }
+
     /// Dead letters recorded for `source`, oldest first (for operators and tests).
     pub async fn dead_letters(&self, source: &str) -> Result<Vec<DeadLetter>, StoreError> {
         match self {
             Store::Sqlite(store) => store.dead_letters(source).await,
             Store::Postgres(store) => store.dead_letters(source).await,
         }
+    }
+}
+
+/// How long a flush may wait for a lock or one statement before it gives up and retries:
+/// half the claim threshold, so a flush stuck behind a lock is abandoned (its entries kept
+/// and refreshed) before other workers would take its entries over.
+fn flush_timeout(config: &IncrementsConfig) -> std::time::Duration {
+    std::time::Duration::from_millis(config.claim_idle_ms / 2)
+}
+
+/// The SQLSTATE and message of a database error (`db error` alone says nothing), or the
+/// client error with its cause.
+fn describe_postgres(err: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match err.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(": {detail}"));
+            }
+            text
+        }
+        None => match err.source() {
+            Some(cause) => format!("{err}: {cause}"),
+            None => err.to_string(),
+        },
     }
 }
 
