@@ -126,7 +126,9 @@ impl PostgresStore {
     }
 
     /// A flush waiting on a lock past the claim threshold would see its entries claimed and
-    /// flushed again by another worker: give up earlier, keep the entries, and retry.
+    /// flushed again by another worker: give up earlier, keep the entries, and retry. A
+    /// worker paused mid-transaction (SIGSTOP, a VM freeze) would hold its row locks and
+    /// stall every other worker: the server ends its session instead.
     async fn bound_waits(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
         let lock_ms = self.flush_timeout.as_millis();
         if lock_ms > 0 {
@@ -134,7 +136,8 @@ impl PostgresStore {
             // longer than the lock bound plus a margin under the claim threshold.
             let statement_ms = lock_ms * 3 / 2;
             tx.batch_execute(&format!(
-                "SET LOCAL lock_timeout = {lock_ms}; SET LOCAL statement_timeout = {statement_ms}"
+                "SET LOCAL lock_timeout = {lock_ms}; SET LOCAL statement_timeout = {statement_ms};
+                 SET LOCAL idle_in_transaction_session_timeout = {lock_ms}"
             ))
             .await?;
         }
