@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::aggregate::{Aggregator, Pending};
+use crate::aggregate::{Aggregator, Item, Pending};
 use crate::config::IncrementsConfig;
 use crate::queue::embedded::now_ms;
 use crate::queue::{Consumer, Next, QueueError};
@@ -110,9 +110,7 @@ impl Worker {
             match self.consumer.next(wait).await {
                 Ok(Next::Items(items)) => {
                     self.health.queue_ok.store(true, Ordering::Relaxed);
-                    for item in items {
-                        self.aggregator.push(item);
-                    }
+                    self.hold(items);
                 }
                 Ok(Next::Idle) => self.health.queue_ok.store(true, Ordering::Relaxed),
                 Ok(Next::Closed) => break,
@@ -167,12 +165,22 @@ impl Worker {
         let budget = Instant::now() + (self.interval / 4).min(Duration::from_millis(250));
         while self.aggregator.len() < self.max_pending && Instant::now() < budget {
             match self.consumer.next(Duration::from_millis(1)).await {
-                Ok(Next::Items(items)) => {
-                    for item in items {
-                        self.aggregator.push(item);
-                    }
-                }
+                Ok(Next::Items(items)) => self.hold(items),
                 Ok(Next::Idle) | Ok(Next::Closed) | Err(_) => return,
+            }
+        }
+    }
+
+    fn hold(&mut self, items: Vec<Item>) {
+        match self.consumer {
+            Consumer::Embedded(_) => items
+                .into_iter()
+                .for_each(|item| self.aggregator.push(item)),
+            Consumer::Redis(_) => {
+                let received = now_ms();
+                for item in items {
+                    self.aggregator.push_received(item, received);
+                }
             }
         }
     }

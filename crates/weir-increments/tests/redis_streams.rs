@@ -493,3 +493,32 @@ async fn the_dead_letter_stream_is_trimmed_by_age_then_by_length() {
     let left: Vec<String> = left.ids.into_iter().map(|e| e.id).collect();
     assert_eq!(left, vec!["700-0", "800-0", "900-0", "1000-0"]);
 }
+
+#[tokio::test]
+async fn an_entry_dated_an_hour_ahead_by_redis_is_flushed_on_the_workers_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let store = Store::open(&config).await.unwrap();
+    let mut conn = redis_conn(&config).await;
+    let key = Uuid::new_v4();
+    // Redis' clock an hour ahead of the worker's (or stepped back since): the entry's id.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3_600_000;
+    let _: String = conn
+        .xadd(
+            &config.stream,
+            format!("{ahead}-0"),
+            &[("k", key.to_string()), ("v", "5".to_string())],
+        )
+        .await
+        .unwrap();
+    let worker = start(worker(&config, "w"), Role::Worker).await;
+    wait_for_store_total(&store, key, 5).await;
+    worker.stop().await;
+}
