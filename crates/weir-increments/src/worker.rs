@@ -203,7 +203,12 @@ impl Worker {
         }
         let pending = Arc::new(self.aggregator.take());
         let mut backoff = Duration::from_millis(50);
-        let cap = (self.max_staleness / 4).max(Duration::from_millis(50));
+        // Each failed attempt waits at most half the claim threshold (the store's lock
+        // bound); with a third more of backoff the held entries are still refreshed before
+        // other workers would take them over.
+        let cap = (self.max_staleness / 4)
+            .min(self.claim_idle / 3)
+            .max(Duration::from_millis(50));
         let started = Instant::now();
         loop {
             let attempt = Instant::now();

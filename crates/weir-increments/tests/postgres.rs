@@ -370,3 +370,25 @@ async fn dead_letters_are_pruned_by_age_then_by_count() {
     assert_eq!(store.prune_dead_letters("s", 0, 4).await.unwrap(), 0);
     assert_eq!(store.dead_letters("other").await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn reading_a_total_behind_a_lock_fails_within_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = pg_config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let store = Store::open(&config).await.unwrap();
+    let holder = lock_table(
+        config.database_url.as_deref().unwrap(),
+        &format!("{}_counts", config.table_prefix),
+    )
+    .await;
+    let failed = tokio::time::timeout(Duration::from_secs(10), store.count(Uuid::from_u128(1)))
+        .await
+        .expect("the read gave up instead of queueing behind the lock")
+        .unwrap_err();
+    assert!(failed.to_string().contains("SQLSTATE 57014"), "{failed}");
+    drop(holder);
+    assert_eq!(store.count(Uuid::from_u128(1)).await.unwrap(), None);
+}

@@ -22,6 +22,9 @@ pub struct PostgresStore {
     flush_timeout: Duration,
 }
 
+/// How long a read of one total may take, lock waits included.
+pub const COUNT_TIMEOUT_MS: u64 = 2_000;
+
 /// Pruning must not hold up the flushes queued behind its lock on the mark for long.
 const PRUNE_LOCK_TIMEOUT_MS: u64 = 2_000;
 
@@ -356,9 +359,14 @@ impl PostgresStore {
         }
     }
 
+    /// One total, read within [`COUNT_TIMEOUT_MS`]: a reader must not queue for as long as
+    /// a lock on the table lasts, it gets an error (the API's 503) and asks again.
     pub async fn count(&self, key: Uuid) -> Result<Option<Count>, StoreError> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        let row = client
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {COUNT_TIMEOUT_MS}"))
+            .await?;
+        let row = tx
             .query_opt(
                 &format!(
                     "SELECT total, updated_ms FROM {} WHERE key = $1::text::uuid",
@@ -367,6 +375,7 @@ impl PostgresStore {
                 &[&key.to_string()],
             )
             .await?;
+        tx.commit().await?;
         match row {
             Some(row) => Ok(Some(Count {
                 total: row.try_get(0)?,
