@@ -9,10 +9,10 @@ use std::time::Duration;
 use common::*;
 use redis::AsyncCommands;
 use uuid::Uuid;
-use weir_increments::aggregate::Item;
+use weir_increments::aggregate::{EntryId, Item};
 use weir_increments::config::IncrementsConfig;
 use weir_increments::queue::redis::RedisConsumer;
-use weir_increments::queue::Next;
+use weir_increments::queue::{Next, QueueError};
 use weir_increments::store::{Dedupe, Store};
 use weir_increments::Role;
 
@@ -371,18 +371,21 @@ async fn a_worker_recreates_a_lost_stream_and_reads_what_came_after() {
     // Redis loses everything; the API's next XADD recreates the stream without the group.
     let _: () = conn.del(&config.stream).await.unwrap();
     let after = add_entry(&mut conn, &config, &key.to_string(), 2).await;
-    // The first read finds the group gone and recreates it; a later one delivers.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let read = loop {
-        match consumer.next(Duration::from_millis(50)).await {
-            Ok(Next::Items(items)) => break items,
-            other => assert!(
-                tokio::time::Instant::now() < deadline,
-                "nothing read after the loss: {:?}",
-                other.err()
-            ),
-        }
-    };
+    match consumer.next(Duration::from_millis(50)).await {
+        Err(QueueError::StreamLost(stream)) => assert_eq!(stream, config.stream),
+        other => panic!("the loss went unnoticed: {:?}", other.map(|_| ())),
+    }
+    assert_eq!(
+        consumer
+            .first_entry()
+            .await
+            .unwrap()
+            .map(|id| id.to_string()),
+        Some(after.clone()),
+        "a recreated stream's first entry"
+    );
+    consumer.recover_lost_group().await.unwrap();
+    let read = read_batch(&mut consumer).await;
     assert_eq!(read.len(), 1);
     assert_eq!((read[0].id.to_string(), read[0].value), (after, 2));
     assert_eq!(consumer.streams_lost(), 1, "the loss is reported once");
@@ -520,5 +523,65 @@ async fn an_entry_dated_an_hour_ahead_by_redis_is_flushed_on_the_workers_clock()
         .unwrap();
     let worker = start(worker(&config, "w"), Role::Worker).await;
     wait_for_store_total(&store, key, 5).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_only_lost_its_group_keeps_its_old_ids_below_the_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let url = config.redis_url.clone().unwrap();
+    let mut conn = redis_conn(&config).await;
+    let mut consumer = RedisConsumer::connect(&worker(&config, "w"), &url)
+        .await
+        .unwrap();
+    for value in 1..=3 {
+        add_entry(&mut conn, &config, &Uuid::new_v4().to_string(), value).await;
+    }
+    let read = read_batch(&mut consumer).await;
+    consumer.ack(&[read[0].id]).await.unwrap();
+    consumer.trim_below(read[1].id).await.unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&config.stream)
+        .arg(&config.group)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(
+        consumer.next(Duration::from_millis(50)).await,
+        Err(QueueError::StreamLost(_))
+    ));
+    assert_eq!(consumer.first_entry().await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn a_stream_recreated_behind_the_mark_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let store = Store::open(&config).await.unwrap();
+    let worker = start(worker(&config, "w"), Role::Worker).await;
+    // Entries up to an hour from now were applied and acknowledged before the loss: the
+    // Redis that recreates the stream has a clock behind that one.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 3_600_000;
+    store
+        .prune_applied(&config.stream, EntryId { ms: ahead, seq: 0 })
+        .await
+        .unwrap();
+    let mut conn = redis_conn(&config).await;
+    let _: () = conn.del(&config.stream).await.unwrap();
+    let key = Uuid::new_v4();
+    add_entry(&mut conn, &config, &key.to_string(), 4).await;
+    wait_for_store_total(&store, key, 4).await;
     worker.stop().await;
 }

@@ -28,6 +28,8 @@ pub enum QueueError {
     Redis(#[from] ::redis::RedisError),
     #[error("the queue holds {0} unflushed increments, its limit")]
     Full(u64),
+    #[error("the stream {0} or its consumer group is gone")]
+    StreamLost(String),
 }
 
 impl QueueError {
@@ -174,6 +176,22 @@ impl Consumer {
         match self {
             Consumer::Embedded(_) => Ok(None),
             Consumer::Redis(consumer) => consumer.prune_bound().await,
+        }
+    }
+
+    /// After `QueueError::StreamLost`: the oldest entry the recreated stream holds.
+    pub async fn first_entry(&mut self) -> Result<Option<EntryId>, QueueError> {
+        match self {
+            Consumer::Embedded(_) => Ok(None),
+            Consumer::Redis(consumer) => consumer.first_entry().await,
+        }
+    }
+
+    /// After `QueueError::StreamLost`: recreates the consumer group (Redis only).
+    pub async fn recover_lost_group(&mut self) -> Result<(), QueueError> {
+        match self {
+            Consumer::Embedded(_) => Ok(()),
+            Consumer::Redis(consumer) => consumer.recover_lost_group().await,
         }
     }
 

@@ -11,13 +11,14 @@
 //! group gone (`NOGROUP`) says so loudly and recreates it from the start of the stream, so
 //! everything accepted after the loss is still counted.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamClaimOptions, StreamClaimReply, StreamId,
-    StreamInfoGroupsReply, StreamPendingCountReply, StreamPendingReply, StreamReadOptions,
-    StreamReadReply,
+    StreamInfoGroupsReply, StreamPendingCountReply, StreamPendingReply, StreamRangeReply,
+    StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncCommands, Value};
 use uuid::Uuid;
@@ -132,20 +133,47 @@ impl RedisConsumer {
         self.streams_lost
     }
 
+    /// The next entries; `QueueError::StreamLost` once the stream or the group is gone, for
+    /// the worker to lower the store's mark and call [`Self::recover_lost_group`].
     pub async fn next(&mut self, wait: Duration) -> Result<Next, QueueError> {
         match self.read(wait).await {
             Err(QueueError::Redis(err)) if err.code() == Some("NOGROUP") => {
-                self.recover_lost_group().await?;
-                Ok(Next::Idle)
+                Err(QueueError::StreamLost(self.stream.clone()))
             }
             other => other,
         }
     }
 
+    /// After `NOGROUP`: the first entry of a stream recreated by the API's appends, or
+    /// `None` if the stream is not new. A stream that ever lost an entry (`entries-added`
+    /// above its length: trimmed after its ids were applied) is the old one that merely
+    /// lost its group, and its old ids must stay below the mark; so must they on a Redis
+    /// too old to say (before 7.0).
+    pub async fn first_entry(&mut self) -> Result<Option<EntryId>, QueueError> {
+        let info: Result<HashMap<String, Value>, redis::RedisError> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&self.stream)
+            .query_async(&mut self.conn)
+            .await;
+        let Ok(info) = info else {
+            // No stream at all yet: nothing appended since the loss.
+            return Ok(None);
+        };
+        let number = |name: &str| match info.get(name) {
+            Some(Value::Int(n)) => Some(*n),
+            _ => None,
+        };
+        if number("entries-added").is_none() || number("entries-added") != number("length") {
+            return Ok(None);
+        }
+        let reply: StreamRangeReply = self.conn.xrange_count(&self.stream, "-", "+", 1).await?;
+        Ok(reply.ids.first().and_then(|entry| entry.id.parse().ok()))
+    }
+
     /// The entries this group had not delivered when the stream went are gone; the ones
     /// workers held are still flushed. Whatever the API appended since (its `XADD`
     /// recreated the stream) is read from the start, so none of it is left behind.
-    async fn recover_lost_group(&mut self) -> Result<(), QueueError> {
+    pub async fn recover_lost_group(&mut self) -> Result<(), QueueError> {
         self.streams_lost += 1;
         metrics::counter!(STREAM_LOST_METRIC).increment(1);
         tracing::error!(

@@ -170,6 +170,16 @@ impl Store {
         }
     }
 
+    /// Lowers the low-water mark of `source` to at most `first` (see [`floor`]): after the
+    /// stream was lost and recreated, its new ids follow Redis' clock, which may now be
+    /// behind the old mark.
+    pub async fn lower_floor(&self, source: &str, first: EntryId) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(store) => store.lower_floor(source, first).await,
+        }
+    }
+
     /// Deletes the dead letters of `source` recorded before `before_ms`, then all but the
     /// newest `keep`, so the table stays bounded whatever goes wrong for how long.
     pub async fn prune_dead_letters(

@@ -430,6 +430,21 @@ impl PostgresStore {
         Ok(removed)
     }
 
+    pub async fn lower_floor(&self, source: &str, first: EntryId) -> Result<(), StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET floor_ms = $2, floor_seq = $3
+                     WHERE source = $1 AND (floor_ms, floor_seq) > ($2, $3)",
+                    self.tables.marks
+                ),
+                &[&source, &to_i64(first.ms)?, &to_i64(first.seq)?],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Deletes the dead letters of `source` recorded before `before_ms`, then all but the
     /// newest `keep`.
     pub async fn prune_dead_letters(
