@@ -110,7 +110,7 @@ pub async fn run(
                 None
             } else {
                 Some(Consumer::Redis(Box::new(
-                    RedisConsumer::connect(&config, url).await?,
+                    RedisConsumer::connect_with(&config, url, store.as_ref()).await?,
                 )))
             };
             (producer, consumer)

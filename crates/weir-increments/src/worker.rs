@@ -346,29 +346,9 @@ impl Worker {
 }
 
 impl Worker {
-    /// The stream (or its group) is gone and the API's appends recreated it. Its new ids
-    /// follow Redis' clock, which may be behind the ids acknowledged before the loss: the
-    /// mark comes down to the first new entry first, or those entries would be taken for
-    /// duplicates; only then is the group recreated, so no worker reads them before.
+    /// The stream (or its group) is gone: see `RedisConsumer::recover_lost_group`.
     async fn recover_lost_stream(&mut self) {
-        let lowered = match self.consumer.first_entry().await {
-            Ok(Some(first)) => self
-                .store
-                .lower_floor(&self.source, first)
-                .await
-                .map_err(WorkerError::from),
-            Ok(None) => Ok(()),
-            Err(err) => Err(err.into()),
-        };
-        let recovered = match lowered {
-            Ok(()) => self
-                .consumer
-                .recover_lost_group()
-                .await
-                .map_err(WorkerError::from),
-            Err(err) => Err(err),
-        };
-        if let Err(err) = recovered {
+        if let Err(err) = self.consumer.recover_lost_group(&self.store).await {
             self.health.queue_ok.store(false, Ordering::Relaxed);
             tracing::warn!(%err, "cannot recover the lost stream; retrying");
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -375,16 +375,7 @@ async fn a_worker_recreates_a_lost_stream_and_reads_what_came_after() {
         Err(QueueError::StreamLost(stream)) => assert_eq!(stream, config.stream),
         other => panic!("the loss went unnoticed: {:?}", other.map(|_| ())),
     }
-    assert_eq!(
-        consumer
-            .first_entry()
-            .await
-            .unwrap()
-            .map(|id| id.to_string()),
-        Some(after.clone()),
-        "a recreated stream's first entry"
-    );
-    consumer.recover_lost_group().await.unwrap();
+    consumer.recover_lost_group(None).await.unwrap();
     let read = read_batch(&mut consumer).await;
     assert_eq!(read.len(), 1);
     assert_eq!((read[0].id.to_string(), read[0].value), (after, 2));
@@ -534,6 +525,9 @@ async fn a_stream_that_only_lost_its_group_keeps_its_old_ids_below_the_mark() {
     };
     let _cleanup = Cleanup::new(&config);
     let url = config.redis_url.clone().unwrap();
+    let Store::Postgres(store) = Store::open(&config).await.unwrap() else {
+        panic!("a Postgres store");
+    };
     let mut conn = redis_conn(&config).await;
     let mut consumer = RedisConsumer::connect(&worker(&config, "w"), &url)
         .await
@@ -542,8 +536,14 @@ async fn a_stream_that_only_lost_its_group_keeps_its_old_ids_below_the_mark() {
         add_entry(&mut conn, &config, &Uuid::new_v4().to_string(), value).await;
     }
     let read = read_batch(&mut consumer).await;
-    consumer.ack(&[read[0].id]).await.unwrap();
+    // Two entries were applied and acknowledged and their ids pruned; the trim of the
+    // stream lagged behind (it failed once), so the stream still starts below the mark.
+    consumer.ack(&[read[0].id, read[1].id]).await.unwrap();
     consumer.trim_below(read[1].id).await.unwrap();
+    store
+        .prune_applied(&config.stream, read[2].id)
+        .await
+        .unwrap();
     let _: () = redis::cmd("XGROUP")
         .arg("DESTROY")
         .arg(&config.stream)
@@ -555,7 +555,15 @@ async fn a_stream_that_only_lost_its_group_keeps_its_old_ids_below_the_mark() {
         consumer.next(Duration::from_millis(50)).await,
         Err(QueueError::StreamLost(_))
     ));
-    assert_eq!(consumer.first_entry().await.unwrap(), None);
+    consumer
+        .recover_lost_group(Some(&Store::Postgres(store.clone())))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.floor(&config.stream).await.unwrap(),
+        read[2].id,
+        "the old entry still in the stream stays below the mark"
+    );
 }
 
 #[tokio::test]

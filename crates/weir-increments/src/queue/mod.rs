@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::aggregate::{DeadLetter, EntryId, Item, Pending};
-use crate::store::Dedupe;
+use crate::store::{Dedupe, Store};
 use crate::validate::Increment;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,8 @@ pub enum QueueError {
     Full(u64),
     #[error("the stream {0} or its consumer group is gone")]
     StreamLost(String),
+    #[error("cannot lower the low-water mark before recreating the group: {0}")]
+    Mark(String),
 }
 
 impl QueueError {
@@ -179,19 +181,12 @@ impl Consumer {
         }
     }
 
-    /// After `QueueError::StreamLost`: the oldest entry the recreated stream holds.
-    pub async fn first_entry(&mut self) -> Result<Option<EntryId>, QueueError> {
-        match self {
-            Consumer::Embedded(_) => Ok(None),
-            Consumer::Redis(consumer) => consumer.first_entry().await,
-        }
-    }
-
-    /// After `QueueError::StreamLost`: recreates the consumer group (Redis only).
-    pub async fn recover_lost_group(&mut self) -> Result<(), QueueError> {
+    /// After `QueueError::StreamLost`: recreates the consumer group (Redis only), with the
+    /// store's mark lowered first if the stream is a new one.
+    pub async fn recover_lost_group(&mut self, store: &Store) -> Result<(), QueueError> {
         match self {
             Consumer::Embedded(_) => Ok(()),
-            Consumer::Redis(consumer) => consumer.recover_lost_group().await,
+            Consumer::Redis(consumer) => consumer.recover_lost_group(Some(store)).await,
         }
     }
 

@@ -26,7 +26,7 @@ use uuid::Uuid;
 use super::{Next, QueueError};
 use crate::aggregate::{DeadLetter, EntryId, Item};
 use crate::config::IncrementsConfig;
-use crate::store::floor;
+use crate::store::{floor, Store};
 use crate::validate::Increment;
 
 const ACK_CHUNK: usize = 1_000;
@@ -101,14 +101,25 @@ pub struct RedisConsumer {
 pub const STREAM_LOST_METRIC: &str = "weir_increments_stream_lost_total";
 
 impl RedisConsumer {
+    /// A consumer without a store: the group is created as it is (tests and tools).
     pub async fn connect(config: &IncrementsConfig, url: &str) -> Result<Self, QueueError> {
-        let mut conn = connect(url, Some(Duration::from_secs(5))).await?;
+        Self::connect_with(config, url, None).await
+    }
+
+    /// A consumer of a worker: if the group has to be created, the store's low-water mark
+    /// first comes down to the stream's first entry when the stream is a new one (see
+    /// [`Self::recover_lost_group`]).
+    pub async fn connect_with(
+        config: &IncrementsConfig,
+        url: &str,
+        store: Option<&Store>,
+    ) -> Result<Self, QueueError> {
+        let conn = connect(url, Some(Duration::from_secs(5))).await?;
         // Reads block on the server, so they get their own connection without a timeout
         // shorter than the block.
         let reader = connect(url, Some(Duration::from_secs(30))).await?;
-        create_group(&mut conn, &config.stream, &config.group).await?;
         metrics::counter!(STREAM_LOST_METRIC).increment(0);
-        Ok(RedisConsumer {
+        let mut consumer = RedisConsumer {
             conn,
             reader,
             stream: config.stream.clone(),
@@ -121,7 +132,38 @@ impl RedisConsumer {
             last_claim: None,
             claim_cursor: "0-0".into(),
             streams_lost: 0,
-        })
+        };
+        consumer.ensure_group(store).await?;
+        Ok(consumer)
+    }
+
+    /// Creates the group if it is missing. Its new ids follow Redis' clock, which may be
+    /// behind the ids acknowledged before a loss: the store's mark comes down to a new
+    /// stream's first entry first, or its entries would be taken for duplicates; only then
+    /// is the group created, so no worker reads them before. Every worker that creates the
+    /// group does the same, whichever gets there first.
+    async fn ensure_group(&mut self, store: Option<&Store>) -> Result<(), QueueError> {
+        if self.group_exists().await? {
+            return Ok(());
+        }
+        if let (Some(store), Some(first)) = (store, self.first_entry().await?) {
+            store
+                .lower_floor(&self.stream, first)
+                .await
+                .map_err(|err| QueueError::Mark(err.to_string()))?;
+        }
+        create_group(&mut self.conn, &self.stream, &self.group).await
+    }
+
+    async fn group_exists(&mut self) -> Result<bool, QueueError> {
+        let groups: Result<StreamInfoGroupsReply, redis::RedisError> =
+            self.conn.xinfo_groups(&self.stream).await;
+        match groups {
+            Ok(groups) => Ok(groups.groups.iter().any(|group| group.name == self.group)),
+            // No stream, no group.
+            Err(err) if matches!(err.kind(), redis::ErrorKind::Server(_)) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
     }
 
     pub fn stream(&self) -> &str {
@@ -144,12 +186,12 @@ impl RedisConsumer {
         }
     }
 
-    /// After `NOGROUP`: the first entry of a stream recreated by the API's appends, or
+    /// The first entry of a stream recreated by the API's appends, or
     /// `None` if the stream is not new. A stream that ever lost an entry (`entries-added`
     /// above its length: trimmed after its ids were applied) is the old one that merely
     /// lost its group, and its old ids must stay below the mark; so must they on a Redis
     /// too old to say (before 7.0).
-    pub async fn first_entry(&mut self) -> Result<Option<EntryId>, QueueError> {
+    async fn first_entry(&mut self) -> Result<Option<EntryId>, QueueError> {
         let info: Result<HashMap<String, Value>, redis::RedisError> = redis::cmd("XINFO")
             .arg("STREAM")
             .arg(&self.stream)
@@ -173,7 +215,7 @@ impl RedisConsumer {
     /// The entries this group had not delivered when the stream went are gone; the ones
     /// workers held are still flushed. Whatever the API appended since (its `XADD`
     /// recreated the stream) is read from the start, so none of it is left behind.
-    pub async fn recover_lost_group(&mut self) -> Result<(), QueueError> {
+    pub async fn recover_lost_group(&mut self, store: Option<&Store>) -> Result<(), QueueError> {
         self.streams_lost += 1;
         metrics::counter!(STREAM_LOST_METRIC).increment(1);
         tracing::error!(
@@ -184,7 +226,7 @@ impl RedisConsumer {
              recreating the group to count everything accepted from now on"
         );
         self.claim_cursor = "0-0".into();
-        create_group(&mut self.conn, &self.stream, &self.group).await
+        self.ensure_group(store).await
     }
 
     async fn read(&mut self, wait: Duration) -> Result<Next, QueueError> {
