@@ -58,12 +58,20 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
+    /// Holds an item dated by its id (the embedded log's ids are this process's accept time).
     pub fn push(&mut self, item: Item) {
+        self.push_received(item, item.id.ms);
+    }
+
+    /// Holds an item dated `received_ms` by this process's clock: a Redis stream id is
+    /// Redis' clock, which may differ from ours or step, and would make a flush due an hour
+    /// late or on every read.
+    pub fn push_received(&mut self, item: Item, received_ms: u64) {
         let slot = self.keys.entry(item.key).or_default();
         slot.sum += i128::from(item.value);
         slot.entries.push((item.id, item.value));
         self.len += 1;
-        self.oldest_ms = Some(self.oldest_ms.map_or(item.id.ms, |ms| ms.min(item.id.ms)));
+        self.oldest_ms = Some(self.oldest_ms.map_or(received_ms, |ms| ms.min(received_ms)));
     }
 
     pub fn len(&self) -> usize {
@@ -262,6 +270,30 @@ mod tests {
         assert_eq!(agg.len(), 2);
         assert_eq!(agg.oldest_ms(), Some(1));
         assert_eq!(agg.take().keys[0].1.sum, 11);
+    }
+
+    #[test]
+    fn an_item_received_is_dated_by_its_receipt_not_by_its_id() {
+        let mut agg = Aggregator::default();
+        let far_future = EntryId {
+            ms: 10_000_000,
+            seq: 0,
+        };
+        let item = Item {
+            id: far_future,
+            key: Uuid::from_u128(1),
+            value: 1,
+        };
+        agg.push_received(item, 500);
+        agg.push_received(
+            Item {
+                id: EntryId { ms: 3, seq: 0 },
+                ..item
+            },
+            700,
+        );
+        assert_eq!(agg.oldest_ms(), Some(500));
+        assert_eq!(agg.take().oldest_ms, Some(500));
     }
 
     proptest! {

@@ -39,9 +39,10 @@ pub struct IncrementsConfig {
     pub consumer: Option<String>,
     /// Unset: `<stream>:dead`.
     pub dead_letter_stream: Option<String>,
-    /// Dead letters older than this are pruned from the store's dead-letter table.
+    /// Dead letters older than this are pruned (the store's table and the Redis stream).
     pub dead_letter_retention_secs: NonZeroU64,
-    /// At most this many dead letters are kept, the oldest pruned first.
+    /// At most this many dead letters are kept (table rows per stream, stream entries), the
+    /// oldest pruned first.
     pub dead_letter_max_rows: NonZeroU64,
     /// Flush once the oldest unflushed increment is this old.
     pub flush_interval_ms: u64,

@@ -172,7 +172,7 @@ async fn open_queue(
                 None
             } else {
                 Some(Consumer::Redis(Box::new(
-                    RedisConsumer::connect(config, url).await?,
+                    RedisConsumer::connect_with(config, url, store).await?,
                 )))
             };
             Ok((producer, consumer))

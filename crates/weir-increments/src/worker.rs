@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::aggregate::{Aggregator, Pending};
+use crate::aggregate::{Aggregator, Item, Pending};
 use crate::config::IncrementsConfig;
 use crate::queue::embedded::now_ms;
 use crate::queue::{Consumer, Next, QueueError};
@@ -25,6 +25,8 @@ pub struct WorkerHealth {
     pub last_flush_ms: AtomicU64,
     pub max_staleness_ms: AtomicU64,
     pub flushed: AtomicU64,
+    /// Times the Redis stream or its group was found gone and recreated (see the ERROR log).
+    pub streams_lost: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +39,8 @@ pub enum WorkerError {
 
 /// How often acknowledged entries are dropped from the stream and the applied table.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
-/// How often dead letters beyond their retention are deleted.
+/// How often old and excess dead letters are deleted: they grow slowly, and the count
+/// behind the row limit is not free.
 const DEAD_LETTER_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 pub struct Worker {
@@ -107,12 +110,11 @@ impl Worker {
             match self.consumer.next(wait).await {
                 Ok(Next::Items(items)) => {
                     self.health.queue_ok.store(true, Ordering::Relaxed);
-                    for item in items {
-                        self.aggregator.push(item);
-                    }
+                    self.hold(items);
                 }
                 Ok(Next::Idle) => self.health.queue_ok.store(true, Ordering::Relaxed),
                 Ok(Next::Closed) => break,
+                Err(QueueError::StreamLost(_)) => self.recover_lost_stream().await,
                 Err(err) => {
                     self.health.queue_ok.store(false, Ordering::Relaxed);
                     tracing::warn!(%err, "cannot read the queue; retrying");
@@ -122,6 +124,9 @@ impl Worker {
                     }
                 }
             }
+            self.health
+                .streams_lost
+                .store(self.consumer.streams_lost(), Ordering::Relaxed);
             metrics::gauge!("increments_worker_held").set(self.aggregator.len() as f64);
             if self.last_depth.elapsed() >= Duration::from_secs(1) {
                 self.last_depth = Instant::now();
@@ -154,12 +159,22 @@ impl Worker {
         let budget = Instant::now() + (self.interval / 4).min(Duration::from_millis(250));
         while self.aggregator.len() < self.max_pending && Instant::now() < budget {
             match self.consumer.next(Duration::from_millis(1)).await {
-                Ok(Next::Items(items)) => {
-                    for item in items {
-                        self.aggregator.push(item);
-                    }
-                }
+                Ok(Next::Items(items)) => self.hold(items),
                 Ok(Next::Idle) | Ok(Next::Closed) | Err(_) => return,
+            }
+        }
+    }
+
+    fn hold(&mut self, items: Vec<Item>) {
+        match self.consumer {
+            Consumer::Embedded(_) => items
+                .into_iter()
+                .for_each(|item| self.aggregator.push(item)),
+            Consumer::Redis(_) => {
+                let received = now_ms();
+                for item in items {
+                    self.aggregator.push_received(item, received);
+                }
             }
         }
     }
@@ -182,7 +197,12 @@ impl Worker {
         }
         let pending = Arc::new(self.aggregator.take());
         let mut backoff = Duration::from_millis(50);
-        let cap = (self.max_staleness / 4).max(Duration::from_millis(50));
+        // Each failed attempt waits at most half the claim threshold (the store's lock
+        // bound); with a third more of backoff the held entries are still refreshed before
+        // other workers would take them over.
+        let cap = (self.max_staleness / 4)
+            .min(self.claim_idle / 3)
+            .max(Duration::from_millis(50));
         let started = Instant::now();
         loop {
             let attempt = Instant::now();
@@ -283,28 +303,6 @@ impl Worker {
         }
     }
 
-    async fn prune_dead_letters(&mut self) {
-        if self
-            .last_dead_letter_prune
-            .is_some_and(|last| last.elapsed() < DEAD_LETTER_PRUNE_EVERY)
-        {
-            return;
-        }
-        self.last_dead_letter_prune = Some(Instant::now());
-        let retention = self.dead_letter_retention;
-        match self
-            .store
-            .prune_dead_letters(now_ms() as i64, retention)
-            .await
-        {
-            Ok(removed) if removed > 0 => {
-                tracing::info!(removed, "pruned dead letters beyond their retention")
-            }
-            Ok(_) => {}
-            Err(err) => tracing::warn!(%err, "cannot prune dead letters"),
-        }
-    }
-
     /// Forgets what can never be delivered again: acknowledged entries leave the stream,
     /// and their ids leave the store's applied table, so neither grows with the traffic
     /// ever accepted. Often enough that a busy stream stays small, rarely enough that it
@@ -336,6 +334,47 @@ impl Worker {
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(%err, "cannot prune applied entry ids"),
+        }
+    }
+}
+
+impl Worker {
+    /// The stream (or its group) is gone: see `RedisConsumer::recover_lost_group`.
+    async fn recover_lost_stream(&mut self) {
+        if let Err(err) = self.consumer.recover_lost_group(&self.store).await {
+            self.health.queue_ok.store(false, Ordering::Relaxed);
+            tracing::warn!(%err, "cannot recover the lost stream; retrying");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Keeps the dead letters (store table and Redis stream) within their retention and
+    /// row limit.
+    async fn prune_dead_letters(&mut self) {
+        if self
+            .last_dead_letter_prune
+            .is_some_and(|at| at.elapsed() < DEAD_LETTER_PRUNE_EVERY)
+        {
+            return;
+        }
+        self.last_dead_letter_prune = Some(Instant::now());
+        let retention = self.dead_letter_retention;
+        let now = now_ms();
+        let before_ms = now.saturating_sub(retention.max_age.as_millis() as u64);
+        let keep = retention.max_rows;
+        match self
+            .store
+            .prune_dead_letters(&self.source, now as i64, retention)
+            .await
+        {
+            Ok(removed) if removed > 0 => {
+                tracing::info!(removed, "pruned dead letters beyond their retention")
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(%err, "cannot prune the dead-letter table"),
+        }
+        if let Err(err) = self.consumer.trim_dead_letters(before_ms, keep).await {
+            tracing::warn!(%err, "cannot trim the dead-letter stream");
         }
     }
 }

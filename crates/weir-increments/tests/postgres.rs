@@ -44,6 +44,7 @@ async fn a_redelivered_flush_is_applied_once_in_both_modes() {
     let Some(mut config) = pg_config(dir.path()).await else {
         return;
     };
+    let _cleanup = Cleanup::new(&config);
     config.chunk_size = 3;
     let store = Store::open(&config).await.unwrap();
     let pending = Arc::new(items(20, 7).take());
@@ -81,7 +82,6 @@ async fn a_redelivered_flush_is_applied_once_in_both_modes() {
         .await
         .unwrap();
     assert_eq!(pruned, 10);
-    drop_tables(&config).await;
 }
 
 #[tokio::test]
@@ -90,6 +90,7 @@ async fn overflow_is_dead_lettered_in_the_same_transaction() {
     let Some(config) = pg_config(dir.path()).await else {
         return;
     };
+    let _cleanup = Cleanup::new(&config);
     let store = Store::open(&config).await.unwrap();
     let key = Uuid::from_u128(9);
     let mut agg = Aggregator::default();
@@ -122,7 +123,6 @@ async fn overflow_is_dead_lettered_in_the_same_transaction() {
     );
     let dead = store.dead_letters("s").await.unwrap();
     assert_eq!((dead.len(), dead[0].value), (1, 5));
-    drop_tables(&config).await;
 }
 
 #[tokio::test]
@@ -131,6 +131,7 @@ async fn serve_with_postgres_persists_totals() {
     let Some(config) = pg_config(dir.path()).await else {
         return;
     };
+    let _cleanup = Cleanup::new(&config);
     let server = start(config.clone(), Role::Serve).await;
     let key = Uuid::new_v4().to_string();
     for value in 1..=10 {
@@ -138,7 +139,6 @@ async fn serve_with_postgres_persists_totals() {
     }
     wait_for_total(server.addr, &key, 55).await;
     server.stop().await;
-    drop_tables(&config).await;
 }
 
 #[tokio::test]
@@ -147,6 +147,7 @@ async fn postgres_going_away_and_coming_back_loses_nothing() {
     let Some(mut config) = pg_config(dir.path()).await else {
         return;
     };
+    let _cleanup = Cleanup::new(&config);
     let url: tokio_postgres::Config = config.database_url.clone().unwrap().parse().unwrap();
     let target = SocketAddr::from((
         [127, 0, 0, 1],
@@ -211,5 +212,183 @@ async fn postgres_going_away_and_coming_back_loses_nothing() {
         .unwrap()
         .total;
     assert_eq!(total, accepted, "exactly what was accepted, no more");
-    drop_tables(&direct).await;
+}
+
+async fn total_of(store: &Store, keys: u128) -> i64 {
+    let mut total = 0;
+    for key in 0..keys {
+        total += store
+            .count(Uuid::from_u128(1 + key))
+            .await
+            .unwrap()
+            .map_or(0, |c| c.total);
+    }
+    total
+}
+
+/// The paused-worker double count without a clock: a stale copy of entries that were
+/// applied, acknowledged and then forgotten by pruning comes back in a later flush.
+#[tokio::test]
+async fn a_stale_copy_of_pruned_entries_is_fenced_by_the_low_water_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = pg_config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let Store::Postgres(store) = Store::open(&config).await.unwrap() else {
+        panic!("a Postgres store");
+    };
+    let stale = Arc::new(items(20, 7).take());
+    let live = store.flush("s", Dedupe::Ids, &stale, 1).await.unwrap();
+    assert_eq!(live.applied, 20);
+    // The live worker acknowledged everything; pruning forgets the ids below 1011-0.
+    let mark = EntryId { ms: 1_011, seq: 0 };
+    assert_eq!(store.prune_applied("s", mark).await.unwrap(), 10);
+    assert_eq!(store.floor("s").await.unwrap(), mark);
+    // A lower candidate (a group recreated after a loss) never moves the mark back.
+    store
+        .prune_applied("s", EntryId { ms: 5, seq: 0 })
+        .await
+        .unwrap();
+    assert_eq!(store.floor("s").await.unwrap(), mark);
+    // The paused worker resumes and flushes the copies it held all along.
+    let resumed = store.flush("s", Dedupe::Ids, &stale, 2).await.unwrap();
+    assert_eq!((resumed.applied, resumed.duplicates), (0, 20));
+    assert_eq!(
+        total_of(&Store::Postgres(store), 7).await,
+        (1..=20).sum::<i64>()
+    );
+}
+
+#[tokio::test]
+async fn concurrent_flushes_of_the_same_entries_count_them_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = pg_config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let store = Store::open(&config).await.unwrap();
+    let pending = Arc::new(items(200, 13).take());
+    let (a, b) = tokio::join!(
+        store.flush("s", Dedupe::Ids, pending.clone(), 1),
+        store.flush("s", Dedupe::Ids, pending.clone(), 1)
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.applied + b.applied, 200);
+    assert_eq!(a.duplicates + b.duplicates, 200);
+    assert_eq!(total_of(&store, 13).await, (1..=200).sum::<i64>());
+}
+
+/// Holds `LOCK TABLE ... IN ACCESS EXCLUSIVE MODE` in an open transaction until dropped.
+async fn lock_table(url: &str, table: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .unwrap();
+    client
+}
+
+#[tokio::test]
+async fn a_flush_behind_a_lock_gives_up_before_the_claim_threshold_and_names_the_sqlstate() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut config) = pg_config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    config.claim_idle_ms = 600;
+    let store = Store::open(&config).await.unwrap();
+    let holder = lock_table(
+        config.database_url.as_deref().unwrap(),
+        &format!("{}_counts", config.table_prefix),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let pending = Arc::new(items(5, 2).take());
+    let failed = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.flush("s", Dedupe::Ids, pending.clone(), 1),
+    )
+    .await
+    .expect("the flush gave up instead of waiting for the lock")
+    .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = failed.to_string();
+    assert!(text.contains("SQLSTATE 55P03"), "{text}");
+    drop(holder);
+    // Nothing of the abandoned flush stuck: the retry applies everything.
+    let retried = store.flush("s", Dedupe::Ids, pending, 2).await.unwrap();
+    assert_eq!(retried.applied, 5);
+}
+
+#[tokio::test]
+async fn dead_letters_are_pruned_by_age_then_by_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = pg_config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let Store::Postgres(store) = Store::open(&config).await.unwrap() else {
+        panic!("a Postgres store");
+    };
+    let (client, connection) = tokio_postgres::connect(
+        config.database_url.as_deref().unwrap(),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    // Ten dead letters of "s" recorded at 100, 200, ... 1000 ms, one of another source.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {p}_dead_letters (source, ms, seq, key, value, reason, at_ms)
+             SELECT 's', n, 0, gen_random_uuid(), n, 'test', n * 100 FROM generate_series(1, 10) AS n;
+             INSERT INTO {p}_dead_letters VALUES ('other', 1, 0, gen_random_uuid(), 1, 'test', 0);",
+            p = config.table_prefix
+        ))
+        .await
+        .unwrap();
+    // Older than 350 ms: three go; then only the newest four of the other seven stay.
+    assert_eq!(store.prune_dead_letters("s", 350, 4).await.unwrap(), 6);
+    let left: Vec<u64> = store
+        .dead_letters("s")
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| d.id.ms)
+        .collect();
+    assert_eq!(left, vec![7, 8, 9, 10]);
+    assert_eq!(store.prune_dead_letters("s", 0, 4).await.unwrap(), 0);
+    assert_eq!(store.dead_letters("other").await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn reading_a_total_behind_a_lock_fails_within_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = pg_config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let store = Store::open(&config).await.unwrap();
+    let holder = lock_table(
+        config.database_url.as_deref().unwrap(),
+        &format!("{}_counts", config.table_prefix),
+    )
+    .await;
+    let failed = tokio::time::timeout(Duration::from_secs(10), store.count(Uuid::from_u128(1)))
+        .await
+        .expect("the read gave up instead of queueing behind the lock")
+        .unwrap_err();
+    assert!(failed.to_string().contains("SQLSTATE 57014"), "{failed}");
+    drop(holder);
+    assert_eq!(store.count(Uuid::from_u128(1)).await.unwrap(), None);
 }

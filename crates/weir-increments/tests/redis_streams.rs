@@ -9,10 +9,10 @@ use std::time::Duration;
 use common::*;
 use redis::AsyncCommands;
 use uuid::Uuid;
-use weir_increments::aggregate::Item;
+use weir_increments::aggregate::{EntryId, Item};
 use weir_increments::config::IncrementsConfig;
 use weir_increments::queue::redis::RedisConsumer;
-use weir_increments::queue::Next;
+use weir_increments::queue::{Next, QueueError};
 use weir_increments::store::{Dedupe, Store};
 use weir_increments::Role;
 
@@ -79,15 +79,6 @@ async fn pending_count(config: &IncrementsConfig) -> usize {
     reply.count()
 }
 
-async fn cleanup(config: &IncrementsConfig) {
-    drop_tables(config).await;
-    let mut conn = redis_conn(config).await;
-    let _: () = conn
-        .del(&[&config.stream, &config.dead_letter_stream()])
-        .await
-        .unwrap();
-}
-
 fn worker(config: &IncrementsConfig, name: &str) -> IncrementsConfig {
     IncrementsConfig {
         consumer: Some(name.to_string()),
@@ -101,6 +92,7 @@ async fn api_replicas_and_workers_share_redis_and_postgres() {
     let Some(config) = config(dir.path()).await else {
         return;
     };
+    let _cleanup = Cleanup::new(&config);
     let api_a = start(config.clone(), Role::Api).await;
     let api_b = start(config.clone(), Role::Api).await;
     let w1 = start(worker(&config, "w1"), Role::Worker).await;
@@ -126,7 +118,6 @@ async fn api_replicas_and_workers_share_redis_and_postgres() {
         running.stop().await;
     }
     assert_eq!(pending_count(&config).await, 0, "every entry acknowledged");
-    cleanup(&config).await;
 }
 
 #[tokio::test]
@@ -135,6 +126,7 @@ async fn a_dead_workers_entries_are_taken_over_and_a_crash_after_commit_counts_o
     let Some(config) = config(dir.path()).await else {
         return;
     };
+    let _cleanup = Cleanup::new(&config);
     let url = config.redis_url.clone().unwrap();
     let store = Store::open(&config).await.unwrap();
     let mut conn = redis_conn(&config).await;
@@ -182,7 +174,6 @@ async fn a_dead_workers_entries_are_taken_over_and_a_crash_after_commit_counts_o
         "each entry counted exactly once"
     );
     assert_eq!(pending_count(&config).await, 0);
-    cleanup(&config).await;
 }
 
 #[tokio::test]
@@ -191,6 +182,7 @@ async fn acknowledged_entries_are_trimmed_and_pending_ones_kept() {
     let Some(config) = config(dir.path()).await else {
         return;
     };
+    let _cleanup = Cleanup::new(&config);
     let url = config.redis_url.clone().unwrap();
     let mut conn = redis_conn(&config).await;
     let mut consumer = RedisConsumer::connect(&worker(&config, "w"), &url)
@@ -213,7 +205,6 @@ async fn acknowledged_entries_are_trimmed_and_pending_ones_kept() {
     let expected: Vec<String> = read[6..].iter().map(|i| i.id.to_string()).collect();
     assert_eq!(left, expected, "pending entries and those after them stay");
     assert_eq!(pending_count(&config).await, 3);
-    cleanup(&config).await;
 }
 
 #[tokio::test]
@@ -222,6 +213,7 @@ async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
     let Some(mut config) = config(dir.path()).await else {
         return;
     };
+    let _cleanup = Cleanup::new(&config);
     config.max_deliveries = 3;
     let url = config.redis_url.clone().unwrap();
     let store = Store::open(&config).await.unwrap();
@@ -296,7 +288,6 @@ async fn malformed_and_over_delivered_entries_go_to_the_dead_letter_stream() {
         "the poison entry was not applied"
     );
     assert_eq!(pending_count(&config).await, 0);
-    cleanup(&config).await;
 }
 
 #[tokio::test]
@@ -305,6 +296,7 @@ async fn redis_going_away_is_a_503_and_readyz_says_so_then_service_resumes() {
     let Some(mut config) = config(dir.path()).await else {
         return;
     };
+    let _cleanup = Cleanup::new(&config);
     let direct = config.clone();
     let raw = direct.redis_url.clone().unwrap();
     let authority = raw
@@ -359,5 +351,245 @@ async fn redis_going_away_is_a_503_and_readyz_says_so_then_service_resumes() {
     }
     wait_for_total(server.addr, &key, accepted).await;
     server.stop().await;
-    cleanup(&direct).await;
+}
+
+#[tokio::test]
+async fn a_worker_recreates_a_lost_stream_and_reads_what_came_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let url = config.redis_url.clone().unwrap();
+    let mut conn = redis_conn(&config).await;
+    let mut consumer = RedisConsumer::connect(&worker(&config, "w"), &url)
+        .await
+        .unwrap();
+    let key = Uuid::new_v4();
+    add_entry(&mut conn, &config, &key.to_string(), 1).await;
+    assert_eq!(read_batch(&mut consumer).await.len(), 1);
+    // Redis loses everything; the API's next XADD recreates the stream without the group.
+    let _: () = conn.del(&config.stream).await.unwrap();
+    let after = add_entry(&mut conn, &config, &key.to_string(), 2).await;
+    match consumer.next(Duration::from_millis(50)).await {
+        Err(QueueError::StreamLost(stream)) => assert_eq!(stream, config.stream),
+        other => panic!("the loss went unnoticed: {:?}", other.map(|_| ())),
+    }
+    consumer.recover_lost_group(None).await.unwrap();
+    let read = read_batch(&mut consumer).await;
+    assert_eq!(read.len(), 1);
+    assert_eq!((read[0].id.to_string(), read[0].value), (after, 2));
+    assert_eq!(consumer.streams_lost(), 1, "the loss is reported once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_accepted_after_the_stream_is_deleted_under_load_are_all_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let store = Store::open(&config).await.unwrap();
+    let api = start(config.clone(), Role::Api).await;
+    let worker = start(worker(&config, "w"), Role::Worker).await;
+    let key = Uuid::new_v4();
+    let deleted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let (deleted, stop) = (deleted.clone(), stop.clone());
+        tokio::spawn(async move {
+            // (accepted before the deletion, accepted by requests sent after it)
+            let (mut before, mut after) = (0i64, 0i64);
+            let mut n = 0i64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let value = 1 + n % 5;
+                let sent_after = deleted.load(std::sync::atomic::Ordering::SeqCst);
+                let reply = post_increment(api.addr, &key.to_string(), value).await;
+                assert_eq!(reply.status, 202, "{}", reply.body);
+                if sent_after {
+                    after += value;
+                } else {
+                    before += value;
+                }
+            }
+            (before, after, api)
+        })
+    };
+    wait_until_positive(&store, key).await;
+    let flushed_before = total(&store, key).await;
+    let mut conn = redis_conn(&config).await;
+    let _: () = conn.del(&config.stream).await.unwrap();
+    deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+    eventually(|| async {
+        match total(&store, key).await {
+            t if t > flushed_before + 100 => Ok(()),
+            t => Err(format!("nothing counted since the loss (total {t})")),
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (before, after, api) = client.await.unwrap();
+    assert!(after > 0, "the load went on after the deletion");
+    // Whatever was flushed before the loss stays; every 202 sent after it is counted; of
+    // the ones accepted before it, those still unread in the deleted stream are lost.
+    eventually(|| async {
+        match total(&store, key).await {
+            t if t >= flushed_before + after && t <= before + after => Ok(()),
+            t => Err(format!(
+                "total {t}: flushed before {flushed_before}, accepted before {before}, after {after}"
+            )),
+        }
+    })
+    .await;
+    worker.stop().await;
+    api.stop().await;
+    let final_total = total(&store, key).await;
+    assert!(final_total >= flushed_before + after, "{final_total}");
+}
+
+async fn wait_until_positive(store: &Store, key: Uuid) {
+    eventually(|| async {
+        match total(store, key).await {
+            0 => Err(format!("nothing flushed for {key}")),
+            _ => Ok(()),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_dead_letter_stream_is_trimmed_by_age_then_by_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let url = config.redis_url.clone().unwrap();
+    let mut consumer = RedisConsumer::connect(&worker(&config, "w"), &url)
+        .await
+        .unwrap();
+    let mut conn = redis_conn(&config).await;
+    for ms in 1..=10u64 {
+        let _: String = conn
+            .xadd(
+                config.dead_letter_stream(),
+                format!("{}-0", ms * 100),
+                &[("reason", "test")],
+            )
+            .await
+            .unwrap();
+    }
+    // Added before 350 ms: three go; then the newest four of the other seven stay.
+    assert_eq!(consumer.trim_dead_letters(350, 4).await.unwrap(), 6);
+    let left: redis::streams::StreamRangeReply =
+        conn.xrange_all(config.dead_letter_stream()).await.unwrap();
+    let left: Vec<String> = left.ids.into_iter().map(|e| e.id).collect();
+    assert_eq!(left, vec!["700-0", "800-0", "900-0", "1000-0"]);
+}
+
+#[tokio::test]
+async fn an_entry_dated_an_hour_ahead_by_redis_is_flushed_on_the_workers_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let store = Store::open(&config).await.unwrap();
+    let mut conn = redis_conn(&config).await;
+    let key = Uuid::new_v4();
+    // Redis' clock an hour ahead of the worker's (or stepped back since): the entry's id.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 3_600_000;
+    let _: String = conn
+        .xadd(
+            &config.stream,
+            format!("{ahead}-0"),
+            &[("k", key.to_string()), ("v", "5".to_string())],
+        )
+        .await
+        .unwrap();
+    let worker = start(worker(&config, "w"), Role::Worker).await;
+    wait_for_store_total(&store, key, 5).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_that_only_lost_its_group_keeps_its_old_ids_below_the_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let url = config.redis_url.clone().unwrap();
+    let Store::Postgres(store) = Store::open(&config).await.unwrap() else {
+        panic!("a Postgres store");
+    };
+    let mut conn = redis_conn(&config).await;
+    let mut consumer = RedisConsumer::connect(&worker(&config, "w"), &url)
+        .await
+        .unwrap();
+    for value in 1..=3 {
+        add_entry(&mut conn, &config, &Uuid::new_v4().to_string(), value).await;
+    }
+    let read = read_batch(&mut consumer).await;
+    // Two entries were applied and acknowledged and their ids pruned; the trim of the
+    // stream lagged behind (it failed once), so the stream still starts below the mark.
+    consumer.ack(&[read[0].id, read[1].id]).await.unwrap();
+    consumer.trim_below(read[1].id).await.unwrap();
+    store
+        .prune_applied(&config.stream, read[2].id)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&config.stream)
+        .arg(&config.group)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(
+        consumer.next(Duration::from_millis(50)).await,
+        Err(QueueError::StreamLost(_))
+    ));
+    consumer
+        .recover_lost_group(Some(&Store::Postgres(store.clone())))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.floor(&config.stream).await.unwrap(),
+        read[2].id,
+        "the old entry still in the stream stays below the mark"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_recreated_behind_the_mark_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let store = Store::open(&config).await.unwrap();
+    let worker = start(worker(&config, "w"), Role::Worker).await;
+    // Entries up to an hour from now were applied and acknowledged before the loss: the
+    // Redis that recreates the stream has a clock behind that one.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 3_600_000;
+    store
+        .prune_applied(&config.stream, EntryId { ms: ahead, seq: 0 })
+        .await
+        .unwrap();
+    let mut conn = redis_conn(&config).await;
+    let _: () = conn.del(&config.stream).await.unwrap();
+    let key = Uuid::new_v4();
+    add_entry(&mut conn, &config, &key.to_string(), 4).await;
+    wait_for_store_total(&store, key, 4).await;
+    worker.stop().await;
 }

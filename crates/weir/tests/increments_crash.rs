@@ -235,101 +235,333 @@ async fn engines() -> Option<(String, String)> {
     }
 }
 
+/// A scaled-out deployment of the real binary on its own stream and tables, removed when
+/// the test ends, passed or failed.
+struct Scaled {
+    redis: String,
+    postgres: String,
+    stream: String,
+    prefix: String,
+    claim_idle_ms: u64,
+}
+
+impl Scaled {
+    fn new(redis: String, postgres: String, claim_idle_ms: u64) -> Self {
+        let suffix = Uuid::new_v4().simple().to_string();
+        Scaled {
+            redis,
+            postgres,
+            stream: format!("weir_crash_{suffix}"),
+            prefix: format!("crash_{suffix}"),
+            claim_idle_ms,
+        }
+    }
+
+    fn args(&self, role: &[&str]) -> Vec<String> {
+        let claim_idle = self.claim_idle_ms.to_string();
+        let common = [
+            "--queue",
+            &self.redis,
+            "--database",
+            &self.postgres,
+            "--stream",
+            &self.stream,
+            "--table-prefix",
+            &self.prefix,
+            "--claim-idle-ms",
+            &claim_idle,
+            "--flush-interval-ms",
+            "300",
+        ];
+        role.iter()
+            .chain(common.iter())
+            .map(|s| s.to_string())
+            .collect()
+    }
+
+    async fn api(&self) -> Proc {
+        let args = self.args(&[
+            "increments",
+            "api",
+            "--bind-address",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ]);
+        spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await
+    }
+
+    async fn worker(&self, name: &str) -> Proc {
+        let args = self.args(&["increments", "worker", "--consumer", name]);
+        spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await
+    }
+
+    async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(self.redis.as_str()).unwrap();
+        client.get_multiplexed_async_connection().await.unwrap()
+    }
+
+    async fn postgres_client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.postgres, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// The entries the group has delivered to `consumer` and not seen acknowledged.
+    async fn held_by(&self, consumer: &str) -> Vec<String> {
+        let reply: redis::streams::StreamPendingCountReply = redis::cmd("XPENDING")
+            .arg(&self.stream)
+            .arg("weir-increments")
+            .arg("-")
+            .arg("+")
+            .arg(1_000_000)
+            .arg(consumer)
+            .query_async(&mut self.redis_conn().await)
+            .await
+            .unwrap();
+        reply.ids.into_iter().map(|pending| pending.id).collect()
+    }
+
+    /// Applied ids still recorded at or below `id` ("ms-seq").
+    async fn recorded_up_to(&self, id: &str) -> i64 {
+        let (ms, seq) = id.split_once('-').unwrap();
+        let (ms, seq): (i64, i64) = (ms.parse().unwrap(), seq.parse().unwrap());
+        self.postgres_client()
+            .await
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {}_applied WHERE (ms, seq) <= ($1, $2)",
+                    self.prefix
+                ),
+                &[&ms, &seq],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+impl Drop for Scaled {
+    fn drop(&mut self) {
+        let (redis, postgres) = (self.redis.clone(), self.postgres.clone());
+        let (stream, prefix) = (self.stream.clone(), self.prefix.clone());
+        // Drop cannot await and runs inside the test's runtime: a thread with its own.
+        let done = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok((client, connection)) =
+                    tokio_postgres::connect(&postgres, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!(
+                            "SET lock_timeout = 5000; DROP TABLE IF EXISTS {prefix}_counts, {prefix}_marks, {prefix}_applied, {prefix}_dead_letters"
+                        ))
+                        .await;
+                }
+                if let Ok(client) = redis::Client::open(redis.as_str()) {
+                    if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                        let _: Result<(), _> = redis::cmd("DEL")
+                            .arg(&stream)
+                            .arg(format!("{stream}:dead"))
+                            .query_async(&mut conn)
+                            .await;
+                    }
+                }
+            });
+        });
+        let _ = done.join();
+    }
+}
+
+impl Proc {
+    fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: plain kill(2) on a child we spawned and have not reaped.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
+    /// Stops the process (SIGSTOP) at an instant it holds entries of the group: each
+    /// attempt that finds it holding none lets it run again and retries.
+    async fn stop_holding(&self, scaled: &Scaled, name: &str) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            self.signal(libc::SIGSTOP);
+            let held = scaled.held_by(name).await;
+            if !held.is_empty() {
+                return held;
+            }
+            self.signal(libc::SIGCONT);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} never held an entry"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Polls `probe` until it holds, failing with `what` after `limit`.
+async fn wait_until<F, Fut>(limit: Duration, what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !probe().await {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Load {
+    keys: Vec<String>,
+    stop: Arc<AtomicBool>,
+    clients: Vec<tokio::task::JoinHandle<Tally>>,
+}
+
+impl Load {
+    fn start(api: SocketAddr) -> Self {
+        let target = Arc::new(std::sync::Mutex::new(api));
+        let stop = Arc::new(AtomicBool::new(false));
+        let keys: Vec<String> = (0..8).map(|_| Uuid::new_v4().to_string()).collect();
+        let clients = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| client(target.clone(), key.clone(), stop.clone(), i as i64))
+            .collect();
+        Load {
+            keys,
+            stop,
+            clients,
+        }
+    }
+
+    /// Stops the clients and checks that every key's total is exactly its acknowledged
+    /// sum (the API is never killed, so nothing is in doubt). Returns the request count.
+    async fn settle_exactly(self, api: SocketAddr) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut requests = 0;
+        for (key, handle) in self.keys.iter().zip(self.clients) {
+            let tally = handle.await.unwrap();
+            assert!(tally.unknown.is_empty(), "the API was never killed");
+            requests += tally.requests;
+            let total = settle(api, key, &tally).await;
+            assert_eq!(total, tally.acknowledged, "key {key}");
+        }
+        requests
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_worker_mid_load_loses_and_doubles_nothing() {
     let Some((redis, postgres)) = engines().await else {
         return;
     };
-    let suffix = Uuid::new_v4().simple().to_string();
-    let stream = format!("weir_crash_{suffix}");
-    let prefix = format!("crash_{suffix}");
-    let common = [
-        "--queue",
-        &redis,
-        "--database",
-        &postgres,
-        "--stream",
-        &stream,
-        "--table-prefix",
-        &prefix,
-        "--claim-idle-ms",
-        "1000",
-        "--flush-interval-ms",
-        "300",
-    ];
-    let with = |extra: &[&str]| -> Vec<String> {
-        extra
-            .iter()
-            .chain(common.iter())
-            .map(|s| s.to_string())
-            .collect()
-    };
-    let api_args = with(&[
-        "increments",
-        "api",
-        "--bind-address",
-        "127.0.0.1",
-        "--port",
-        "0",
-    ]);
-    let api = spawn(
-        &api_args.iter().map(String::as_str).collect::<Vec<_>>(),
-        &[],
+    let scaled = Scaled::new(redis, postgres, 1_000);
+    let api = scaled.api().await;
+    let mut doomed = scaled.worker("doomed").await;
+    let _steady = scaled.worker("steady").await;
+    let load = Load::start(api.addr.unwrap());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Frozen first, so what it holds is known and cannot change before the kill.
+    let held = doomed.stop_holding(&scaled, "doomed").await;
+    doomed.kill9().await;
+    eprintln!("killed a worker holding {} entries", held.len());
+    // Its entries are taken over by the others and counted once.
+    wait_until(
+        Duration::from_secs(15),
+        "the dead worker's entries were never claimed",
+        || async { scaled.held_by("doomed").await.is_empty() },
     )
     .await;
-    let worker_args = |name: &str| with(&["increments", "worker", "--consumer", name]);
-    let start_worker = |name: &'static str| {
-        let args = worker_args(name);
-        async move { spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).await }
-    };
-    let mut doomed = start_worker("doomed").await;
-    let steady = start_worker("steady").await;
-    let target = Arc::new(std::sync::Mutex::new(api.addr.unwrap()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let keys: Vec<String> = (0..8).map(|_| Uuid::new_v4().to_string()).collect();
-    let clients: Vec<_> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, key)| client(target.clone(), key.clone(), stop.clone(), i as i64))
-        .collect();
+    let mut reborn = scaled.worker("doomed").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    doomed.kill9().await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let mut reborn = start_worker("doomed").await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut requests = 0;
-    for (key, handle) in keys.iter().zip(clients) {
-        let tally = handle.await.unwrap();
-        assert!(tally.unknown.is_empty(), "the API was never killed");
-        requests += tally.requests;
-        let total = settle(api.addr.unwrap(), key, &tally).await;
-        assert_eq!(total, tally.acknowledged);
-    }
+    let requests = load.settle_exactly(api.addr.unwrap()).await;
     eprintln!(
-        "redis+postgres: {requests} requests, worker killed and restarted; every total exact"
+        "redis+postgres: {requests} requests, worker killed holding {} entries and restarted; every total exact",
+        held.len()
     );
     assert!(requests > 100, "the load actually ran ({requests})");
     reborn.kill9().await;
-    drop(steady);
-    drop(api);
-    if let Ok((client, connection)) =
-        tokio_postgres::connect(&postgres, tokio_postgres::NoTls).await
-    {
-        tokio::spawn(connection);
-        let _ = client
-            .batch_execute(&format!(
-                "DROP TABLE IF EXISTS {prefix}_counts, {prefix}_marks, {prefix}_applied, {prefix}_dead_letters"
-            ))
-            .await;
+}
+
+/// A worker frozen past the claim threshold: the others take its entries over, apply and
+/// acknowledge them, and prune their ids; then it wakes up and flushes the copies it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_paused_past_the_claim_threshold_doubles_nothing() {
+    let Some((redis, postgres)) = engines().await else {
+        return;
+    };
+    let scaled = Scaled::new(redis, postgres, 1_000);
+    let api = scaled.api().await;
+    let api_b = scaled.api().await;
+    let paused = scaled.worker("paused").await;
+    let _steady = scaled.worker("steady").await;
+    let load = Load::start(api.addr.unwrap());
+    let other_load = Load::start(api_b.addr.unwrap());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let held = paused.stop_holding(&scaled, "paused").await;
+    let newest_held = held.last().unwrap().clone();
+    wait_until(
+        Duration::from_secs(15),
+        "the paused worker's entries were never claimed",
+        || async { scaled.held_by("paused").await.is_empty() },
+    )
+    .await;
+    // The live worker applied them, acknowledged them and forgot their ids: only the
+    // low-water mark still knows they were applied.
+    wait_until(
+        Duration::from_secs(20),
+        "the applied ids were never pruned",
+        || async { scaled.recorded_up_to(&newest_held).await == 0 },
+    )
+    .await;
+    paused.signal(libc::SIGCONT);
+    // Long enough for the woken worker to flush what it held (it is overdue at once).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let requests = load.settle_exactly(api.addr.unwrap()).await
+        + other_load.settle_exactly(api_b.addr.unwrap()).await;
+    eprintln!(
+        "redis+postgres: {requests} requests, a worker paused holding {} entries; every total exact",
+        held.len()
+    );
+}
+
+/// A lock on the totals held longer than the claim threshold: flushes wait, their entries
+/// go idle and are claimed by the other worker while the first may still commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_on_the_totals_past_the_claim_threshold_doubles_nothing() {
+    let Some((redis, postgres)) = engines().await else {
+        return;
+    };
+    let scaled = Scaled::new(redis, postgres, 1_000);
+    let api = scaled.api().await;
+    let mut workers = Vec::new();
+    for name in ["a", "b", "c"] {
+        workers.push(scaled.worker(name).await);
     }
-    if let Ok(client) = redis::Client::open(redis.as_str()) {
-        if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-            let _: Result<(), _> = redis::cmd("DEL")
-                .arg(&stream)
-                .arg(format!("{stream}:dead"))
-                .query_async(&mut conn)
-                .await;
-        }
-    }
+    let load = Load::start(api.addr.unwrap());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let holder = scaled.postgres_client().await;
+    holder
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {}_counts IN ACCESS EXCLUSIVE MODE",
+            scaled.prefix
+        ))
+        .await
+        .unwrap();
+    // Several claim thresholds and one prune interval of the workers.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(6_000)).await;
+    let requests = load.settle_exactly(api.addr.unwrap()).await;
+    eprintln!("redis+postgres: {requests} requests, totals locked for 6 s; every total exact");
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::aggregate::{DeadLetter, EntryId, Item, Pending};
-use crate::store::Dedupe;
+use crate::store::{Dedupe, Store};
 use crate::validate::Increment;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,10 @@ pub enum QueueError {
     Redis(#[from] ::redis::RedisError),
     #[error("the queue holds {0} unflushed increments, its limit")]
     Full(u64),
+    #[error("the stream {0} or its consumer group is gone")]
+    StreamLost(String),
+    #[error("cannot lower the low-water mark before recreating the group: {0}")]
+    Mark(String),
 }
 
 impl QueueError {
@@ -170,6 +174,35 @@ impl Consumer {
         match self {
             Consumer::Embedded(_) => Ok(None),
             Consumer::Redis(consumer) => consumer.prune_bound().await,
+        }
+    }
+
+    /// After `QueueError::StreamLost`: recreates the consumer group (Redis only), with the
+    /// store's mark lowered first if the stream is a new one.
+    pub async fn recover_lost_group(&mut self, store: &Store) -> Result<(), QueueError> {
+        match self {
+            Consumer::Embedded(_) => Ok(()),
+            Consumer::Redis(consumer) => consumer.recover_lost_group(Some(store)).await,
+        }
+    }
+
+    /// How many times the queue itself was found lost and recreated (Redis only).
+    pub fn streams_lost(&self) -> u64 {
+        match self {
+            Consumer::Embedded(_) => 0,
+            Consumer::Redis(consumer) => consumer.streams_lost(),
+        }
+    }
+
+    /// Bounds the dead-letter stream (Redis only): see `RedisConsumer::trim_dead_letters`.
+    pub async fn trim_dead_letters(
+        &mut self,
+        before_ms: u64,
+        keep: u64,
+    ) -> Result<u64, QueueError> {
+        match self {
+            Consumer::Embedded(_) => Ok(0),
+            Consumer::Redis(consumer) => consumer.trim_dead_letters(before_ms, keep).await,
         }
     }
 

@@ -5,14 +5,20 @@
 //! `XAUTOCLAIM` once it has been idle for `claimIdleMs`. Entries delivered `maxDeliveries`
 //! times without a commit, and entries that cannot be decoded, go to the dead-letter
 //! stream with their reason instead of blocking the group.
+//!
+//! Redis can lose the stream and its group (a restart without persistence, a failover, a
+//! `FLUSHALL`) while the API's `XADD`s recreate the stream at once. A worker that finds its
+//! group gone (`NOGROUP`) says so loudly and recreates it from the start of the stream, so
+//! everything accepted after the loss is still counted.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamClaimOptions, StreamClaimReply, StreamId,
-    StreamInfoGroupsReply, StreamPendingCountReply, StreamPendingReply, StreamReadOptions,
-    StreamReadReply,
+    StreamInfoGroupsReply, StreamPendingCountReply, StreamPendingReply, StreamRangeReply,
+    StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncCommands, Value};
 use uuid::Uuid;
@@ -20,6 +26,7 @@ use uuid::Uuid;
 use super::{Next, QueueError};
 use crate::aggregate::{DeadLetter, EntryId, Item};
 use crate::config::IncrementsConfig;
+use crate::store::{floor, Store};
 use crate::validate::Increment;
 
 const ACK_CHUNK: usize = 1_000;
@@ -87,23 +94,32 @@ pub struct RedisConsumer {
     claim_idle_ms: u64,
     last_claim: Option<Instant>,
     claim_cursor: String,
+    streams_lost: u64,
 }
 
+/// Counts the losses of the stream or its group that workers recovered from.
+pub const STREAM_LOST_METRIC: &str = "weir_increments_stream_lost_total";
+
 impl RedisConsumer {
+    /// A consumer without a store: the group is created as it is (tests and tools).
     pub async fn connect(config: &IncrementsConfig, url: &str) -> Result<Self, QueueError> {
-        let mut conn = connect(url, Some(Duration::from_secs(5))).await?;
+        Self::connect_with(config, url, None).await
+    }
+
+    /// A consumer of a worker: if the group has to be created, the store's low-water mark
+    /// first comes down to the stream's first entry when the stream is a new one (see
+    /// [`Self::recover_lost_group`]).
+    pub async fn connect_with(
+        config: &IncrementsConfig,
+        url: &str,
+        store: Option<&Store>,
+    ) -> Result<Self, QueueError> {
+        let conn = connect(url, Some(Duration::from_secs(5))).await?;
         // Reads block on the server, so they get their own connection without a timeout
         // shorter than the block.
         let reader = connect(url, Some(Duration::from_secs(30))).await?;
-        let created: Result<(), redis::RedisError> = conn
-            .xgroup_create_mkstream(&config.stream, &config.group, "0")
-            .await;
-        if let Err(err) = created {
-            if err.code() != Some("BUSYGROUP") {
-                return Err(err.into());
-            }
-        }
-        Ok(RedisConsumer {
+        metrics::counter!(STREAM_LOST_METRIC).increment(0);
+        let mut consumer = RedisConsumer {
             conn,
             reader,
             stream: config.stream.clone(),
@@ -115,14 +131,105 @@ impl RedisConsumer {
             claim_idle_ms: config.claim_idle_ms.max(1),
             last_claim: None,
             claim_cursor: "0-0".into(),
-        })
+            streams_lost: 0,
+        };
+        consumer.ensure_group(store).await?;
+        Ok(consumer)
+    }
+
+    /// Creates the group if it is missing. Its new ids follow Redis' clock, which may be
+    /// behind the ids acknowledged before a loss: the store's mark comes down to a new
+    /// stream's first entry first, or its entries would be taken for duplicates; only then
+    /// is the group created, so no worker reads them before. Every worker that creates the
+    /// group does the same, whichever gets there first.
+    async fn ensure_group(&mut self, store: Option<&Store>) -> Result<(), QueueError> {
+        if self.group_exists().await? {
+            return Ok(());
+        }
+        if let (Some(store), Some(first)) = (store, self.first_entry().await?) {
+            store
+                .lower_floor(&self.stream, first)
+                .await
+                .map_err(|err| QueueError::Mark(err.to_string()))?;
+        }
+        create_group(&mut self.conn, &self.stream, &self.group).await
+    }
+
+    async fn group_exists(&mut self) -> Result<bool, QueueError> {
+        let groups: Result<StreamInfoGroupsReply, redis::RedisError> =
+            self.conn.xinfo_groups(&self.stream).await;
+        match groups {
+            Ok(groups) => Ok(groups.groups.iter().any(|group| group.name == self.group)),
+            // No stream, no group.
+            Err(err) if matches!(err.kind(), redis::ErrorKind::Server(_)) => Ok(false),
+            Err(err) => Err(err.into()),
+        }
     }
 
     pub fn stream(&self) -> &str {
         &self.stream
     }
 
+    /// How many times this consumer found the stream or its group gone and recreated it.
+    pub fn streams_lost(&self) -> u64 {
+        self.streams_lost
+    }
+
+    /// The next entries; `QueueError::StreamLost` once the stream or the group is gone, for
+    /// the worker to lower the store's mark and call [`Self::recover_lost_group`].
     pub async fn next(&mut self, wait: Duration) -> Result<Next, QueueError> {
+        match self.read(wait).await {
+            Err(QueueError::Redis(err)) if err.code() == Some("NOGROUP") => {
+                Err(QueueError::StreamLost(self.stream.clone()))
+            }
+            other => other,
+        }
+    }
+
+    /// The first entry of a stream recreated by the API's appends, or
+    /// `None` if the stream is not new. A stream that ever lost an entry (`entries-added`
+    /// above its length: trimmed after its ids were applied) is the old one that merely
+    /// lost its group, and its old ids must stay below the mark; so must they on a Redis
+    /// too old to say (before 7.0).
+    async fn first_entry(&mut self) -> Result<Option<EntryId>, QueueError> {
+        let info: Result<HashMap<String, Value>, redis::RedisError> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&self.stream)
+            .query_async(&mut self.conn)
+            .await;
+        let Ok(info) = info else {
+            // No stream at all yet: nothing appended since the loss.
+            return Ok(None);
+        };
+        let number = |name: &str| match info.get(name) {
+            Some(Value::Int(n)) => Some(*n),
+            _ => None,
+        };
+        if number("entries-added").is_none() || number("entries-added") != number("length") {
+            return Ok(None);
+        }
+        let reply: StreamRangeReply = self.conn.xrange_count(&self.stream, "-", "+", 1).await?;
+        Ok(reply.ids.first().and_then(|entry| entry.id.parse().ok()))
+    }
+
+    /// The entries this group had not delivered when the stream went are gone; the ones
+    /// workers held are still flushed. Whatever the API appended since (its `XADD`
+    /// recreated the stream) is read from the start, so none of it is left behind.
+    pub async fn recover_lost_group(&mut self, store: Option<&Store>) -> Result<(), QueueError> {
+        self.streams_lost += 1;
+        metrics::counter!(STREAM_LOST_METRIC).increment(1);
+        tracing::error!(
+            stream = %self.stream,
+            group = %self.group,
+            "the stream or its consumer group is gone (Redis restarted without persistence, \
+             failed over or was flushed): increments accepted but not yet read are lost; \
+             recreating the group to count everything accepted from now on"
+        );
+        self.claim_cursor = "0-0".into();
+        self.ensure_group(store).await
+    }
+
+    async fn read(&mut self, wait: Duration) -> Result<Next, QueueError> {
         let claim_every = Duration::from_millis(self.claim_idle_ms / 2 + 1);
         if self.last_claim.is_none_or(|at| at.elapsed() >= claim_every) {
             self.last_claim = Some(Instant::now());
@@ -230,10 +337,15 @@ impl RedisConsumer {
         for (name, value) in &entry.map {
             fields.push((format!("field:{name}"), value_text(value)));
         }
-        let _: String = self.conn.xadd(&self.dead_stream, "*", &fields).await?;
-        let _: i64 = self
-            .conn
+        // One MULTI/EXEC: a crash between the two would leave the entry pending, and its
+        // next delivery would dead-letter it a second time.
+        let () = redis::pipe()
+            .atomic()
+            .xadd(&self.dead_stream, "*", &fields)
+            .ignore()
             .xack(&self.stream, &self.group, &[&entry.id])
+            .ignore()
+            .query_async(&mut self.conn)
             .await?;
         metrics::counter!("increments_dead_letters_total", "reason" => reason_label(reason))
             .increment(1);
@@ -291,8 +403,8 @@ impl RedisConsumer {
             .map_or(0, |group| (group.lag.unwrap_or(0) + group.pending) as u64))
     }
 
-    /// Every entry below the returned id that was ever delivered has been acknowledged:
-    /// it is below the group's oldest pending entry, and was delivered before we looked.
+    /// Every entry below the returned id was delivered and acknowledged (see
+    /// [`floor::candidate`]).
     pub async fn prune_bound(&mut self) -> Result<Option<EntryId>, QueueError> {
         let groups: StreamInfoGroupsReply = self.conn.xinfo_groups(&self.stream).await?;
         let Some(last) = groups
@@ -303,18 +415,33 @@ impl RedisConsumer {
         else {
             return Ok(None);
         };
-        let after_last = EntryId {
-            ms: last.ms,
-            seq: last.seq.saturating_add(1),
-        };
         let pending: StreamPendingReply = self.conn.xpending(&self.stream, &self.group).await?;
-        Ok(Some(match pending {
-            StreamPendingReply::Data(data) => data
-                .start_id
-                .parse::<EntryId>()
-                .map_or(after_last, |oldest| oldest.min(after_last)),
-            _ => after_last,
-        }))
+        let oldest = match pending {
+            StreamPendingReply::Data(data) => data.start_id.parse::<EntryId>().ok(),
+            _ => None,
+        };
+        Ok(Some(floor::candidate(oldest, last)))
+    }
+
+    /// Bounds the dead-letter stream: entries added before `before_ms`, then all but the
+    /// newest `keep`. Its ids are the times they were added, which `MINID` compares.
+    pub async fn trim_dead_letters(
+        &mut self,
+        before_ms: u64,
+        keep: u64,
+    ) -> Result<u64, QueueError> {
+        let (expired, excess): (u64, u64) = redis::pipe()
+            .cmd("XTRIM")
+            .arg(&self.dead_stream)
+            .arg("MINID")
+            .arg(format!("{before_ms}-0"))
+            .cmd("XTRIM")
+            .arg(&self.dead_stream)
+            .arg("MAXLEN")
+            .arg(keep)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(expired + excess)
     }
 
     /// Deletes the entries below `bound` (see `prune_bound`: all delivered and
@@ -328,6 +455,21 @@ impl RedisConsumer {
             .query_async(&mut self.conn)
             .await?;
         Ok(removed)
+    }
+}
+
+/// Creates the group at the start of the stream (and the stream if it is missing); a group
+/// that exists already is fine.
+async fn create_group(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<(), QueueError> {
+    let created: Result<(), redis::RedisError> =
+        conn.xgroup_create_mkstream(stream, group, "0").await;
+    match created {
+        Err(err) if err.code() != Some("BUSYGROUP") => Err(err.into()),
+        _ => Ok(()),
     }
 }
 

@@ -6,6 +6,7 @@
 //! records what it applied. A crash between the commit and the queue acknowledgement
 //! therefore never counts an increment twice: the redelivered entries are recognised.
 
+pub mod floor;
 pub mod postgres;
 pub mod sqlite;
 
@@ -20,7 +21,7 @@ use crate::config::IncrementsConfig;
 pub enum StoreError {
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", describe_postgres(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("postgres pool: {0}")]
     Pool(String),
@@ -112,7 +113,13 @@ impl Store {
         let tables = Tables::new(&config.table_prefix)?;
         match &config.database_url {
             Some(url) => Ok(Store::Postgres(
-                postgres::PostgresStore::open(url, tables, config.chunk_size).await?,
+                postgres::PostgresStore::open(
+                    url,
+                    tables,
+                    config.chunk_size,
+                    flush_timeout(config),
+                )
+                .await?,
             )),
             None => Ok(Store::Sqlite(
                 sqlite::SqliteStore::open(&config.sqlite_path(), tables).await?,
@@ -170,15 +177,34 @@ impl Store {
         }
     }
 
-    /// Drops dead letters beyond `retention`; returns how many. Postgres: not pruned yet.
+    /// Lowers the low-water mark of `source` to at most `first` (see [`floor`]): after the
+    /// stream was lost and recreated, its new ids follow Redis' clock, which may now be
+    /// behind the old mark.
+    pub async fn lower_floor(&self, source: &str, first: EntryId) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(store) => store.lower_floor(source, first).await,
+        }
+    }
+
+    /// Deletes dead letters older than `retention.max_age`, then all but the newest
+    /// `retention.max_rows`, so the table stays bounded whatever goes wrong for how long.
+    /// Returns how many went.
     pub async fn prune_dead_letters(
         &self,
+        source: &str,
         now_ms: i64,
         retention: DeadLetterRetention,
     ) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(store) => store.prune_dead_letters(now_ms, retention).await,
-            Store::Postgres(_) => Ok(0),
+            Store::Postgres(store) => {
+                let max_age_ms = i64::try_from(retention.max_age.as_millis()).unwrap_or(i64::MAX);
+                let before_ms = now_ms.saturating_sub(max_age_ms);
+                store
+                    .prune_dead_letters(source, before_ms, retention.max_rows)
+                    .await
+            }
         }
     }
 
@@ -188,6 +214,32 @@ impl Store {
             Store::Sqlite(store) => store.dead_letters(source).await,
             Store::Postgres(store) => store.dead_letters(source).await,
         }
+    }
+}
+
+/// How long a flush may wait for a lock or one statement before it gives up and retries:
+/// half the claim threshold, so a flush stuck behind a lock is abandoned (its entries kept
+/// and refreshed) before other workers would take its entries over.
+fn flush_timeout(config: &IncrementsConfig) -> std::time::Duration {
+    std::time::Duration::from_millis(config.claim_idle_ms / 2)
+}
+
+/// The SQLSTATE and message of a database error (`db error` alone says nothing), or the
+/// client error with its cause.
+fn describe_postgres(err: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match err.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                text.push_str(&format!(": {detail}"));
+            }
+            text
+        }
+        None => match err.source() {
+            Some(cause) => format!("{err}: {cause}"),
+            None => err.to_string(),
+        },
     }
 }
 

@@ -3,12 +3,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-use super::{to_i64, to_u64, Count, Dedupe, FlushReport, StoreError, Tables};
+use super::{floor, to_i64, to_u64, Count, Dedupe, FlushReport, StoreError, Tables};
 use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending};
 
 #[derive(Clone)]
@@ -16,14 +18,27 @@ pub struct PostgresStore {
     pool: Pool,
     tables: Arc<Tables>,
     chunk: usize,
+    /// Bound on each lock wait and statement of a flush (zero: none).
+    flush_timeout: Duration,
 }
+
+/// How long a read of one total may take, lock waits included.
+pub const COUNT_TIMEOUT_MS: u64 = 2_000;
+
+/// Pruning must not hold up the flushes queued behind its lock on the mark for long.
+const PRUNE_LOCK_TIMEOUT_MS: u64 = 2_000;
 
 fn pool_error(err: impl std::fmt::Display) -> StoreError {
     StoreError::Pool(err.to_string())
 }
 
 impl PostgresStore {
-    pub async fn open(url: &str, tables: Tables, chunk: usize) -> Result<Self, StoreError> {
+    pub async fn open(
+        url: &str,
+        tables: Tables,
+        chunk: usize,
+        flush_timeout: Duration,
+    ) -> Result<Self, StoreError> {
         let pg_config: tokio_postgres::Config = url.parse()?;
         let manager = Manager::from_config(
             pg_config,
@@ -45,6 +60,7 @@ impl PostgresStore {
             pool,
             tables: Arc::new(tables),
             chunk: chunk.max(1),
+            flush_timeout,
         };
         store.migrate().await?;
         Ok(store)
@@ -53,30 +69,33 @@ impl PostgresStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let t = &self.tables;
-        client
-            .batch_execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {c} (key uuid PRIMARY KEY, total bigint NOT NULL, updated_ms bigint NOT NULL);
-                 CREATE TABLE IF NOT EXISTS {m} (source text PRIMARY KEY, seq bigint NOT NULL);
-                 CREATE TABLE IF NOT EXISTS {a} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, PRIMARY KEY (source, ms, seq));
-                 CREATE TABLE IF NOT EXISTS {d} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, key uuid NOT NULL, value bigint NOT NULL, reason text NOT NULL, at_ms bigint NOT NULL, PRIMARY KEY (source, ms, seq));",
-                c = t.counts,
-                m = t.marks,
-                a = t.applied,
-                d = t.dead
-            ))
-            .await
-            .or_else(|err| {
-                // Two processes migrating at once can race on the catalog; the loser finds
-                // the tables there on its next attempt, which the caller's retry provides.
-                if err.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                    Ok(())
-                } else {
-                    Err(err)
-                }
-            })?;
-        Ok(())
+        let ddl = format!(
+            "CREATE TABLE IF NOT EXISTS {c} (key uuid PRIMARY KEY, total bigint NOT NULL, updated_ms bigint NOT NULL);
+             CREATE TABLE IF NOT EXISTS {m} (source text PRIMARY KEY, seq bigint NOT NULL);
+             ALTER TABLE {m} ADD COLUMN IF NOT EXISTS floor_ms bigint NOT NULL DEFAULT 0,
+                             ADD COLUMN IF NOT EXISTS floor_seq bigint NOT NULL DEFAULT 0;
+             CREATE TABLE IF NOT EXISTS {a} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, PRIMARY KEY (source, ms, seq));
+             CREATE TABLE IF NOT EXISTS {d} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, key uuid NOT NULL, value bigint NOT NULL, reason text NOT NULL, at_ms bigint NOT NULL, PRIMARY KEY (source, ms, seq));
+             CREATE INDEX IF NOT EXISTS {d}_at ON {d} (source, at_ms);",
+            c = t.counts,
+            m = t.marks,
+            a = t.applied,
+            d = t.dead
+        );
+        // Processes migrating at once race on the catalog and the loser's whole batch rolls
+        // back; by its next attempt the winner's objects are there.
+        let mut attempt = 0;
+        loop {
+            match client.batch_execute(&ddl).await {
+                Ok(()) => return Ok(()),
+                Err(err) if attempt < 3 && is_catalog_race(&err) => attempt += 1,
+                Err(err) => return Err(err.into()),
+            }
+        }
     }
 
+    /// One flush, one transaction: which entries are new, the totals they change, the
+    /// dead letters they produce, and (embedded log) the raised watermark.
     pub async fn flush(
         &self,
         source: &str,
@@ -84,131 +103,20 @@ impl PostgresStore {
         pending: &Pending,
         now_ms: i64,
     ) -> Result<FlushReport, StoreError> {
-        let t = &self.tables;
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await?;
+        self.bound_waits(&tx).await?;
         let fresh = match dedupe {
-            Dedupe::Watermark => {
-                tx.execute(
-                    &format!(
-                        "INSERT INTO {} (source, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-                        t.marks
-                    ),
-                    &[&source],
-                )
-                .await?;
-                let row = tx
-                    .query_one(
-                        &format!("SELECT seq FROM {} WHERE source = $1 FOR UPDATE", t.marks),
-                        &[&source],
-                    )
-                    .await?;
-                Fresh::AboveSeq(to_u64(row.get(0))?)
-            }
-            Dedupe::Ids => {
-                let ids: Vec<EntryId> = pending.ids().collect();
-                let mut new = HashSet::with_capacity(ids.len());
-                let insert = tx
-                    .prepare(&format!(
-                        "INSERT INTO {} (source, ms, seq)
-                         SELECT $1, ms, seq FROM unnest($2::int8[], $3::int8[]) AS t(ms, seq)
-                         ON CONFLICT DO NOTHING RETURNING ms, seq",
-                        t.applied
-                    ))
-                    .await?;
-                for chunk in ids.chunks(self.chunk) {
-                    let ms = chunk
-                        .iter()
-                        .map(|id| to_i64(id.ms))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let seq = chunk
-                        .iter()
-                        .map(|id| to_i64(id.seq))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    for row in tx.query(&insert, &[&source, &ms, &seq]).await? {
-                        new.insert(EntryId {
-                            ms: to_u64(row.get(0))?,
-                            seq: to_u64(row.get(1))?,
-                        });
-                    }
-                }
-                Fresh::Ids(new)
-            }
+            Dedupe::Watermark => Fresh::AboveSeq(self.lock_watermark(&tx, source).await?),
+            Dedupe::Ids => Fresh::Ids(self.record_new_ids(&tx, source, pending).await?),
         };
-        // Lock the rows in key order: two workers flushing overlapping keys then wait for
-        // each other instead of deadlocking.
-        let keys: Vec<String> = pending
-            .keys
-            .iter()
-            .map(|(key, _)| key.to_string())
-            .collect();
-        let mut bases: HashMap<Uuid, i64> = HashMap::with_capacity(keys.len());
-        let select = tx
-            .prepare(&format!(
-                "SELECT key::text, total FROM {} WHERE key = ANY($1::text[]::uuid[]) ORDER BY key FOR UPDATE",
-                t.counts
-            ))
-            .await?;
-        for chunk in keys.chunks(self.chunk) {
-            for row in tx.query(&select, &[&chunk]).await? {
-                let key: String = row.get(0);
-                let key =
-                    Uuid::try_parse(&key).map_err(|err| StoreError::Range(err.to_string()))?;
-                bases.insert(key, row.get(1));
-            }
-        }
+        let bases = self.lock_totals(&tx, pending).await?;
         let plan = plan(pending, fresh, |key| bases.get(key).copied().unwrap_or(0));
-        if !plan.deltas.is_empty() {
-            let upsert = tx
-                .prepare(&format!(
-                    "INSERT INTO {c} (key, total, updated_ms)
-                     SELECT k::uuid, d, $3 FROM unnest($1::text[], $2::int8[]) AS t(k, d)
-                     ON CONFLICT (key) DO UPDATE SET total = {c}.total + EXCLUDED.total, updated_ms = EXCLUDED.updated_ms",
-                    c = t.counts
-                ))
-                .await?;
-            for chunk in plan.deltas.chunks(self.chunk) {
-                let keys: Vec<String> = chunk.iter().map(|(key, _)| key.to_string()).collect();
-                let deltas: Vec<i64> = chunk.iter().map(|(_, delta)| *delta).collect();
-                tx.execute(&upsert, &[&keys, &deltas, &now_ms]).await?;
-            }
-        }
-        if !plan.dead.is_empty() {
-            let ms = plan
-                .dead
-                .iter()
-                .map(|d| to_i64(d.id.ms))
-                .collect::<Result<Vec<_>, _>>()?;
-            let seq = plan
-                .dead
-                .iter()
-                .map(|d| to_i64(d.id.seq))
-                .collect::<Result<Vec<_>, _>>()?;
-            let keys: Vec<String> = plan.dead.iter().map(|d| d.key.to_string()).collect();
-            let values: Vec<i64> = plan.dead.iter().map(|d| d.value).collect();
-            let reasons: Vec<String> = plan.dead.iter().map(|d| d.reason.clone()).collect();
-            tx.execute(
-                &format!(
-                    "INSERT INTO {} (source, ms, seq, key, value, reason, at_ms)
-                     SELECT $1, ms, seq, k::uuid, v, r, $7
-                     FROM unnest($2::int8[], $3::int8[], $4::text[], $5::int8[], $6::text[]) AS t(ms, seq, k, v, r)
-                     ON CONFLICT DO NOTHING",
-                    t.dead
-                ),
-                &[&source, &ms, &seq, &keys, &values, &reasons, &now_ms],
-            )
-            .await?;
-        }
+        self.add_to_totals(&tx, &plan.deltas, now_ms).await?;
+        self.record_dead(&tx, source, &plan.dead, now_ms).await?;
         if dedupe == Dedupe::Watermark {
             if let Some(max) = pending.max_seq() {
-                tx.execute(
-                    &format!(
-                        "UPDATE {} SET seq = GREATEST(seq, $2) WHERE source = $1",
-                        t.marks
-                    ),
-                    &[&source, &to_i64(max)?],
-                )
-                .await?;
+                self.raise_watermark(&tx, source, max).await?;
             }
         }
         tx.commit().await?;
@@ -220,6 +128,202 @@ impl PostgresStore {
         })
     }
 
+    /// A flush waiting on a lock past the claim threshold would see its entries claimed and
+    /// flushed again by another worker: give up earlier, keep the entries, and retry. A
+    /// worker paused mid-transaction (SIGSTOP, a VM freeze) would hold its row locks and
+    /// stall every other worker: the server ends its session instead.
+    async fn bound_waits(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+        let lock_ms = self.flush_timeout.as_millis();
+        if lock_ms > 0 {
+            // A statement may also be slow without waiting for a lock, but it cannot wait
+            // longer than the lock bound plus a margin under the claim threshold.
+            let statement_ms = lock_ms * 3 / 2;
+            tx.batch_execute(&format!(
+                "SET LOCAL lock_timeout = {lock_ms}; SET LOCAL statement_timeout = {statement_ms};
+                 SET LOCAL idle_in_transaction_session_timeout = {lock_ms}"
+            ))
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn lock_watermark(&self, tx: &Transaction<'_>, source: &str) -> Result<u64, StoreError> {
+        let marks = &self.tables.marks;
+        tx.execute(
+            &format!("INSERT INTO {marks} (source, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING"),
+            &[&source],
+        )
+        .await?;
+        let row = tx
+            .query_one(
+                &format!("SELECT seq FROM {marks} WHERE source = $1 FOR UPDATE"),
+                &[&source],
+            )
+            .await?;
+        to_u64(row.try_get(0)?)
+    }
+
+    async fn raise_watermark(
+        &self,
+        tx: &Transaction<'_>,
+        source: &str,
+        max: u64,
+    ) -> Result<(), StoreError> {
+        tx.execute(
+            &format!(
+                "UPDATE {} SET seq = GREATEST(seq, $2) WHERE source = $1",
+                self.tables.marks
+            ),
+            &[&source, &to_i64(max)?],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Reads the stream's low-water mark under a share lock (pruning, which raises it, waits
+    /// for this transaction), fences off the ids below it, and records the others; the ids
+    /// the insert returns are the new ones. Two flushes inserting one id serialize on the
+    /// unique index: the second sees the first's row once it commits, so only one counts it.
+    async fn record_new_ids(
+        &self,
+        tx: &Transaction<'_>,
+        source: &str,
+        pending: &Pending,
+    ) -> Result<HashSet<EntryId>, StoreError> {
+        let floor = self.lock_floor(tx, source).await?;
+        let (ids, fenced) = floor::ids_to_record(pending.ids(), floor);
+        if fenced > 0 {
+            tracing::info!(
+                fenced,
+                %floor,
+                "skipped entries already applied and acknowledged (a stale copy held by a paused or slow worker)"
+            );
+        }
+        let mut new = HashSet::with_capacity(ids.len());
+        let insert = tx
+            .prepare(&format!(
+                "INSERT INTO {} (source, ms, seq)
+                 SELECT $1, ms, seq FROM unnest($2::int8[], $3::int8[]) AS t(ms, seq)
+                 ON CONFLICT DO NOTHING RETURNING ms, seq",
+                self.tables.applied
+            ))
+            .await?;
+        for chunk in ids.chunks(self.chunk) {
+            let (ms, seq) = id_columns(chunk.iter())?;
+            for row in tx.query(&insert, &[&source, &ms, &seq]).await? {
+                new.insert(EntryId {
+                    ms: to_u64(row.try_get(0)?)?,
+                    seq: to_u64(row.try_get(1)?)?,
+                });
+            }
+        }
+        Ok(new)
+    }
+
+    async fn lock_floor(&self, tx: &Transaction<'_>, source: &str) -> Result<EntryId, StoreError> {
+        let marks = &self.tables.marks;
+        // The row must exist before it is read: a flush that found none could not lock it,
+        // and a concurrent prune could then raise the mark and forget ids under its feet.
+        tx.execute(
+            &format!("INSERT INTO {marks} (source, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING"),
+            &[&source],
+        )
+        .await?;
+        let row = tx
+            .query_one(
+                &format!("SELECT floor_ms, floor_seq FROM {marks} WHERE source = $1 FOR SHARE"),
+                &[&source],
+            )
+            .await?;
+        Ok(EntryId {
+            ms: to_u64(row.try_get(0)?)?,
+            seq: to_u64(row.try_get(1)?)?,
+        })
+    }
+
+    /// Locks the current totals of the flush's keys in key order: two workers flushing
+    /// overlapping keys then wait for each other instead of deadlocking.
+    async fn lock_totals(
+        &self,
+        tx: &Transaction<'_>,
+        pending: &Pending,
+    ) -> Result<HashMap<Uuid, i64>, StoreError> {
+        let keys: Vec<String> = pending
+            .keys
+            .iter()
+            .map(|(key, _)| key.to_string())
+            .collect();
+        let mut bases: HashMap<Uuid, i64> = HashMap::with_capacity(keys.len());
+        let select = tx
+            .prepare(&format!(
+                "SELECT key::text, total FROM {} WHERE key = ANY($1::text[]::uuid[]) ORDER BY key FOR UPDATE",
+                self.tables.counts
+            ))
+            .await?;
+        for chunk in keys.chunks(self.chunk) {
+            for row in tx.query(&select, &[&chunk]).await? {
+                bases.insert(parse_key(row.try_get(0)?)?, row.try_get(1)?);
+            }
+        }
+        Ok(bases)
+    }
+
+    async fn add_to_totals(
+        &self,
+        tx: &Transaction<'_>,
+        deltas: &[(Uuid, i64)],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let upsert = tx
+            .prepare(&format!(
+                "INSERT INTO {c} (key, total, updated_ms)
+                 SELECT k::uuid, d, $3 FROM unnest($1::text[], $2::int8[]) AS t(k, d)
+                 ON CONFLICT (key) DO UPDATE SET total = {c}.total + EXCLUDED.total, updated_ms = EXCLUDED.updated_ms",
+                c = self.tables.counts
+            ))
+            .await?;
+        for chunk in deltas.chunks(self.chunk) {
+            let keys: Vec<String> = chunk.iter().map(|(key, _)| key.to_string()).collect();
+            let deltas: Vec<i64> = chunk.iter().map(|(_, delta)| *delta).collect();
+            tx.execute(&upsert, &[&keys, &deltas, &now_ms]).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_dead(
+        &self,
+        tx: &Transaction<'_>,
+        source: &str,
+        dead: &[DeadLetter],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        // In id order, like the applied ids: concurrent inserts take the key in one order.
+        let mut dead: Vec<&DeadLetter> = dead.iter().collect();
+        dead.sort_unstable_by_key(|letter| letter.id);
+        let (ms, seq) = id_columns(dead.iter().map(|letter| &letter.id))?;
+        let keys: Vec<String> = dead.iter().map(|d| d.key.to_string()).collect();
+        let values: Vec<i64> = dead.iter().map(|d| d.value).collect();
+        let reasons: Vec<String> = dead.iter().map(|d| d.reason.clone()).collect();
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (source, ms, seq, key, value, reason, at_ms)
+                 SELECT $1, ms, seq, k::uuid, v, r, $7
+                 FROM unnest($2::int8[], $3::int8[], $4::text[], $5::int8[], $6::text[]) AS t(ms, seq, k, v, r)
+                 ON CONFLICT DO NOTHING",
+                self.tables.dead
+            ),
+            &[&source, &ms, &seq, &keys, &values, &reasons, &now_ms],
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn watermark(&self, source: &str) -> Result<u64, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let row = client
@@ -228,12 +332,41 @@ impl PostgresStore {
                 &[&source],
             )
             .await?;
-        to_u64(row.map_or(0, |row| row.get(0)))
+        match row {
+            Some(row) => to_u64(row.try_get(0)?),
+            None => Ok(0),
+        }
     }
 
-    pub async fn count(&self, key: Uuid) -> Result<Option<Count>, StoreError> {
+    /// The stream's low-water mark (see [`floor`]); `0-0` before the first prune.
+    pub async fn floor(&self, source: &str) -> Result<EntryId, StoreError> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let row = client
+            .query_opt(
+                &format!(
+                    "SELECT floor_ms, floor_seq FROM {} WHERE source = $1",
+                    self.tables.marks
+                ),
+                &[&source],
+            )
+            .await?;
+        match row {
+            Some(row) => Ok(EntryId {
+                ms: to_u64(row.try_get(0)?)?,
+                seq: to_u64(row.try_get(1)?)?,
+            }),
+            None => Ok(EntryId { ms: 0, seq: 0 }),
+        }
+    }
+
+    /// One total, read within [`COUNT_TIMEOUT_MS`]: a reader must not queue for as long as
+    /// a lock on the table lasts, it gets an error (the API's 503) and asks again.
+    pub async fn count(&self, key: Uuid) -> Result<Option<Count>, StoreError> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {COUNT_TIMEOUT_MS}"))
+            .await?;
+        let row = tx
             .query_opt(
                 &format!(
                     "SELECT total, updated_ms FROM {} WHERE key = $1::text::uuid",
@@ -242,10 +375,14 @@ impl PostgresStore {
                 &[&key.to_string()],
             )
             .await?;
-        Ok(row.map(|row| Count {
-            total: row.get(0),
-            updated_ms: row.get(1),
-        }))
+        tx.commit().await?;
+        match row {
+            Some(row) => Ok(Some(Count {
+                total: row.try_get(0)?,
+                updated_ms: row.try_get(1)?,
+            })),
+            None => Ok(None),
+        }
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
@@ -254,17 +391,89 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Raises the low-water mark of `source` to `below` (never lowers it), then forgets the
+    /// recorded ids under the mark, in one transaction. The update waits for the flushes
+    /// that read the old mark (they hold it in share mode), and flushes that start later
+    /// see the new one: no flush can record an id the delete is about to forget, or miss
+    /// that an id it holds was forgotten.
     pub async fn prune_applied(&self, source: &str, below: EntryId) -> Result<u64, StoreError> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        Ok(client
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        let marks = &self.tables.marks;
+        tx.batch_execute(&format!("SET LOCAL lock_timeout = {PRUNE_LOCK_TIMEOUT_MS}"))
+            .await?;
+        tx.execute(
+            &format!("INSERT INTO {marks} (source, seq) VALUES ($1, 0) ON CONFLICT DO NOTHING"),
+            &[&source],
+        )
+        .await?;
+        let (ms, seq) = (to_i64(below.ms)?, to_i64(below.seq)?);
+        tx.execute(
+            &format!(
+                "UPDATE {marks} SET floor_ms = $2, floor_seq = $3
+                 WHERE source = $1 AND (floor_ms, floor_seq) < ($2, $3)"
+            ),
+            &[&source, &ms, &seq],
+        )
+        .await?;
+        let removed = tx
             .execute(
                 &format!(
-                    "DELETE FROM {} WHERE source = $1 AND (ms, seq) < ($2, $3)",
-                    self.tables.applied
+                    "DELETE FROM {applied} WHERE source = $1 AND (ms, seq) <
+                     (SELECT floor_ms, floor_seq FROM {marks} WHERE source = $1)",
+                    applied = self.tables.applied
                 ),
-                &[&source, &to_i64(below.ms)?, &to_i64(below.seq)?],
+                &[&source],
             )
-            .await?)
+            .await?;
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    pub async fn lower_floor(&self, source: &str, first: EntryId) -> Result<(), StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET floor_ms = $2, floor_seq = $3
+                     WHERE source = $1 AND (floor_ms, floor_seq) > ($2, $3)",
+                    self.tables.marks
+                ),
+                &[&source, &to_i64(first.ms)?, &to_i64(first.seq)?],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the dead letters of `source` recorded before `before_ms`, then all but the
+    /// newest `keep`.
+    pub async fn prune_dead_letters(
+        &self,
+        source: &str,
+        before_ms: i64,
+        keep: u64,
+    ) -> Result<u64, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let dead = &self.tables.dead;
+        let expired = client
+            .execute(
+                &format!("DELETE FROM {dead} WHERE source = $1 AND at_ms < $2"),
+                &[&source, &before_ms],
+            )
+            .await?;
+        let excess = client
+            .execute(
+                &format!(
+                    // At or below the first row past the newest `keep`; no such row
+                    // (fewer rows) compares as NULL and deletes nothing.
+                    "DELETE FROM {dead} WHERE source = $1 AND (at_ms, ms, seq) <= (
+                         SELECT at_ms, ms, seq FROM {dead} WHERE source = $1
+                         ORDER BY at_ms DESC, ms DESC, seq DESC OFFSET $2 LIMIT 1)"
+                ),
+                &[&source, &to_i64(keep)?],
+            )
+            .await?;
+        Ok(expired + excess)
     }
 
     pub async fn dead_letters(&self, source: &str) -> Result<Vec<DeadLetter>, StoreError> {
@@ -280,17 +489,44 @@ impl PostgresStore {
             .await?;
         rows.iter()
             .map(|row| {
-                let key: String = row.get(2);
                 Ok(DeadLetter {
                     id: EntryId {
-                        ms: to_u64(row.get(0))?,
-                        seq: to_u64(row.get(1))?,
+                        ms: to_u64(row.try_get(0)?)?,
+                        seq: to_u64(row.try_get(1)?)?,
                     },
-                    key: Uuid::try_parse(&key).map_err(|err| StoreError::Range(err.to_string()))?,
-                    value: row.get(3),
-                    reason: row.get(4),
+                    key: parse_key(row.try_get(2)?)?,
+                    value: row.try_get(3)?,
+                    reason: row.try_get(4)?,
                 })
             })
             .collect()
     }
+}
+
+fn is_catalog_race(err: &tokio_postgres::Error) -> bool {
+    [
+        &SqlState::UNIQUE_VIOLATION,
+        &SqlState::DUPLICATE_TABLE,
+        &SqlState::DUPLICATE_COLUMN,
+        &SqlState::DUPLICATE_OBJECT,
+    ]
+    .iter()
+    .any(|state| err.code() == Some(*state))
+}
+
+fn parse_key(text: &str) -> Result<Uuid, StoreError> {
+    Uuid::try_parse(text).map_err(|err| StoreError::Range(err.to_string()))
+}
+
+/// Entry ids as the two `int8[]` columns the statements unnest.
+fn id_columns<'a>(
+    ids: impl Iterator<Item = &'a EntryId>,
+) -> Result<(Vec<i64>, Vec<i64>), StoreError> {
+    let mut ms = Vec::new();
+    let mut seq = Vec::new();
+    for id in ids {
+        ms.push(to_i64(id.ms)?);
+        seq.push(to_i64(id.seq)?);
+    }
+    Ok((ms, seq))
 }

@@ -244,21 +244,74 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
-/// Drops a test's tables so the shared database does not collect them.
-pub async fn drop_tables(config: &IncrementsConfig) {
-    let Some(url) = &config.database_url else {
-        return;
-    };
-    let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await else {
-        return;
-    };
-    tokio::spawn(connection);
-    let p = &config.table_prefix;
-    let _ = client
-        .batch_execute(&format!(
-            "DROP TABLE IF EXISTS {p}_counts, {p}_marks, {p}_applied, {p}_dead_letters"
-        ))
-        .await;
+/// Drops a test's tables and Redis streams when it ends, passed or failed (a panicking
+/// test unwinds through this guard), so the shared engines do not collect them.
+pub struct Cleanup(Option<Leftovers>);
+
+struct Leftovers {
+    database_url: Option<String>,
+    table_prefix: String,
+    redis_url: Option<String>,
+    streams: Vec<String>,
+}
+
+impl Cleanup {
+    pub fn new(config: &IncrementsConfig) -> Self {
+        Cleanup(Some(Leftovers {
+            database_url: config.database_url.clone(),
+            table_prefix: config.table_prefix.clone(),
+            redis_url: config.redis_url.clone(),
+            streams: vec![config.stream.clone(), config.dead_letter_stream()],
+        }))
+    }
+}
+
+impl Leftovers {
+    async fn remove(self) {
+        if let Some(url) = &self.database_url {
+            if let Ok((client, connection)) =
+                tokio_postgres::connect(url, tokio_postgres::NoTls).await
+            {
+                tokio::spawn(connection);
+                let p = &self.table_prefix;
+                let _ = client
+                    .batch_execute(&format!(
+                        // Bounded: a lock still held by the failed test must not hang it.
+                        "SET lock_timeout = 5000; DROP TABLE IF EXISTS {p}_counts, {p}_marks, {p}_applied, {p}_dead_letters"
+                    ))
+                    .await;
+            }
+        }
+        if let Some(url) = &self.redis_url {
+            if let Ok(client) = redis::Client::open(url.as_str()) {
+                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                    let _: Result<(), _> = redis::cmd("DEL")
+                        .arg(&self.streams)
+                        .query_async(&mut conn)
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let Some(leftovers) = self.0.take() else {
+            return;
+        };
+        // Drop cannot await, and runs inside the test's runtime: clean up on a thread with
+        // a runtime of its own.
+        let done = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(leftovers.remove());
+            }
+        });
+        let _ = done.join();
+    }
 }
 
 /// Forwards TCP to `target` while the switch is on; turning it off cuts every open
