@@ -49,8 +49,8 @@ impl fmt::Display for Malformed {
     }
 }
 
-/// Parses one line, `line` ending in `\n` or `\r\n` (or in nothing, for the last line of a
-/// stream).
+/// Parses one line, `line` ending in `\n` or `\r\n` (the terminator is optional here; the
+/// source session decides what an unterminated line means).
 pub fn parse(line: &[u8]) -> Result<Event, Malformed> {
     let body = strip_terminator(line);
     let mut fields = body.split(|&byte| byte == b'|');

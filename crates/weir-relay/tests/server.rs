@@ -436,3 +436,25 @@ async fn shutdown_delivers_what_was_read_then_closes_clients() {
     within(client.read_to_string(&mut all)).await.unwrap();
     assert_eq!(all, "1|B\n2|B\n");
 }
+
+#[tokio::test]
+async fn a_line_cut_off_by_the_source_disconnecting_is_malformed_not_delivered() {
+    let relay = Relay::start(config()).await;
+    let mut five = relay.client("5\n").await;
+    let mut source = relay.source().await;
+    // `2|P|2|5` is the start of a message for 50, not a message for 5.
+    source.write_all(b"1|P|1|50\n2|P|2|5").await.unwrap();
+    drop(source);
+    let snapshot = relay
+        .wait(|s| s.counts.events_malformed == 1 && s.sources_connected == 0)
+        .await;
+    assert_eq!(snapshot.counts.events_delivered, 1);
+    let mut source = relay.source().await;
+    source.write_all(b"1|P|3|5\n").await.unwrap();
+    assert_eq!(
+        read_until(&mut five, "1|P|3|5\n").await,
+        "1|P|3|5\n",
+        "nothing of the cut-off line reached 5"
+    );
+    relay.stop().await;
+}

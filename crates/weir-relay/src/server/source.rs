@@ -92,7 +92,7 @@ async fn source_session(
             return;
         }
     }
-    // The last line may lack its terminator; it is still an event.
+    // A line still open here was cut off by the disconnect: it is counted, never delivered.
     let mut batch = Vec::new();
     splitter.finish(&buf[..filled], |item| {
         if let SourceItem::Malformed(bad) = &item {
@@ -145,9 +145,16 @@ impl LineSplitter {
         start
     }
 
+    /// Reports what is left when the source disconnects: a line without its terminator is
+    /// incomplete (`2|P|2|5` may have been `2|P|2|50`), so it is malformed. Its sequence
+    /// number is not claimed either, because the number itself may be cut short (`12` of
+    /// `123|B`) and a resuming source may send the whole line again.
     fn finish(&mut self, rest: &[u8], emit: impl FnOnce(SourceItem)) {
         if !rest.is_empty() && !self.discarding {
-            emit(self.item(rest));
+            emit(SourceItem::Malformed(Malformed {
+                seq: None,
+                reason: "line cut off by the disconnect (no terminator)",
+            }));
         }
     }
 
@@ -196,8 +203,19 @@ mod tests {
     #[test]
     fn lines_split_across_reads_are_joined() {
         assert_eq!(
-            split_all(64, &[b"1|B\n2|", b"S|3\r\n3|B"]),
+            split_all(64, &[b"1|B\n2|", b"S|3\r\n3|B\n"]),
             vec![Ok(1), Ok(2), Ok(3)]
+        );
+    }
+
+    #[test]
+    fn an_unterminated_last_line_is_malformed_and_claims_no_number() {
+        assert_eq!(
+            split_all(64, &[b"1|P|1|50\n2|P|2|5"]),
+            vec![
+                Ok(1),
+                Err((None, "line cut off by the disconnect (no terminator)"))
+            ]
         );
     }
 
