@@ -13,6 +13,7 @@ pub struct Counts {
     pub events_delivered: u64,
     pub events_malformed: u64,
     pub events_stale: u64,
+    pub events_too_far_ahead: u64,
     pub gaps_skipped: u64,
     pub notifications_sent: u64,
     pub clients_dropped_slow: u64,
@@ -29,12 +30,19 @@ pub struct Snapshot {
     pub sources_connected: u64,
 }
 
+const EVENTS_TOO_FAR_AHEAD: &str = "weir_relay_events_too_far_ahead_total";
+
+/// Metrics added since the first release, registered at zero on start so that dashboards
+/// and alerts see them before the first occurrence.
+const REGISTERED_AT_START: &[&str] = &[EVENTS_TOO_FAR_AHEAD];
+
 #[derive(Debug, Default)]
 pub struct RelayStats {
     events_received: AtomicU64,
     events_delivered: AtomicU64,
     events_malformed: AtomicU64,
     events_stale: AtomicU64,
+    events_too_far_ahead: AtomicU64,
     gaps_skipped: AtomicU64,
     notifications_sent: AtomicU64,
     clients_dropped_slow: AtomicU64,
@@ -47,6 +55,13 @@ pub struct RelayStats {
 }
 
 impl RelayStats {
+    pub fn new() -> Self {
+        for name in REGISTERED_AT_START {
+            metrics::counter!(*name).increment(0);
+        }
+        Self::default()
+    }
+
     pub fn add(&self, counts: &Counts) {
         let pairs = [
             (
@@ -68,6 +83,11 @@ impl RelayStats {
                 &self.events_stale,
                 counts.events_stale,
                 "weir_relay_events_stale_total",
+            ),
+            (
+                &self.events_too_far_ahead,
+                counts.events_too_far_ahead,
+                EVENTS_TOO_FAR_AHEAD,
             ),
             (
                 &self.gaps_skipped,
@@ -128,6 +148,7 @@ impl RelayStats {
                 events_delivered: load(&self.events_delivered),
                 events_malformed: load(&self.events_malformed),
                 events_stale: load(&self.events_stale),
+                events_too_far_ahead: load(&self.events_too_far_ahead),
                 gaps_skipped: load(&self.gaps_skipped),
                 notifications_sent: load(&self.notifications_sent),
                 clients_dropped_slow: load(&self.clients_dropped_slow),

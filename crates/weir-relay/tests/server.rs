@@ -346,6 +346,7 @@ async fn the_state_file_carries_the_stream_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let with_state = || RelayConfig {
         state_file: Some(state_path(&dir)),
+        source_mode: SourceMode::Resume,
         ..config()
     };
 
@@ -457,4 +458,42 @@ async fn a_line_cut_off_by_the_source_disconnecting_is_malformed_not_delivered()
         "nothing of the cut-off line reached 5"
     );
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn one_implausibly_far_number_is_refused_and_the_stream_carries_on() {
+    let relay = Relay::start(config()).await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    let mut lines = String::from("1|B\n1000000000000|B\n");
+    for seq in 2..=1000 {
+        lines.push_str(&format!("{seq}|B\n"));
+    }
+    source.write_all(lines.as_bytes()).await.unwrap();
+    let received = read_until(&mut client, "\n1000|B\n").await;
+    assert_eq!(received.lines().count(), 1000);
+    assert!(!received.contains("1000000000000|B"));
+    let snapshot = relay.wait(|s| s.counts.events_delivered == 1000).await;
+    assert_eq!(snapshot.counts.events_too_far_ahead, 1);
+    assert_eq!(snapshot.counts.events_stale, 0);
+    assert_eq!(snapshot.counts.gaps_skipped, 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_state_file_in_reset_mode_is_refused_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let listeners = Listeners {
+        events: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        clients: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let config = RelayConfig {
+        state_file: Some(state_path(&dir)),
+        source_mode: SourceMode::Reset,
+        ..config()
+    };
+    let Err(err) = weir_relay::spawn(listeners, config, Shutdown::new()) else {
+        panic!("a state file in reset mode started");
+    };
+    assert!(err.to_string().contains("stateFile"), "{err}");
 }

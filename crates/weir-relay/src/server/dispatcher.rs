@@ -8,8 +8,11 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{ClientHandle, Control, LogLimiter, SourceItem, SourceMessage};
-use crate::config::{RelayConfig, SourceMode};
+use weir_runtime::logs::LogLimiter;
+use weir_runtime::warn_limited;
+
+use super::{ClientHandle, Control, SourceItem, SourceMessage};
+use crate::config::{RelayConfig, RelayConfigError, SourceMode};
 use crate::event::Event;
 use crate::graph::FollowGraph;
 use crate::reorder::{Insert, Released, ReorderWindow};
@@ -31,37 +34,37 @@ pub(super) struct Dispatcher {
     window: ReorderWindow<Slot>,
     released: Vec<Released<Slot>>,
     counts: Counts,
-    /// The first source after a start continues a stream loaded from the state file, even
-    /// in reset mode: that is what the state file is for.
-    continue_saved_stream: bool,
     /// When the current head gap started blocking held events, and at which number.
     blocked: Option<(u64, tokio::time::Instant)>,
     state_dirty: bool,
-    gap_log: LogLimiter,
 }
+
+static GAP_LOG: LogLimiter = LogLimiter::per_second();
+static STALE_LOG: LogLimiter = LogLimiter::per_second();
+static TOO_FAR_AHEAD_LOG: LogLimiter = LogLimiter::per_second();
 
 impl Dispatcher {
     pub(super) fn new(
         config: Arc<RelayConfig>,
         stats: Arc<RelayStats>,
         saved: Option<StreamState>,
-    ) -> Self {
-        let (next, graph, continue_saved_stream) = match saved {
-            Some(saved) => (saved.next_sequence, saved.graph(), true),
-            None => (1, FollowGraph::new(), false),
+    ) -> Result<Self, RelayConfigError> {
+        let (next, graph) = match saved {
+            Some(saved) => (saved.next_sequence, saved.graph()),
+            None => (1, FollowGraph::new()),
         };
-        Dispatcher {
-            window: ReorderWindow::new(next, config.max_window),
+        let window =
+            ReorderWindow::new(next, config.window_capacity()?, config.max_sequence_ahead());
+        Ok(Dispatcher {
+            window,
             router: Router::new(graph),
             config,
             stats,
             released: Vec::new(),
             counts: Counts::default(),
-            continue_saved_stream,
             blocked: None,
             state_dirty: false,
-            gap_log: LogLimiter::new("missing sequence number"),
-        }
+        })
     }
 
     pub(super) async fn run(
@@ -121,8 +124,7 @@ impl Dispatcher {
     fn on_source(&mut self, message: SourceMessage) {
         match message {
             SourceMessage::Started { peer } => {
-                let resume = self.config.source_mode == SourceMode::Resume
-                    || std::mem::take(&mut self.continue_saved_stream);
+                let resume = self.config.source_mode == SourceMode::Resume;
                 self.stats.set_sources_connected(1);
                 if !resume {
                     self.window.reset(1);
@@ -174,9 +176,28 @@ impl Dispatcher {
                     }
                 }
             };
+            let next = self.window.next_expected();
             match self.window.insert(seq, slot, &mut released) {
                 Insert::Accepted => {}
-                Insert::Stale | Insert::Duplicate => self.counts.events_stale += 1,
+                Insert::Stale | Insert::Duplicate => {
+                    self.counts.events_stale += 1;
+                    warn_limited!(
+                        STALE_LOG,
+                        seq,
+                        next_expected = next,
+                        "dropped an event whose sequence number was already handled"
+                    );
+                }
+                Insert::TooFarAhead => {
+                    self.counts.events_too_far_ahead += 1;
+                    warn_limited!(
+                        TOO_FAR_AHEAD_LOG,
+                        seq,
+                        next_expected = next,
+                        max_ahead = self.config.max_sequence_ahead(),
+                        "dropped an event whose sequence number is implausibly far ahead"
+                    );
+                }
             }
         }
         self.released = released;
@@ -194,9 +215,7 @@ impl Dispatcher {
                 Released::Event(Slot::Skip) => {}
                 Released::Gap { first, count } => {
                     self.counts.gaps_skipped += count;
-                    self.gap_log.note(&format_args!(
-                        "skipped {count} missing sequence number(s) from {first}"
-                    ));
+                    warn_limited!(GAP_LOG, first, count, "skipped missing sequence numbers");
                 }
             }
         }

@@ -18,7 +18,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
@@ -35,7 +35,7 @@ use client::accept_clients;
 use dispatcher::Dispatcher;
 use source::accept_sources;
 
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, RelayConfigError};
 use crate::event::{Event, Malformed};
 use crate::router::ConnId;
 use crate::state::{self, StateError};
@@ -51,6 +51,8 @@ pub enum RelayError {
     },
     #[error("cannot read a listener's address: {0}")]
     Address(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] RelayConfigError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("the relay task failed: {0}")]
@@ -126,6 +128,7 @@ pub fn spawn(
     config: RelayConfig,
     shutdown: Shutdown,
 ) -> Result<RelayHandle, RelayError> {
+    config.validate()?;
     let saved = match &config.state_file {
         Some(path) => state::load(path)?,
         None => None,
@@ -137,7 +140,7 @@ pub fn spawn(
             "continuing the stream from the state file"
         );
     }
-    let stats = Arc::new(RelayStats::default());
+    let stats = Arc::new(RelayStats::new());
     let events_addr = listeners.events.local_addr().map_err(RelayError::Address)?;
     let clients_addr = listeners
         .clients
@@ -148,7 +151,7 @@ pub fn spawn(
     let (source_tx, source_rx) = mpsc::channel(16);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
 
-    let dispatcher = Dispatcher::new(config.clone(), stats.clone(), saved);
+    let dispatcher = Dispatcher::new(config.clone(), stats.clone(), saved)?;
     let token = shutdown.token.clone();
     let dispatcher = shutdown
         .tracker
@@ -226,53 +229,6 @@ async fn next_connection(
         tokio::select! {
             _ = token.cancelled() => return None,
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-    }
-}
-
-/// Logs the first few problems of each second and counts the rest, so a stream of garbage
-/// cannot flood the logs.
-struct LogLimiter {
-    what: &'static str,
-    window_start: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const PER_SECOND: u32 = 10;
-
-    fn new(what: &'static str) -> Self {
-        LogLimiter {
-            what,
-            window_start: Instant::now(),
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-
-    fn note(&mut self, detail: &dyn std::fmt::Display) {
-        if self.window_start.elapsed() >= Duration::from_secs(1) {
-            self.flush();
-            self.window_start = Instant::now();
-            self.logged = 0;
-        }
-        if self.logged < Self::PER_SECOND {
-            self.logged += 1;
-            tracing::warn!(%detail, "skipped a {}", self.what);
-        } else {
-            self.suppressed += 1;
-        }
-    }
-
-    fn flush(&mut self) {
-        if self.suppressed > 0 {
-            tracing::warn!(
-                count = self.suppressed,
-                "skipped more of: {} (not logged one by one)",
-                self.what
-            );
-            self.suppressed = 0;
         }
     }
 }

@@ -11,7 +11,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use weir_runtime::Shutdown;
 
-use super::{next_connection, LogLimiter, SourceItem, SourceMessage};
+use weir_runtime::logs::LogLimiter;
+use weir_runtime::warn_limited;
+
+use super::{next_connection, SourceItem, SourceMessage};
 use crate::config::RelayConfig;
 use crate::event::{self, Malformed};
 
@@ -60,11 +63,10 @@ async fn source_session(
     if tx.send(SourceMessage::Started { peer }).await.is_err() {
         return;
     }
-    let max_line = config.max_line_length.max(16);
+    let max_line = config.max_line_length;
     let mut buf = vec![0u8; (64 * 1024).max(max_line * 2)];
     let mut filled = 0;
     let mut splitter = LineSplitter::new(max_line);
-    let mut log = LogLimiter::new("malformed line from the event source");
     loop {
         let read = tokio::select! {
             _ = token.cancelled() => break,
@@ -81,9 +83,7 @@ async fn source_session(
         filled += n;
         let mut batch = Vec::with_capacity(filled / 16);
         let consumed = splitter.split(&buf[..filled], |item| {
-            if let SourceItem::Malformed(bad) = &item {
-                log.note(bad);
-            }
+            log_malformed(peer, &item);
             batch.push(item);
         });
         buf.copy_within(consumed..filled, 0);
@@ -95,16 +95,23 @@ async fn source_session(
     // A line still open here was cut off by the disconnect: it is counted, never delivered.
     let mut batch = Vec::new();
     splitter.finish(&buf[..filled], |item| {
-        if let SourceItem::Malformed(bad) = &item {
-            log.note(bad);
-        }
+        log_malformed(peer, &item);
         batch.push(item);
     });
     if !batch.is_empty() {
         let _ = tx.send(SourceMessage::Batch(batch)).await;
     }
-    log.flush();
     let _ = tx.send(SourceMessage::Ended { peer }).await;
+}
+
+static MALFORMED_LOG: LogLimiter = LogLimiter::per_second();
+
+/// The reason is the relay's own words and the number was parsed, so no input bytes reach
+/// the log.
+fn log_malformed(peer: SocketAddr, item: &SourceItem) {
+    if let SourceItem::Malformed(bad) = item {
+        warn_limited!(MALFORMED_LOG, %peer, problem = %bad, "skipped a malformed line from the event source");
+    }
 }
 
 /// Cuts a byte stream into lines, turning over-long lines into malformed items without
