@@ -497,3 +497,47 @@ async fn a_state_file_in_reset_mode_is_refused_at_start_naming_the_key() {
     };
     assert!(err.to_string().contains("stateFile"), "{err}");
 }
+
+#[tokio::test]
+async fn a_second_relay_on_the_same_state_file_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_state = || RelayConfig {
+        state_file: Some(state_path(&dir)),
+        source_mode: SourceMode::Resume,
+        ..config()
+    };
+    let first = Relay::start(with_state()).await;
+    let listeners = Listeners {
+        events: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        clients: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let Err(err) = weir_relay::spawn(listeners, with_state(), Shutdown::new()) else {
+        panic!("two relays share one state file");
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    first.stop().await;
+    Relay::start(with_state()).await.stop().await;
+}
+
+#[tokio::test]
+async fn the_last_state_is_written_at_shutdown_even_between_intervals() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(RelayConfig {
+        state_file: Some(state_path(&dir)),
+        source_mode: SourceMode::Resume,
+        state_interval_ms: 3_600_000,
+        ..config()
+    })
+    .await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|F|1|2\n2|B\n3|F|3|2\n").await.unwrap();
+    relay.wait(|s| s.counts.events_delivered == 3).await;
+    relay.stop().await;
+    let saved = weir_relay::state::load(&state_path(&dir)).unwrap().unwrap();
+    assert_eq!(saved.next_sequence, 4);
+    assert_eq!(saved.follows, vec![(1, 2), (3, 2)]);
+}

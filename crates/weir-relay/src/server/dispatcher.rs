@@ -11,13 +11,14 @@ use tokio_util::sync::CancellationToken;
 use weir_runtime::logs::LogLimiter;
 use weir_runtime::warn_limited;
 
+use super::state_writer::StateWriter;
 use super::{ClientHandle, Control, SourceItem, SourceMessage};
 use crate::config::{RelayConfig, RelayConfigError, SourceMode};
 use crate::event::Event;
 use crate::graph::FollowGraph;
 use crate::reorder::{Insert, Released, ReorderWindow};
 use crate::router::Router;
-use crate::state::{self, StreamState};
+use crate::state::StreamState;
 use crate::stats::{Counts, RelayStats};
 
 /// A held window slot: an event, or a sequence number whose line was malformed and which is
@@ -37,6 +38,7 @@ pub(super) struct Dispatcher {
     /// When the current head gap started blocking held events, and at which number.
     blocked: Option<(u64, tokio::time::Instant)>,
     state_dirty: bool,
+    state_writer: Option<StateWriter>,
 }
 
 static GAP_LOG: LogLimiter = LogLimiter::per_second();
@@ -48,6 +50,7 @@ impl Dispatcher {
         config: Arc<RelayConfig>,
         stats: Arc<RelayStats>,
         saved: Option<StreamState>,
+        state_writer: Option<StateWriter>,
     ) -> Result<Self, RelayConfigError> {
         let (next, graph) = match saved {
             Some(saved) => (saved.next_sequence, saved.graph()),
@@ -64,6 +67,7 @@ impl Dispatcher {
             counts: Counts::default(),
             blocked: None,
             state_dirty: false,
+            state_writer,
         })
     }
 
@@ -92,7 +96,7 @@ impl Dispatcher {
                     self.released = released;
                     self.deliver_released();
                 }
-                _ = state_tick.tick(), if self.config.state_file.is_some() => self.save_state().await,
+                _ = state_tick.tick(), if self.state_writer.is_some() => self.save_state(),
             }
             self.publish();
         }
@@ -105,7 +109,9 @@ impl Dispatcher {
         while let Ok(message) = control.try_recv() {
             self.on_control(message);
         }
-        self.save_state().await;
+        if let Some(writer) = self.state_writer.take() {
+            writer.finish(self.capture_state()).await;
+        }
         let clients = self.router.drain_clients();
         self.publish();
         tracing::info!(clients = clients.len(), "relay stopped");
@@ -257,26 +263,19 @@ impl Dispatcher {
             .set_gauges(self.router.client_count(), self.window.held());
     }
 
-    async fn save_state(&mut self) {
-        let Some(path) = self.config.state_file.clone() else {
-            return;
-        };
+    /// Hands the state writer a snapshot if anything changed since the last one.
+    fn save_state(&mut self) {
         if !std::mem::take(&mut self.state_dirty) {
             return;
         }
-        let snapshot = StreamState::capture(self.window.next_expected(), self.router.graph());
-        let saved = tokio::task::spawn_blocking(move || state::save(&path, &snapshot)).await;
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                tracing::error!(%err, "could not save the relay state");
-                self.state_dirty = true;
-            }
-            Err(err) => {
-                tracing::error!(%err, "the state writer failed");
-                self.state_dirty = true;
-            }
+        let snapshot = self.capture_state();
+        if let Some(writer) = &self.state_writer {
+            writer.submit(snapshot);
         }
+    }
+
+    fn capture_state(&self) -> StreamState {
+        StreamState::capture(self.window.next_expected(), self.router.graph())
     }
 }
 

@@ -30,6 +30,7 @@ use weir_runtime::Shutdown;
 mod client;
 mod dispatcher;
 mod source;
+mod state_writer;
 
 use client::accept_clients;
 use dispatcher::Dispatcher;
@@ -129,9 +130,13 @@ pub fn spawn(
     shutdown: Shutdown,
 ) -> Result<RelayHandle, RelayError> {
     config.validate()?;
-    let saved = match &config.state_file {
-        Some(path) => state::load(path)?,
-        None => None,
+    // Locked before it is read: another relay could be about to overwrite it.
+    let (saved, state_lock) = match &config.state_file {
+        Some(path) => {
+            let lock = state::lock(path)?;
+            (state::load(path)?, Some((path.clone(), lock)))
+        }
+        None => (None, None),
     };
     if let Some(saved) = &saved {
         tracing::info!(
@@ -151,7 +156,8 @@ pub fn spawn(
     let (source_tx, source_rx) = mpsc::channel(16);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
 
-    let dispatcher = Dispatcher::new(config.clone(), stats.clone(), saved)?;
+    let state_writer = state_lock.map(|(path, lock)| state_writer::StateWriter::spawn(path, lock));
+    let dispatcher = Dispatcher::new(config.clone(), stats.clone(), saved, state_writer)?;
     let token = shutdown.token.clone();
     let dispatcher = shutdown
         .tracker
