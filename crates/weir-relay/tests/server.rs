@@ -204,27 +204,21 @@ async fn a_disconnected_client_is_removed_at_once() {
     relay.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stuck_client_is_dropped_without_delaying_the_others() {
-    let relay = Relay::start(RelayConfig {
-        client_buffer: 1 << 20,
-        ..config()
-    })
-    .await;
-    // Never reads, with a tiny receive buffer: the relay's queue for it fills quickly.
-    let stuck_socket = tokio::net::TcpSocket::new_v4().unwrap();
-    stuck_socket.set_recv_buffer_size(1024).unwrap();
-    let mut stuck = stuck_socket
-        .connect(relay.handle().clients_addr)
-        .await
-        .unwrap();
-    stuck.write_all(b"1\n").await.unwrap();
-    relay.wait(|s| s.clients_connected == 1).await;
-    let mut healthy = relay.client("2\n").await;
-    let mut source = relay.source().await;
-    // In rounds that the healthy client keeps up with, so only the stuck one falls behind.
-    // Ten rounds of half a megabyte outgrow the stuck client's queue and socket buffers.
-    let rounds = 20u64;
+/// A client that sends its id and then never reads, with a tiny receive buffer so that the
+/// relay's queue for it fills quickly.
+async fn stuck_client(relay: &Relay, user: &str) -> TcpStream {
+    let before = relay.handle().stats.snapshot().clients_connected;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let mut stuck = socket.connect(relay.handle().clients_addr).await.unwrap();
+    stuck.write_all(user.as_bytes()).await.unwrap();
+    relay.wait(|s| s.clients_connected > before).await;
+    stuck
+}
+
+/// Broadcasts `rounds` rounds of 50,000 events, each round read in full by `healthy` before
+/// the next is sent, so only clients that do not read fall behind.
+async fn broadcast_rounds(source: &mut TcpStream, healthy: &mut TcpStream, rounds: u64) {
     let per_round = 50_000u64;
     for round in 0..rounds {
         let mut lines = String::new();
@@ -233,12 +227,72 @@ async fn a_stuck_client_is_dropped_without_delaying_the_others() {
         }
         source.write_all(lines.as_bytes()).await.unwrap();
         let last = format!("{}|B\n", (round + 1) * per_round);
-        let received = read_until(&mut healthy, &last).await;
+        let received = read_until(healthy, &last).await;
         assert_eq!(
             received, lines,
             "round {round}: the healthy client got every broadcast"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_clients_over_the_queue_budget_are_dropped_largest_first_and_memory_returns() {
+    let relay = Relay::start(RelayConfig {
+        client_buffer: 4 << 20,
+        max_queued_bytes: 4 << 20,
+        ..config()
+    })
+    .await;
+    let mut stuck = Vec::new();
+    for user in ["1\n", "2\n", "3\n"] {
+        stuck.push(stuck_client(&relay, user).await);
+    }
+    let mut healthy = relay.client("4\n").await;
+    let mut source = relay.source().await;
+    // Each stuck client is sent 8 MB. Three of them reach the 4 MiB budget together when
+    // each holds a third of it, far below its own 4 MiB buffer: the largest goes, then the
+    // next. The last one alone may reach its own buffer first (a slow-client drop) or the
+    // budget with the healthy client's few bytes (a budget drop).
+    broadcast_rounds(&mut source, &mut healthy, 20).await;
+    let snapshot = relay
+        .wait(|s| {
+            s.counts.clients_dropped_queue_budget + s.counts.clients_dropped_slow == 3
+                && s.clients_connected == 1
+        })
+        .await;
+    assert!(
+        snapshot.counts.clients_dropped_queue_budget >= 2,
+        "{snapshot:?}"
+    );
+    for mut client in stuck {
+        closed(&mut client).await;
+    }
+    // The dropped clients' queues are discarded, not kept: only the healthy client's
+    // in-flight bytes (if any) may remain.
+    source.write_all(b"1000001|B\n").await.unwrap();
+    read_until(&mut healthy, "1000001|B\n").await;
+    // Sessions take bytes off as they write or discard them, without waking anyone: poll.
+    within(async {
+        while relay.handle().stats.snapshot().queued_bytes != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_client_is_dropped_without_delaying_the_others() {
+    let relay = Relay::start(RelayConfig {
+        client_buffer: 1 << 20,
+        ..config()
+    })
+    .await;
+    let mut stuck = stuck_client(&relay, "1\n").await;
+    let mut healthy = relay.client("2\n").await;
+    let mut source = relay.source().await;
+    // 8 MB for each client outgrow the stuck client's queue and socket buffers.
+    broadcast_rounds(&mut source, &mut healthy, 20).await;
     let snapshot = relay.wait(|s| s.counts.clients_dropped_slow == 1).await;
     assert_eq!(snapshot.clients_connected, 1);
     closed(&mut stuck).await;

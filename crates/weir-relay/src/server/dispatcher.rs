@@ -1,7 +1,7 @@
 //! The dispatcher: the one task that owns the reorder window, the follow graph and the
 //! router, so routing needs no locks.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use super::{ClientHandle, Control, SourceItem, SourceMessage};
 use crate::config::{RelayConfig, RelayConfigError, SourceMode};
 use crate::event::Event;
 use crate::graph::FollowGraph;
+use crate::queue_budget;
 use crate::reorder::{Insert, Released, ReorderWindow};
 use crate::router::Router;
 use crate::state::StreamState;
@@ -39,8 +40,12 @@ pub(super) struct Dispatcher {
     blocked: Option<(u64, tokio::time::Instant)>,
     state_dirty: bool,
     state_writer: Option<StateWriter>,
+    /// Bytes queued for all clients together (see `QueuedBytes`).
+    queued_total: Arc<AtomicUsize>,
 }
 
+static SLOW_CLIENT_LOG: LogLimiter = LogLimiter::per_second();
+static QUEUE_BUDGET_LOG: LogLimiter = LogLimiter::per_second();
 static GAP_LOG: LogLimiter = LogLimiter::per_second();
 static STALE_LOG: LogLimiter = LogLimiter::per_second();
 static TOO_FAR_AHEAD_LOG: LogLimiter = LogLimiter::per_second();
@@ -51,6 +56,7 @@ impl Dispatcher {
         stats: Arc<RelayStats>,
         saved: Option<StreamState>,
         state_writer: Option<StateWriter>,
+        queued_total: Arc<AtomicUsize>,
     ) -> Result<Self, RelayConfigError> {
         let (next, graph) = match saved {
             Some(saved) => (saved.next_sequence, saved.graph()),
@@ -68,6 +74,7 @@ impl Dispatcher {
             blocked: None,
             state_dirty: false,
             state_writer,
+            queued_total,
         })
     }
 
@@ -225,24 +232,69 @@ impl Dispatcher {
                 }
             }
         }
+        self.hand_out_pending();
+        self.enforce_queue_budget();
+        self.state_dirty = true;
+        self.update_blocked();
+    }
+
+    /// Hands each client its bytes; a client whose queue would pass `clientBuffer` is
+    /// dropped instead.
+    fn hand_out_pending(&mut self) {
         let limit = self.config.client_buffer;
         let dropped = self.router.flush(|client, bytes| {
             let len = bytes.len();
-            if client.queued.load(Ordering::Acquire) + len > limit {
+            if client.queued.client() + len > limit {
                 return false;
             }
-            client.queued.fetch_add(len, Ordering::AcqRel);
-            // A closed channel means the session is already leaving; its disconnect follows.
-            let _ = client.tx.send(Bytes::from(bytes));
+            client.queued.add(len);
+            if client.tx.send(Bytes::from(bytes)).is_err() {
+                // The session is already leaving (its disconnect follows) and never saw these.
+                client.queued.sub(len);
+            }
             true
         });
         for (conn, client) in dropped {
             client.kick.cancel();
             self.counts.clients_dropped_slow += 1;
-            tracing::warn!(conn, limit, "dropped a client that fell too far behind");
+            warn_limited!(
+                SLOW_CLIENT_LOG,
+                conn,
+                limit,
+                "dropped a client that fell too far behind"
+            );
         }
-        self.state_dirty = true;
-        self.update_blocked();
+    }
+
+    /// Drops the clients with the largest queues while all queues together are over
+    /// `maxQueuedBytes`. The shared total also holds bytes of clients already dropped whose
+    /// sessions have not discarded them yet, so it only triggers the check; the decision is
+    /// made on the queues of the clients still connected.
+    fn enforce_queue_budget(&mut self) {
+        let budget = self.config.max_queued_bytes;
+        if self.queued_total.load(Ordering::Acquire) <= budget {
+            return;
+        }
+        let queues = self
+            .router
+            .handles()
+            .map(|(conn, client)| (conn, client.queued.client()))
+            .collect();
+        for conn in queue_budget::over_budget(queues, budget) {
+            let Some(client) = self.router.disconnect(conn) else {
+                continue;
+            };
+            let queued = client.queued.client();
+            client.kick.cancel();
+            self.counts.clients_dropped_queue_budget += 1;
+            warn_limited!(
+                QUEUE_BUDGET_LOG,
+                conn,
+                queued,
+                budget,
+                "dropped the client with the largest queue: all clients together queued more than maxQueuedBytes"
+            );
+        }
     }
 
     fn update_blocked(&mut self) {

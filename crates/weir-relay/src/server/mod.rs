@@ -16,7 +16,7 @@
 //! - `dispatcher.rs`: the task that orders, routes and hands out bytes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -145,7 +145,8 @@ pub fn spawn(
             "continuing the stream from the state file"
         );
     }
-    let stats = Arc::new(RelayStats::new());
+    let queued_total = Arc::new(AtomicUsize::new(0));
+    let stats = Arc::new(RelayStats::new(queued_total.clone()));
     let events_addr = listeners.events.local_addr().map_err(RelayError::Address)?;
     let clients_addr = listeners
         .clients
@@ -157,7 +158,13 @@ pub fn spawn(
     let (control_tx, control_rx) = mpsc::unbounded_channel();
 
     let state_writer = state_lock.map(|(path, lock)| state_writer::StateWriter::spawn(path, lock));
-    let dispatcher = Dispatcher::new(config.clone(), stats.clone(), saved, state_writer)?;
+    let dispatcher = Dispatcher::new(
+        config.clone(),
+        stats.clone(),
+        saved,
+        state_writer,
+        queued_total.clone(),
+    )?;
     let token = shutdown.token.clone();
     let dispatcher = shutdown
         .tracker
@@ -174,6 +181,7 @@ pub fn spawn(
         listeners.clients,
         config,
         control_tx,
+        queued_total,
         shutdown,
     ));
     Ok(RelayHandle {
@@ -184,11 +192,43 @@ pub fn spawn(
     })
 }
 
+/// Bytes handed to client sessions and not yet written (or dropped): one connection's, and
+/// every connection's together. Every message is added before it is sent and subtracted
+/// exactly once: by the session when it writes or discards it, or by the dispatcher when
+/// the send fails because the session is already gone.
+#[derive(Clone)]
+struct QueuedBytes {
+    client: Arc<AtomicUsize>,
+    total: Arc<AtomicUsize>,
+}
+
+impl QueuedBytes {
+    fn new(total: Arc<AtomicUsize>) -> Self {
+        QueuedBytes {
+            client: Arc::new(AtomicUsize::new(0)),
+            total,
+        }
+    }
+
+    fn client(&self) -> usize {
+        self.client.load(Ordering::Acquire)
+    }
+
+    fn add(&self, len: usize) {
+        self.client.fetch_add(len, Ordering::AcqRel);
+        self.total.fetch_add(len, Ordering::AcqRel);
+    }
+
+    fn sub(&self, len: usize) {
+        self.client.fetch_sub(len, Ordering::AcqRel);
+        self.total.fetch_sub(len, Ordering::AcqRel);
+    }
+}
+
 /// What the dispatcher holds for each client connection.
 struct ClientHandle {
     tx: mpsc::UnboundedSender<Bytes>,
-    /// Bytes handed to the session and not yet written to the socket.
-    queued: Arc<AtomicUsize>,
+    queued: QueuedBytes,
     /// Cancelled to make the session close at once, without writing what is queued.
     kick: CancellationToken,
 }
