@@ -479,17 +479,36 @@ async fn without_a_gap_timeout_a_connected_source_keeps_the_gap_open() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn shutdown_delivers_what_was_read_then_closes_clients() {
-    let relay = Relay::start(config()).await;
-    let mut client = relay.client("1\n").await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_delivery_writes_everything_queued_then_closes_clients() {
+    let relay = Relay::start(RelayConfig {
+        client_buffer: 16 << 20,
+        max_queued_bytes: 16 << 20,
+        ..config()
+    })
+    .await;
+    // Not read until the relay has stopped, with a tiny receive window, so most of its
+    // notifications are still queued in the relay when shutdown begins.
+    let mut client = stuck_client(&relay, "1\n").await;
     let mut source = relay.source().await;
-    source.write_all(b"1|B\n2|B\n").await.unwrap();
-    relay.wait(|s| s.counts.events_delivered == 2).await;
+    let total = 200_000u64;
+    let mut lines = String::new();
+    for seq in 1..=total {
+        lines.push_str(&format!("{seq}|B\n"));
+    }
+    source.write_all(lines.as_bytes()).await.unwrap();
+    let snapshot = relay.wait(|s| s.counts.events_delivered == total).await;
+    assert!(
+        snapshot.queued_bytes > 0,
+        "shutdown must begin with notifications still queued: {snapshot:?}"
+    );
     relay.stop().await;
     let mut all = String::new();
     within(client.read_to_string(&mut all)).await.unwrap();
-    assert_eq!(all, "1|B\n2|B\n");
+    assert!(
+        all == lines,
+        "every queued notification was written, in order, before the close"
+    );
 }
 
 #[tokio::test]

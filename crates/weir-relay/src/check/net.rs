@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::progress::Counters;
 use super::stream::{encode, Batches, StreamParams, MAX_LINE};
-use super::verify::{LineSplitter, Missing, UserCheck};
+use super::verify::{Missing, ReceivedLineSplitter, UserCheck};
 use super::CheckError;
 
 /// Clients connecting at once: enough to be quick, few enough not to overflow a server's
@@ -108,7 +108,7 @@ pub async fn watch_client(
         buffer,
     } = client;
     let mut buf = vec![0u8; buffer];
-    let mut lines = LineSplitter::default();
+    let mut lines = ReceivedLineSplitter::default();
     let mut settled = check.is_settled();
     if settled {
         let _ = notes.send((slot, Note::Settled));

@@ -66,7 +66,7 @@ async fn source_session(
     let max_line = config.max_line_length;
     let mut buf = vec![0u8; (64 * 1024).max(max_line * 2)];
     let mut filled = 0;
-    let mut splitter = LineSplitter::new(max_line);
+    let mut splitter = SourceLineSplitter::new(max_line);
     loop {
         let read = tokio::select! {
             _ = token.cancelled() => break,
@@ -114,17 +114,17 @@ fn log_malformed(peer: SocketAddr, item: &SourceItem) {
     }
 }
 
-/// Cuts a byte stream into lines, turning over-long lines into malformed items without
-/// ever buffering more than `max_line` bytes of one.
-struct LineSplitter {
+/// Cuts the event source's byte stream into lines, turning over-long lines into malformed
+/// items without ever buffering more than `max_line` bytes of one.
+struct SourceLineSplitter {
     max_line: usize,
     /// Inside an over-long line whose start was already reported: skip to its end.
     discarding: bool,
 }
 
-impl LineSplitter {
+impl SourceLineSplitter {
     fn new(max_line: usize) -> Self {
-        LineSplitter {
+        SourceLineSplitter {
             max_line,
             discarding: false,
         }
@@ -191,7 +191,7 @@ mod tests {
         max_line: usize,
         chunks: &[&[u8]],
     ) -> Vec<Result<u64, (Option<u64>, &'static str)>> {
-        let mut splitter = LineSplitter::new(max_line);
+        let mut splitter = SourceLineSplitter::new(max_line);
         let mut buf = Vec::new();
         let mut out = Vec::new();
         let mut collect = |item: SourceItem| match item {
