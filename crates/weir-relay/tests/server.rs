@@ -6,7 +6,8 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -613,4 +614,81 @@ async fn the_last_state_is_written_at_shutdown_even_between_intervals() {
     let saved = weir_relay::state::load(&state_path(&dir)).unwrap().unwrap();
     assert_eq!(saved.next_sequence, 4);
     assert_eq!(saved.follows, vec![(1, 2), (3, 2)]);
+}
+
+/// Everything logged on this thread while it lives. Tests on the default (current-thread)
+/// runtime run the relay's tasks on this thread too.
+struct CapturedLogs {
+    text: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl CapturedLogs {
+    fn start() -> CapturedLogs {
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let sink = text.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || SharedWriter(sink.clone()))
+            .finish();
+        CapturedLogs {
+            text,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
+    }
+}
+
+struct SharedWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn client_logs_are_rate_limited_and_show_input_escaped() {
+    let logs = CapturedLogs::start();
+    let relay = Relay::start(config()).await;
+    let started = Instant::now();
+    let attempts = 50;
+    for _ in 0..attempts {
+        let mut stream = TcpStream::connect(relay.handle().clients_addr)
+            .await
+            .unwrap();
+        stream.write_all(b"\x1b[31mevil\r\n").await.unwrap();
+        closed(&mut stream).await;
+    }
+    relay.wait(|s| s.counts.clients_rejected == attempts).await;
+    // Ten lines a second at most, whatever the number of bad clients.
+    let allowed = 10 * (started.elapsed().as_secs() as usize + 1);
+    let mut source = relay.source().await;
+    source.write_all(b"1|B\n1|B\n").await.unwrap();
+    relay.wait(|s| s.counts.events_stale == 1).await;
+    relay.stop().await;
+    let text = logs.text();
+    let invalid = text
+        .lines()
+        .filter(|line| line.contains("invalid user id"))
+        .count();
+    assert!((1..=allowed).contains(&invalid), "{invalid} lines:\n{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "a raw escape reached the log:\n{text}"
+    );
+    assert!(text.contains("\\u{1b}[31mevil"), "{text}");
+    assert!(
+        text.contains("already handled"),
+        "stale events are logged:\n{text}"
+    );
 }

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use weir_runtime::logs::LogLimiter;
-use weir_runtime::warn_limited;
+use weir_runtime::{info_limited, warn_limited};
 
 use super::state_writer::StateWriter;
 use super::{ClientHandle, Control, SourceItem, SourceMessage};
@@ -44,6 +44,8 @@ pub(super) struct Dispatcher {
     queued_total: Arc<AtomicUsize>,
 }
 
+/// A source that connects and leaves in a loop must not write two lines each time.
+static SOURCE_LOG: LogLimiter = LogLimiter::per_second();
 static SLOW_CLIENT_LOG: LogLimiter = LogLimiter::per_second();
 static QUEUE_BUDGET_LOG: LogLimiter = LogLimiter::per_second();
 static GAP_LOG: LogLimiter = LogLimiter::per_second();
@@ -144,7 +146,8 @@ impl Dispatcher {
                     self.router.graph_mut().clear();
                     self.blocked = None;
                 }
-                tracing::info!(
+                info_limited!(
+                    SOURCE_LOG,
                     %peer,
                     next_sequence = self.window.next_expected(),
                     "stream {}",
@@ -160,7 +163,8 @@ impl Dispatcher {
                     self.released = released;
                     self.deliver_released();
                 }
-                tracing::info!(
+                info_limited!(
+                    SOURCE_LOG,
                     %peer,
                     next_sequence = self.window.next_expected(),
                     held = self.window.held(),

@@ -257,6 +257,8 @@ enum SourceMessage {
     Refused,
 }
 
+static ACCEPT_LOG: weir_runtime::logs::LogLimiter = weir_runtime::logs::LogLimiter::per_second();
+
 /// The next connection, or `None` once shutdown begins. A failed accept (out of file
 /// descriptors, say) is logged and retried after a pause, rather than spinning.
 async fn next_connection(
@@ -269,7 +271,7 @@ async fn next_connection(
             _ = token.cancelled() => return None,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => return Some(accepted),
-                Err(err) => tracing::warn!(%err, "accepting {what} failed"),
+                Err(err) => weir_runtime::warn_limited!(ACCEPT_LOG, %err, "accepting {what} failed"),
             },
         }
         tokio::select! {

@@ -32,7 +32,11 @@ pub(super) async fn accept_sources(
             return;
         };
         if active.swap(true, Ordering::AcqRel) {
-            tracing::warn!(%peer, "refused a second event source: one is already connected");
+            warn_limited!(
+                REFUSED_LOG,
+                %peer,
+                "refused a second event source: one is already connected"
+            );
             let _ = tx.send(SourceMessage::Refused).await;
             drop(stream);
             continue;
@@ -76,7 +80,7 @@ async fn source_session(
             Ok(0) => break,
             Ok(n) => n,
             Err(err) => {
-                tracing::warn!(%peer, %err, "event source read failed");
+                warn_limited!(READ_ERROR_LOG, %peer, %err, "event source read failed");
                 break;
             }
         };
@@ -105,6 +109,8 @@ async fn source_session(
 }
 
 static MALFORMED_LOG: LogLimiter = LogLimiter::per_second();
+static REFUSED_LOG: LogLimiter = LogLimiter::per_second();
+static READ_ERROR_LOG: LogLimiter = LogLimiter::per_second();
 
 /// The reason is the relay's own words and the number was parsed, so no input bytes reach
 /// the log.
