@@ -48,6 +48,10 @@ pub(super) struct Dispatcher {
 static SOURCE_LOG: LogLimiter = LogLimiter::per_second();
 static SLOW_CLIENT_LOG: LogLimiter = LogLimiter::per_second();
 static QUEUE_BUDGET_LOG: LogLimiter = LogLimiter::per_second();
+/// More releases than one 64 KiB read of the source can produce (16,384 lines of 4 bytes), so
+/// ordinary batches never shrink and regrow it.
+const RELEASED_KEEP: usize = 16_384;
+
 static GAP_LOG: LogLimiter = LogLimiter::per_second();
 static STALE_LOG: LogLimiter = LogLimiter::per_second();
 static TOO_FAR_AHEAD_LOG: LogLimiter = LogLimiter::per_second();
@@ -235,6 +239,11 @@ impl Dispatcher {
                     warn_limited!(GAP_LOG, first, count, "skipped missing sequence numbers");
                 }
             }
+        }
+        // A window drained at once (the source left with 100,000 events held) fills this
+        // far beyond one read's worth; that memory is not kept for the rest of the stream.
+        if self.released.capacity() > RELEASED_KEEP {
+            self.released.shrink_to(RELEASED_KEEP);
         }
         self.hand_out_pending();
         self.enforce_queue_budget();
