@@ -59,7 +59,8 @@ fn bench(c: &mut Criterion) {
         b.iter_batched(
             || events.clone(),
             |events| {
-                let mut window = ReorderWindow::new(1, 100_000);
+                let mut window =
+                    ReorderWindow::new(1, std::num::NonZeroUsize::new(100_000).unwrap(), u64::MAX);
                 let mut out = Vec::with_capacity(256);
                 let mut released = 0;
                 for event in events {

@@ -4,6 +4,7 @@
 //! (`eventListenerPort`, `clientListenerPort`), so existing scripts keep working.
 
 use std::net::IpAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -31,6 +32,10 @@ pub struct RelayConfig {
     /// expected sequence number, the missing numbers are skipped (and counted) so memory
     /// stays bounded. Each held event costs about 80 bytes.
     pub max_window: usize,
+    /// Furthest ahead of the next expected sequence number an event may be. Anything further
+    /// is rejected (and counted) instead of making the window skip every number before it: one
+    /// bad number must not turn the rest of the stream stale. Unset: ten times `max_window`.
+    pub max_sequence_ahead: Option<u64>,
     /// Skip a missing sequence number once later events have waited this long for it.
     /// Unset: wait until the window is full or the source disconnects.
     pub gap_timeout_ms: Option<u64>,
@@ -42,6 +47,10 @@ pub struct RelayConfig {
     pub state_interval_ms: u64,
     /// Bytes queued for one client before it is considered stuck and disconnected.
     pub client_buffer: usize,
+    /// Bytes queued for all clients together. Past it, the clients with the largest queues
+    /// are dropped until the total is back under it, so stuck clients cannot take the
+    /// machine's memory between them.
+    pub max_queued_bytes: usize,
     /// Longest accepted line, terminator included, on either port.
     pub max_line_length: usize,
     /// How long a new client may take to send its user id.
@@ -55,29 +64,129 @@ impl Default for RelayConfig {
             event_listener_port: 9090,
             client_listener_port: 9099,
             max_window: 100_000,
+            max_sequence_ahead: None,
             gap_timeout_ms: None,
             source_mode: SourceMode::Reset,
             state_file: None,
             state_interval_ms: 1_000,
             client_buffer: 1 << 20,
+            max_queued_bytes: 64 << 20,
             max_line_length: 1_024,
             client_id_timeout_ms: 10_000,
         }
     }
 }
 
+/// A setting that cannot work, named by its key as written in the config file.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayConfigError {
+    #[error(transparent)]
+    Load(#[from] weir_runtime::config::ConfigError),
+    #[error("invalid configuration: {key} {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+/// Shortest `maxLineLength`: room for a follow event with short ids and its terminator.
+pub const MIN_LINE_LENGTH: usize = 16;
+
+/// How many windows ahead an event may be when `maxSequenceAhead` is unset.
+const DEFAULT_WINDOWS_AHEAD: u64 = 10;
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> RelayConfigError {
+    RelayConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
 impl RelayConfig {
+    /// Checks every setting once, at start, so that a zero or contradictory value is an
+    /// error naming its key rather than something quietly bent into shape.
+    pub fn validate(&self) -> Result<(), RelayConfigError> {
+        self.window_capacity()?;
+        let ahead = self.max_sequence_ahead();
+        if ahead < self.max_window as u64 {
+            return Err(invalid(
+                "maxSequenceAhead",
+                format!(
+                    "must be at least maxWindow ({}), got {ahead}",
+                    self.max_window
+                ),
+            ));
+        }
+        if self.gap_timeout_ms == Some(0) {
+            return Err(invalid(
+                "gapTimeoutMs",
+                "must be at least 1 (leave it unset to wait for the window to fill)",
+            ));
+        }
+        positive("stateIntervalMs", self.state_interval_ms)?;
+        positive("clientIdTimeoutMs", self.client_id_timeout_ms)?;
+        if self.max_line_length < MIN_LINE_LENGTH {
+            return Err(invalid(
+                "maxLineLength",
+                format!(
+                    "must be at least {MIN_LINE_LENGTH}, got {}",
+                    self.max_line_length
+                ),
+            ));
+        }
+        if self.client_buffer < self.max_line_length {
+            return Err(invalid(
+                "clientBuffer",
+                format!(
+                    "must hold at least one line (maxLineLength {}), got {}",
+                    self.max_line_length, self.client_buffer
+                ),
+            ));
+        }
+        if self.max_queued_bytes < self.client_buffer {
+            return Err(invalid(
+                "maxQueuedBytes",
+                format!(
+                    "must be at least clientBuffer ({}), got {}",
+                    self.client_buffer, self.max_queued_bytes
+                ),
+            ));
+        }
+        if self.state_file.is_some() && self.source_mode == SourceMode::Reset {
+            return Err(invalid(
+                "stateFile",
+                "needs sourceMode resume: in reset mode every new source (and so the first \
+                 one after a restart) starts a new stream, so there is nothing to carry over",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn window_capacity(&self) -> Result<NonZeroUsize, RelayConfigError> {
+        NonZeroUsize::new(self.max_window).ok_or_else(|| invalid("maxWindow", "must be at least 1"))
+    }
+
+    /// `maxSequenceAhead`, or its default derived from the window.
+    pub fn max_sequence_ahead(&self) -> u64 {
+        self.max_sequence_ahead
+            .unwrap_or_else(|| (self.max_window as u64).saturating_mul(DEFAULT_WINDOWS_AHEAD))
+    }
+
     pub fn gap_timeout(&self) -> Option<Duration> {
         self.gap_timeout_ms.map(Duration::from_millis)
     }
 
     pub fn state_interval(&self) -> Duration {
-        Duration::from_millis(self.state_interval_ms.max(1))
+        Duration::from_millis(self.state_interval_ms)
     }
 
     pub fn client_id_timeout(&self) -> Duration {
         Duration::from_millis(self.client_id_timeout_ms)
     }
+}
+
+fn positive(key: &'static str, value: u64) -> Result<(), RelayConfigError> {
+    if value == 0 {
+        return Err(invalid(key, "must be at least 1"));
+    }
+    Ok(())
 }
 
 /// Environment variables honoured, with the seeds' names.
@@ -108,6 +217,10 @@ pub struct ServeFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_window: Option<usize>,
+    /// Furthest ahead of the next expected number an event may be [default: 10 x max-window].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sequence_ahead: Option<u64>,
     /// Skip a missing sequence number after this many milliseconds [default: never].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +241,11 @@ pub struct ServeFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_buffer: Option<usize>,
+    /// Bytes queued for all clients together before the largest queues are dropped
+    /// [default: 67108864].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued_bytes: Option<usize>,
     /// Longest accepted line in bytes [default: 1024].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -139,8 +257,12 @@ pub struct ServeFlags {
 }
 
 impl ServeFlags {
-    pub fn load(&self) -> Result<RelayConfig, weir_runtime::config::ConfigError> {
-        weir_runtime::config::load(self.config_file.as_deref(), ENV_KEYS, self)
+    /// The layered settings, validated.
+    pub fn load(&self) -> Result<RelayConfig, RelayConfigError> {
+        let config: RelayConfig =
+            weir_runtime::config::load(self.config_file.as_deref(), ENV_KEYS, self)?;
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -180,5 +302,108 @@ mod tests {
         let config = flags.load().unwrap();
         assert_eq!(config.source_mode, SourceMode::Resume);
         assert_eq!(config.gap_timeout(), Some(Duration::from_millis(250)));
+    }
+
+    fn rejected_key(config: RelayConfig) -> &'static str {
+        match config.validate() {
+            Err(RelayConfigError::Invalid { key, .. }) => key,
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_valid() {
+        RelayConfig::default().validate().unwrap();
+        assert_eq!(RelayConfig::default().max_sequence_ahead(), 1_000_000);
+    }
+
+    #[test]
+    fn zero_and_contradictory_values_are_errors_naming_their_key() {
+        let base = RelayConfig::default;
+        let cases = [
+            (
+                RelayConfig {
+                    max_window: 0,
+                    ..base()
+                },
+                "maxWindow",
+            ),
+            (
+                RelayConfig {
+                    state_interval_ms: 0,
+                    ..base()
+                },
+                "stateIntervalMs",
+            ),
+            (
+                RelayConfig {
+                    client_id_timeout_ms: 0,
+                    ..base()
+                },
+                "clientIdTimeoutMs",
+            ),
+            (
+                RelayConfig {
+                    gap_timeout_ms: Some(0),
+                    ..base()
+                },
+                "gapTimeoutMs",
+            ),
+            (
+                RelayConfig {
+                    max_line_length: 3,
+                    ..base()
+                },
+                "maxLineLength",
+            ),
+            (
+                RelayConfig {
+                    client_buffer: 0,
+                    ..base()
+                },
+                "clientBuffer",
+            ),
+            (
+                RelayConfig {
+                    max_queued_bytes: 1_000,
+                    ..base()
+                },
+                "maxQueuedBytes",
+            ),
+            (
+                RelayConfig {
+                    max_sequence_ahead: Some(10),
+                    ..base()
+                },
+                "maxSequenceAhead",
+            ),
+            (
+                RelayConfig {
+                    state_file: Some("relay.state".into()),
+                    source_mode: SourceMode::Reset,
+                    ..base()
+                },
+                "stateFile",
+            ),
+        ];
+        for (config, key) in cases {
+            assert_eq!(rejected_key(config), key);
+        }
+    }
+
+    #[test]
+    fn the_error_message_names_the_key_as_written_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, r#"{"stateIntervalMs": 0}"#).unwrap();
+        let flags = ServeFlags {
+            config_file: Some(path),
+            ..ServeFlags::default()
+        };
+        let message = flags.load().unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "invalid configuration: stateIntervalMs must be at least 1"
+        );
     }
 }

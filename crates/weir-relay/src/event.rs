@@ -7,6 +7,10 @@
 
 use std::fmt;
 
+/// The largest sequence number accepted: one below `u64::MAX`, so that "the number after the
+/// last one handled" always fits in a `u64` and nothing that counts sequence numbers wraps.
+pub const MAX_SEQUENCE: u64 = u64::MAX - 1;
+
 /// Kinds of event, with the letter the protocol uses for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -49,8 +53,8 @@ impl fmt::Display for Malformed {
     }
 }
 
-/// Parses one line, `line` ending in `\n` or `\r\n` (or in nothing, for the last line of a
-/// stream).
+/// Parses one line, `line` ending in `\n` or `\r\n` (the terminator is optional here; the
+/// source session decides what an unterminated line means).
 pub fn parse(line: &[u8]) -> Result<Event, Malformed> {
     let body = strip_terminator(line);
     let mut fields = body.split(|&byte| byte == b'|');
@@ -63,6 +67,12 @@ pub fn parse(line: &[u8]) -> Result<Event, Malformed> {
         return Err(Malformed {
             seq: None,
             reason: "sequence numbers start at 1",
+        });
+    }
+    if seq > MAX_SEQUENCE {
+        return Err(Malformed {
+            seq: None,
+            reason: "sequence number out of range",
         });
     }
     let fail = |reason| Malformed {
@@ -104,7 +114,7 @@ pub fn parse(line: &[u8]) -> Result<Event, Malformed> {
 /// so the relay can still mark that number as handled.
 pub fn leading_seq(line: &[u8]) -> Option<u64> {
     let end = line.iter().position(|&byte| byte == b'|')?;
-    parse_id(&line[..end]).filter(|&seq| seq > 0)
+    parse_id(&line[..end]).filter(|&seq| (1..=MAX_SEQUENCE).contains(&seq))
 }
 
 /// A user id as the clients send it: the line, trimmed of whitespace.
@@ -212,7 +222,7 @@ mod tests {
         assert_eq!(ok("7|S|1\r\n").payload.as_bytes(), b"7|S|1\r\n");
         assert_eq!(ok("7|S|1\n").payload.as_bytes(), b"7|S|1\n");
         assert_eq!(ok("7|S|1").payload.as_bytes(), b"7|S|1");
-        let long = format!("{}|S|{}\n", u64::MAX, u64::MAX);
+        let long = format!("{}|S|{}\n", MAX_SEQUENCE, u64::MAX);
         assert_eq!(ok(&long).payload.as_bytes(), long.as_bytes());
     }
 
@@ -228,6 +238,10 @@ mod tests {
         assert_eq!(bad("+5|B\n").seq, None);
         assert_eq!(bad("0|B\n").reason, "sequence numbers start at 1");
         assert_eq!(bad("18446744073709551616|B\n").seq, None, "overflows u64");
+        assert_eq!(
+            bad("18446744073709551615|B\n").reason,
+            "sequence number out of range"
+        );
         assert_eq!(
             bad("5|X|1|2\n"),
             Malformed {
@@ -269,7 +283,7 @@ mod tests {
         }
 
         #[test]
-        fn well_formed_lines_round_trip(seq in 1u64.., from in any::<u64>(), to in any::<u64>(), crlf in any::<bool>()) {
+        fn well_formed_lines_round_trip(seq in 1u64..=MAX_SEQUENCE, from in any::<u64>(), to in any::<u64>(), crlf in any::<bool>()) {
             let end = if crlf { "\r\n" } else { "\n" };
             let line = format!("{seq}|F|{from}|{to}{end}");
             let event = parse(line.as_bytes()).unwrap();

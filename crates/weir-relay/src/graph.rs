@@ -48,14 +48,20 @@ impl FollowGraph {
     }
 
     /// Every edge as `(follower, followed)`, sorted, for the state file.
+    /// `(follower, followed)` pairs, sorted.
     pub fn to_edges(&self) -> Vec<(u64, u64)> {
-        let mut edges: Vec<(u64, u64)> = self
-            .followers
-            .iter()
-            .flat_map(|(&followed, set)| set.iter().map(move |&follower| (follower, followed)))
-            .collect();
+        let mut edges = self.unsorted_edges();
         edges.sort_unstable();
         edges
+    }
+
+    /// `(follower, followed)` pairs in no particular order: the cheap copy a busy task takes,
+    /// leaving the sort to whoever writes them out.
+    pub fn unsorted_edges(&self) -> Vec<(u64, u64)> {
+        self.followers
+            .iter()
+            .flat_map(|(&followed, set)| set.iter().map(move |&follower| (follower, followed)))
+            .collect()
     }
 
     pub fn from_edges(edges: impl IntoIterator<Item = (u64, u64)>) -> Self {

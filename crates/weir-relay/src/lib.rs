@@ -6,6 +6,7 @@
 //! - [`reorder`]: the bounded reorder window and its gap policy.
 //! - [`graph`]: who follows whom.
 //! - [`router`]: which connected clients an event notifies, batching their bytes.
+//! - [`queue_budget`]: which clients to drop when all queues together are over the cap.
 //! - [`state`]: the state file (next sequence number and follow graph) across restarts.
 //!
 //! I/O at the edges:
@@ -20,6 +21,7 @@ pub mod check;
 pub mod config;
 pub mod event;
 pub mod graph;
+pub mod queue_budget;
 pub mod reorder;
 pub mod router;
 pub mod server;

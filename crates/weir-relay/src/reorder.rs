@@ -3,9 +3,17 @@
 //! Slot `i` holds sequence number `next + i`. Memory is bounded by `max` slots, however
 //! long the stream: an event that would land further ahead than that forces the window to
 //! give up on the oldest missing numbers (a *gap*), which are reported so they can be
-//! counted and logged rather than silently lost.
+//! counted and logged rather than silently lost. An event implausibly far ahead (more than
+//! `max_ahead` past the next expected number) is refused instead: skipping everything before
+//! it would turn the rest of an honest stream stale because of one bad number.
+//!
+//! The cursor never wraps: numbers stop at [`MAX_SEQUENCE`], so the one after the last still
+//! fits in a `u64`, and a window that delivered it takes nothing more.
 
 use std::collections::VecDeque;
+use std::num::NonZeroUsize;
+
+use crate::event::MAX_SEQUENCE;
 
 /// What leaves the window, in sequence order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +35,9 @@ pub enum Insert {
     Stale,
     /// An event with that number is already held: the first one wins.
     Duplicate,
+    /// Further ahead of the next expected number than the window accepts: dropped, and the
+    /// window is left as it was.
+    TooFarAhead,
 }
 
 #[derive(Debug)]
@@ -35,6 +46,7 @@ pub struct ReorderWindow<T> {
     slots: VecDeque<Option<T>>,
     held: usize,
     max: usize,
+    max_ahead: u64,
 }
 
 /// Above this many idle slots of capacity, an emptied window gives the memory back, so a
@@ -42,13 +54,15 @@ pub struct ReorderWindow<T> {
 const SHRINK_ABOVE: usize = 4_096;
 
 impl<T> ReorderWindow<T> {
-    /// A window expecting `next` first and holding at most `max` (at least 1) slots.
-    pub fn new(next: u64, max: usize) -> Self {
+    /// A window expecting `next` first, holding at most `max` slots, and refusing numbers
+    /// more than `max_ahead` past the next expected one.
+    pub fn new(next: u64, max: NonZeroUsize, max_ahead: u64) -> Self {
         ReorderWindow {
             next,
             slots: VecDeque::new(),
             held: 0,
-            max: max.max(1),
+            max: max.get(),
+            max_ahead,
         }
     }
 
@@ -73,14 +87,19 @@ impl<T> ReorderWindow<T> {
     /// Inserts `item` with number `seq`; whatever becomes deliverable is pushed onto `out`
     /// in order.
     pub fn insert(&mut self, seq: u64, item: T, out: &mut Vec<Released<T>>) -> Insert {
-        if seq < self.next {
+        let Some(ahead) = seq.checked_sub(self.next) else {
             return Insert::Stale;
+        };
+        if ahead > self.max_ahead || seq > MAX_SEQUENCE {
+            return Insert::TooFarAhead;
         }
         let max = self.max as u64;
-        if seq - self.next >= max {
-            // Make room: everything before `seq - max + 1` is given up on.
+        if ahead >= max {
+            // Make room: everything before `seq - max + 1` is given up on. `seq >= max`
+            // because `seq - next >= max`.
             self.release_below(seq - max + 1, out);
         }
+        // Below `max` now, which is a `usize`.
         let offset = (seq - self.next) as usize;
         if offset >= self.slots.len() {
             self.slots.resize_with(offset + 1, || None);
@@ -118,7 +137,7 @@ impl<T> ReorderWindow<T> {
         while let Some(Some(_)) = self.slots.front() {
             if let Some(Some(item)) = self.slots.pop_front() {
                 out.push(Released::Event(item));
-                self.next += 1;
+                self.advance();
                 self.held -= 1;
             }
         }
@@ -139,11 +158,11 @@ impl<T> ReorderWindow<T> {
                     }
                     out.push(Released::Event(item));
                     self.held -= 1;
-                    self.next += 1;
+                    self.advance();
                 }
                 Some(None) => {
                     gap_start.get_or_insert(self.next);
-                    self.next += 1;
+                    self.advance();
                 }
                 None => {
                     // Nothing is held beyond this point: jump straight to the floor, however
@@ -161,6 +180,13 @@ impl<T> ReorderWindow<T> {
         }
     }
 
+    /// Steps past the number just handled. Held numbers are at most [`MAX_SEQUENCE`], so this
+    /// reaches `u64::MAX` at most, meaning "every number is handled"; saturating rather than
+    /// wrapping keeps that true even if the invariant were broken.
+    fn advance(&mut self) {
+        self.next = self.next.saturating_add(1);
+    }
+
     fn shrink_if_idle(&mut self) {
         if self.slots.is_empty() && self.slots.capacity() > SHRINK_ABOVE {
             self.slots.shrink_to(SHRINK_ABOVE);
@@ -172,6 +198,10 @@ impl<T> ReorderWindow<T> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    fn new_window(next: u64, max: usize) -> ReorderWindow<u64> {
+        ReorderWindow::new(next, NonZeroUsize::new(max).unwrap(), u64::MAX)
+    }
 
     fn released(window: &mut ReorderWindow<u64>, seqs: &[u64]) -> Vec<Released<u64>> {
         let mut out = Vec::new();
@@ -192,7 +222,7 @@ mod tests {
 
     #[test]
     fn holds_until_the_gap_fills_then_releases_in_order() {
-        let mut window = ReorderWindow::new(1, 100);
+        let mut window = new_window(1, 100);
         assert!(released(&mut window, &[3, 2, 5]).is_empty());
         assert_eq!(window.held(), 3);
         assert_eq!(events(&released(&mut window, &[1])), vec![1, 2, 3]);
@@ -203,7 +233,7 @@ mod tests {
 
     #[test]
     fn stale_and_duplicate_numbers_are_reported_not_released() {
-        let mut window = ReorderWindow::new(1, 100);
+        let mut window = new_window(1, 100);
         let mut out = Vec::new();
         assert_eq!(window.insert(1, 1, &mut out), Insert::Accepted);
         assert_eq!(window.insert(1, 1, &mut out), Insert::Stale);
@@ -215,7 +245,7 @@ mod tests {
 
     #[test]
     fn a_full_window_skips_the_oldest_missing_numbers() {
-        let mut window = ReorderWindow::new(1, 4);
+        let mut window = new_window(1, 4);
         let out = released(&mut window, &[2, 3, 4]);
         assert!(out.is_empty());
         // 5 is 4 ahead of 1: the window gives up on 1.
@@ -234,22 +264,69 @@ mod tests {
 
     #[test]
     fn a_far_jump_is_one_gap_not_a_walk() {
-        let mut window = ReorderWindow::new(1, 10);
-        let out = released(&mut window, &[u64::MAX - 1]);
+        let mut window = new_window(1, 10);
+        let out = released(&mut window, &[u64::MAX - 2]);
         assert_eq!(
             out[0],
             Released::Gap {
                 first: 1,
-                count: u64::MAX - 11
+                count: u64::MAX - 12
             }
         );
         assert_eq!(window.held(), 1);
-        assert_eq!(window.next_expected(), u64::MAX - 10);
+        assert_eq!(window.next_expected(), u64::MAX - 11);
+    }
+
+    #[test]
+    fn a_number_too_far_ahead_is_refused_and_the_stream_carries_on() {
+        let mut window = ReorderWindow::new(1, NonZeroUsize::new(10).unwrap(), 100);
+        let mut out = Vec::new();
+        assert_eq!(window.insert(1, 1, &mut out), Insert::Accepted);
+        assert_eq!(
+            window.insert(1_000_000_000_000, 0, &mut out),
+            Insert::TooFarAhead
+        );
+        for seq in 2..=1000 {
+            assert_eq!(window.insert(seq, seq, &mut out), Insert::Accepted, "{seq}");
+        }
+        assert_eq!(events(&out), (1..=1000).collect::<Vec<_>>());
+        assert_eq!(
+            window.insert(1001 + 101, 0, &mut out),
+            Insert::TooFarAhead,
+            "101 past the next expected 1001"
+        );
+        assert_eq!(window.insert(1001 + 100, 0, &mut out), Insert::Accepted);
+    }
+
+    #[test]
+    fn the_last_number_is_delivered_once_and_the_cursor_never_wraps() {
+        let mut window = new_window(MAX_SEQUENCE, 10);
+        let mut out = Vec::new();
+        assert_eq!(
+            window.insert(MAX_SEQUENCE, MAX_SEQUENCE, &mut out),
+            Insert::Accepted
+        );
+        assert_eq!(events(&out), vec![MAX_SEQUENCE]);
+        assert_eq!(window.next_expected(), u64::MAX);
+        assert_eq!(
+            window.insert(u64::MAX, 0, &mut out),
+            Insert::TooFarAhead,
+            "past the last number there is nothing"
+        );
+        assert_eq!(window.insert(1, 1, &mut out), Insert::Stale);
+        assert_eq!(window.next_expected(), u64::MAX, "no wrap to 0");
+        let mut fresh = new_window(u64::MAX - 3, 2);
+        assert_eq!(fresh.insert(u64::MAX, 0, &mut out), Insert::TooFarAhead);
+        out.clear();
+        fresh.insert(MAX_SEQUENCE, MAX_SEQUENCE, &mut out);
+        fresh.drain_all(&mut out);
+        assert_eq!(fresh.next_expected(), u64::MAX);
+        assert_eq!(events(&out), vec![MAX_SEQUENCE]);
     }
 
     #[test]
     fn skip_gap_releases_up_to_the_next_missing_number() {
-        let mut window = ReorderWindow::new(1, 100);
+        let mut window = new_window(1, 100);
         released(&mut window, &[3, 4, 7]);
         let mut out = Vec::new();
         window.skip_gap(&mut out);
@@ -267,7 +344,7 @@ mod tests {
 
     #[test]
     fn drain_all_releases_everything_in_order() {
-        let mut window = ReorderWindow::new(1, 100);
+        let mut window = new_window(1, 100);
         released(&mut window, &[9, 3, 4, 7]);
         let mut out = Vec::new();
         window.drain_all(&mut out);
@@ -296,7 +373,7 @@ mod tests {
                 1..40,
             )
         ) {
-            let mut window = ReorderWindow::new(1, 64);
+            let mut window = new_window(1, 64);
             let mut out = Vec::new();
             let mut base = 1;
             let mut expected = Vec::new();
@@ -318,12 +395,18 @@ mod tests {
         fn releases_account_for_every_number_once(
             seqs in proptest::collection::vec(1u64..500, 0..300),
             max in 1usize..40,
+            max_ahead in 40u64..600,
         ) {
-            let mut window = ReorderWindow::new(1, max);
+            let mut window = ReorderWindow::new(1, NonZeroUsize::new(max).unwrap(), max_ahead);
             let mut out = Vec::new();
             for &seq in &seqs {
-                window.insert(seq, seq, &mut out);
+                let next = window.next_expected();
+                let outcome = window.insert(seq, seq, &mut out);
                 prop_assert!(window.held() <= max);
+                prop_assert_eq!(
+                    outcome == Insert::TooFarAhead,
+                    seq >= next && seq - next > max_ahead
+                );
             }
             window.drain_all(&mut out);
             let mut covered = 1u64;

@@ -151,6 +151,13 @@ impl<H> Router<H> {
             .collect()
     }
 
+    /// Every connection and its handle.
+    pub fn handles(&self) -> impl Iterator<Item = (ConnId, &H)> {
+        self.clients
+            .iter()
+            .map(|(&conn, client)| (conn, &client.handle))
+    }
+
     /// Every connection, for shutdown.
     pub fn drain_clients(&mut self) -> Vec<H> {
         self.connections.clear();

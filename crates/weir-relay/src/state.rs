@@ -4,8 +4,9 @@
 //! Written whole to a temporary file and renamed over the old one, so a crash mid-write
 //! leaves the previous state, never a torn one.
 
-use std::io::Write;
-use std::path::Path;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +33,18 @@ pub enum StateError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot lock the state file {path}: {source}")]
+    Lock {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "the state file {path} is in use by another relay ({holder}); \
+         a state file belongs to one process at a time"
+    )]
+    Locked { path: String, holder: String },
+    #[error("the state file {path} is not valid: nextSequence must be at least 1")]
+    ZeroSequence { path: String },
 }
 
 const FORMAT_VERSION: u32 = 1;
@@ -46,11 +59,13 @@ pub struct StreamState {
 }
 
 impl StreamState {
+    /// The stream as it is now. The edges are not sorted here: [`save`] sorts them, off the
+    /// task that routes events.
     pub fn capture(next_sequence: u64, graph: &FollowGraph) -> Self {
         StreamState {
             version: FORMAT_VERSION,
             next_sequence,
-            follows: graph.to_edges(),
+            follows: graph.unsorted_edges(),
         }
     }
 
@@ -83,10 +98,69 @@ pub fn load(path: &Path) -> Result<Option<StreamState>, StateError> {
             version: state.version,
         });
     }
+    if state.next_sequence == 0 {
+        return Err(StateError::ZeroSequence { path: display() });
+    }
     Ok(Some(state))
 }
 
-pub fn save(path: &Path, state: &StreamState) -> Result<(), StateError> {
+/// Held while this process owns the state file; dropping it releases the lock.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+/// Locks `<state file>.lock` for this process. Two relays on one state file would each
+/// overwrite the other's position, so the second is refused and told who holds it. `flock`
+/// dies with its process, `kill -9` included, so a lock is never stale.
+pub fn lock(path: &Path) -> Result<StateLock, StateError> {
+    let lock_path = lock_path(path);
+    let fail = |source| StateError::Lock {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(fail)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            return Err(StateError::Locked {
+                path: path.display().to_string(),
+                holder: holder(&mut file),
+            })
+        }
+        Err(TryLockError::Error(source)) => return Err(fail(source)),
+    }
+    let pid = std::process::id();
+    file.set_len(0)
+        .and_then(|()| file.seek(SeekFrom::Start(0)))
+        .and_then(|_| writeln!(file, "{pid}"))
+        .map_err(fail)?;
+    Ok(StateLock { _file: file })
+}
+
+fn lock_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    path.with_file_name(name)
+}
+
+fn holder(file: &mut File) -> String {
+    let mut text = String::new();
+    match file.read_to_string(&mut text) {
+        Ok(_) if !text.trim().is_empty() => format!("pid {}", text.trim()),
+        _ => "pid unknown".to_string(),
+    }
+}
+
+/// Writes `state` whole (edges sorted, so the file is stable) and makes it durable.
+pub fn save(path: &Path, mut state: StreamState) -> Result<(), StateError> {
+    state.follows.sort_unstable();
     let fail = |source| StateError::Write {
         path: path.display().to_string(),
         source,
@@ -94,7 +168,7 @@ pub fn save(path: &Path, state: &StreamState) -> Result<(), StateError> {
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
-    let bytes = serde_json::to_vec(state).map_err(|err| fail(std::io::Error::other(err)))?;
+    let bytes = serde_json::to_vec(&state).map_err(|err| fail(std::io::Error::other(err)))?;
     let mut file = std::fs::File::create(&tmp).map_err(fail)?;
     file.write_all(&bytes).map_err(fail)?;
     file.sync_all().map_err(fail)?;
@@ -120,11 +194,11 @@ mod tests {
         assert_eq!(load(&path).unwrap(), None, "no file yet is a first start");
         let graph = FollowGraph::from_edges([(1, 2), (3, 2), (2, 1)]);
         let state = StreamState::capture(42, &graph);
-        save(&path, &state).unwrap();
+        save(&path, state.clone()).unwrap();
         let loaded = load(&path).unwrap().unwrap();
-        assert_eq!(loaded, state);
+        assert_eq!(loaded.follows, graph.to_edges(), "sorted on the way out");
         assert_eq!(loaded.graph(), graph);
-        save(&path, &StreamState::capture(43, &FollowGraph::new())).unwrap();
+        save(&path, StreamState::capture(43, &FollowGraph::new())).unwrap();
         assert_eq!(
             load(&path).unwrap().unwrap().next_sequence,
             43,
@@ -147,5 +221,35 @@ mod tests {
             load(&path),
             Err(StateError::Version { version: 9, .. })
         ));
+    }
+
+    #[test]
+    fn a_second_owner_of_a_state_file_is_refused_and_told_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.state");
+        let first = lock(&path).unwrap();
+        // flock belongs to an open file, so a second open in this process contends just as
+        // another process would.
+        let err = lock(&path).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, StateError::Locked { .. }), "{message}");
+        assert!(
+            message.contains(&format!("pid {}", std::process::id())),
+            "{message}"
+        );
+        drop(first);
+        lock(&path).expect("released with its owner");
+    }
+
+    #[test]
+    fn a_zero_next_sequence_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.state");
+        std::fs::write(
+            &path,
+            br#"{"version": 1, "nextSequence": 0, "follows": []}"#,
+        )
+        .unwrap();
+        assert!(matches!(load(&path), Err(StateError::ZeroSequence { .. })));
     }
 }

@@ -6,7 +6,8 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -204,27 +205,21 @@ async fn a_disconnected_client_is_removed_at_once() {
     relay.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stuck_client_is_dropped_without_delaying_the_others() {
-    let relay = Relay::start(RelayConfig {
-        client_buffer: 1 << 20,
-        ..config()
-    })
-    .await;
-    // Never reads, with a tiny receive buffer: the relay's queue for it fills quickly.
-    let stuck_socket = tokio::net::TcpSocket::new_v4().unwrap();
-    stuck_socket.set_recv_buffer_size(1024).unwrap();
-    let mut stuck = stuck_socket
-        .connect(relay.handle().clients_addr)
-        .await
-        .unwrap();
-    stuck.write_all(b"1\n").await.unwrap();
-    relay.wait(|s| s.clients_connected == 1).await;
-    let mut healthy = relay.client("2\n").await;
-    let mut source = relay.source().await;
-    // In rounds that the healthy client keeps up with, so only the stuck one falls behind.
-    // Ten rounds of half a megabyte outgrow the stuck client's queue and socket buffers.
-    let rounds = 20u64;
+/// A client that sends its id and then never reads, with a tiny receive buffer so that the
+/// relay's queue for it fills quickly.
+async fn stuck_client(relay: &Relay, user: &str) -> TcpStream {
+    let before = relay.handle().stats.snapshot().clients_connected;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let mut stuck = socket.connect(relay.handle().clients_addr).await.unwrap();
+    stuck.write_all(user.as_bytes()).await.unwrap();
+    relay.wait(|s| s.clients_connected > before).await;
+    stuck
+}
+
+/// Broadcasts `rounds` rounds of 50,000 events, each round read in full by `healthy` before
+/// the next is sent, so only clients that do not read fall behind.
+async fn broadcast_rounds(source: &mut TcpStream, healthy: &mut TcpStream, rounds: u64) {
     let per_round = 50_000u64;
     for round in 0..rounds {
         let mut lines = String::new();
@@ -233,12 +228,72 @@ async fn a_stuck_client_is_dropped_without_delaying_the_others() {
         }
         source.write_all(lines.as_bytes()).await.unwrap();
         let last = format!("{}|B\n", (round + 1) * per_round);
-        let received = read_until(&mut healthy, &last).await;
+        let received = read_until(healthy, &last).await;
         assert_eq!(
             received, lines,
             "round {round}: the healthy client got every broadcast"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_clients_over_the_queue_budget_are_dropped_largest_first_and_memory_returns() {
+    let relay = Relay::start(RelayConfig {
+        client_buffer: 4 << 20,
+        max_queued_bytes: 4 << 20,
+        ..config()
+    })
+    .await;
+    let mut stuck = Vec::new();
+    for user in ["1\n", "2\n", "3\n"] {
+        stuck.push(stuck_client(&relay, user).await);
+    }
+    let mut healthy = relay.client("4\n").await;
+    let mut source = relay.source().await;
+    // Each stuck client is sent 8 MB. Three of them reach the 4 MiB budget together when
+    // each holds a third of it, far below its own 4 MiB buffer: the largest goes, then the
+    // next. The last one alone may reach its own buffer first (a slow-client drop) or the
+    // budget with the healthy client's few bytes (a budget drop).
+    broadcast_rounds(&mut source, &mut healthy, 20).await;
+    let snapshot = relay
+        .wait(|s| {
+            s.counts.clients_dropped_queue_budget + s.counts.clients_dropped_slow == 3
+                && s.clients_connected == 1
+        })
+        .await;
+    assert!(
+        snapshot.counts.clients_dropped_queue_budget >= 2,
+        "{snapshot:?}"
+    );
+    for mut client in stuck {
+        closed(&mut client).await;
+    }
+    // The dropped clients' queues are discarded, not kept: only the healthy client's
+    // in-flight bytes (if any) may remain.
+    source.write_all(b"1000001|B\n").await.unwrap();
+    read_until(&mut healthy, "1000001|B\n").await;
+    // Sessions take bytes off as they write or discard them, without waking anyone: poll.
+    within(async {
+        while relay.handle().stats.snapshot().queued_bytes != 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_client_is_dropped_without_delaying_the_others() {
+    let relay = Relay::start(RelayConfig {
+        client_buffer: 1 << 20,
+        ..config()
+    })
+    .await;
+    let mut stuck = stuck_client(&relay, "1\n").await;
+    let mut healthy = relay.client("2\n").await;
+    let mut source = relay.source().await;
+    // 8 MB for each client outgrow the stuck client's queue and socket buffers.
+    broadcast_rounds(&mut source, &mut healthy, 20).await;
     let snapshot = relay.wait(|s| s.counts.clients_dropped_slow == 1).await;
     assert_eq!(snapshot.clients_connected, 1);
     closed(&mut stuck).await;
@@ -346,6 +401,7 @@ async fn the_state_file_carries_the_stream_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let with_state = || RelayConfig {
         state_file: Some(state_path(&dir)),
+        source_mode: SourceMode::Resume,
         ..config()
     };
 
@@ -424,15 +480,215 @@ async fn without_a_gap_timeout_a_connected_source_keeps_the_gap_open() {
     relay.stop().await;
 }
 
-#[tokio::test]
-async fn shutdown_delivers_what_was_read_then_closes_clients() {
-    let relay = Relay::start(config()).await;
-    let mut client = relay.client("1\n").await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_mid_delivery_writes_everything_queued_then_closes_clients() {
+    let relay = Relay::start(RelayConfig {
+        client_buffer: 16 << 20,
+        max_queued_bytes: 16 << 20,
+        ..config()
+    })
+    .await;
+    // Not read until the relay has stopped, with a tiny receive window, so most of its
+    // notifications are still queued in the relay when shutdown begins.
+    let mut client = stuck_client(&relay, "1\n").await;
     let mut source = relay.source().await;
-    source.write_all(b"1|B\n2|B\n").await.unwrap();
-    relay.wait(|s| s.counts.events_delivered == 2).await;
+    let total = 200_000u64;
+    let mut lines = String::new();
+    for seq in 1..=total {
+        lines.push_str(&format!("{seq}|B\n"));
+    }
+    source.write_all(lines.as_bytes()).await.unwrap();
+    let snapshot = relay.wait(|s| s.counts.events_delivered == total).await;
+    assert!(
+        snapshot.queued_bytes > 0,
+        "shutdown must begin with notifications still queued: {snapshot:?}"
+    );
     relay.stop().await;
     let mut all = String::new();
     within(client.read_to_string(&mut all)).await.unwrap();
-    assert_eq!(all, "1|B\n2|B\n");
+    assert!(
+        all == lines,
+        "every queued notification was written, in order, before the close"
+    );
+}
+
+#[tokio::test]
+async fn a_line_cut_off_by_the_source_disconnecting_is_malformed_not_delivered() {
+    let relay = Relay::start(config()).await;
+    let mut five = relay.client("5\n").await;
+    let mut source = relay.source().await;
+    // `2|P|2|5` is the start of a message for 50, not a message for 5.
+    source.write_all(b"1|P|1|50\n2|P|2|5").await.unwrap();
+    drop(source);
+    let snapshot = relay
+        .wait(|s| s.counts.events_malformed == 1 && s.sources_connected == 0)
+        .await;
+    assert_eq!(snapshot.counts.events_delivered, 1);
+    let mut source = relay.source().await;
+    source.write_all(b"1|P|3|5\n").await.unwrap();
+    assert_eq!(
+        read_until(&mut five, "1|P|3|5\n").await,
+        "1|P|3|5\n",
+        "nothing of the cut-off line reached 5"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn one_implausibly_far_number_is_refused_and_the_stream_carries_on() {
+    let relay = Relay::start(config()).await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    let mut lines = String::from("1|B\n1000000000000|B\n");
+    for seq in 2..=1000 {
+        lines.push_str(&format!("{seq}|B\n"));
+    }
+    source.write_all(lines.as_bytes()).await.unwrap();
+    let received = read_until(&mut client, "\n1000|B\n").await;
+    assert_eq!(received.lines().count(), 1000);
+    assert!(!received.contains("1000000000000|B"));
+    let snapshot = relay.wait(|s| s.counts.events_delivered == 1000).await;
+    assert_eq!(snapshot.counts.events_too_far_ahead, 1);
+    assert_eq!(snapshot.counts.events_stale, 0);
+    assert_eq!(snapshot.counts.gaps_skipped, 0);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn a_state_file_in_reset_mode_is_refused_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let listeners = Listeners {
+        events: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        clients: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let config = RelayConfig {
+        state_file: Some(state_path(&dir)),
+        source_mode: SourceMode::Reset,
+        ..config()
+    };
+    let Err(err) = weir_relay::spawn(listeners, config, Shutdown::new()) else {
+        panic!("a state file in reset mode started");
+    };
+    assert!(err.to_string().contains("stateFile"), "{err}");
+}
+
+#[tokio::test]
+async fn a_second_relay_on_the_same_state_file_is_refused_naming_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_state = || RelayConfig {
+        state_file: Some(state_path(&dir)),
+        source_mode: SourceMode::Resume,
+        ..config()
+    };
+    let first = Relay::start(with_state()).await;
+    let listeners = Listeners {
+        events: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        clients: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    };
+    let Err(err) = weir_relay::spawn(listeners, with_state(), Shutdown::new()) else {
+        panic!("two relays share one state file");
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("pid {}", std::process::id())),
+        "{message}"
+    );
+    first.stop().await;
+    Relay::start(with_state()).await.stop().await;
+}
+
+#[tokio::test]
+async fn the_last_state_is_written_at_shutdown_even_between_intervals() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(RelayConfig {
+        state_file: Some(state_path(&dir)),
+        source_mode: SourceMode::Resume,
+        state_interval_ms: 3_600_000,
+        ..config()
+    })
+    .await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|F|1|2\n2|B\n3|F|3|2\n").await.unwrap();
+    relay.wait(|s| s.counts.events_delivered == 3).await;
+    relay.stop().await;
+    let saved = weir_relay::state::load(&state_path(&dir)).unwrap().unwrap();
+    assert_eq!(saved.next_sequence, 4);
+    assert_eq!(saved.follows, vec![(1, 2), (3, 2)]);
+}
+
+/// Everything logged on this thread while it lives. Tests on the default (current-thread)
+/// runtime run the relay's tasks on this thread too.
+struct CapturedLogs {
+    text: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+}
+
+impl CapturedLogs {
+    fn start() -> CapturedLogs {
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let sink = text.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || SharedWriter(sink.clone()))
+            .finish();
+        CapturedLogs {
+            text,
+            _guard: tracing::subscriber::set_default(subscriber),
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.text.lock().unwrap()).into_owned()
+    }
+}
+
+struct SharedWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn client_logs_are_rate_limited_and_show_input_escaped() {
+    let logs = CapturedLogs::start();
+    let relay = Relay::start(config()).await;
+    let started = Instant::now();
+    let attempts = 50;
+    for _ in 0..attempts {
+        let mut stream = TcpStream::connect(relay.handle().clients_addr)
+            .await
+            .unwrap();
+        stream.write_all(b"\x1b[31mevil\r\n").await.unwrap();
+        closed(&mut stream).await;
+    }
+    relay.wait(|s| s.counts.clients_rejected == attempts).await;
+    // Ten lines a second at most, whatever the number of bad clients.
+    let allowed = 10 * (started.elapsed().as_secs() as usize + 1);
+    let mut source = relay.source().await;
+    source.write_all(b"1|B\n1|B\n").await.unwrap();
+    relay.wait(|s| s.counts.events_stale == 1).await;
+    relay.stop().await;
+    let text = logs.text();
+    let invalid = text
+        .lines()
+        .filter(|line| line.contains("invalid user id"))
+        .count();
+    assert!((1..=allowed).contains(&invalid), "{invalid} lines:\n{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "a raw escape reached the log:\n{text}"
+    );
+    assert!(text.contains("\\u{1b}[31mevil"), "{text}");
+    assert!(
+        text.contains("already handled"),
+        "stale events are logged:\n{text}"
+    );
 }

@@ -5,14 +5,14 @@
 
 use rustc_hash::FxHashMap;
 
-use super::stream::{Event, Generator, Kind, StreamParams};
+use super::stream::{GeneratedEvent, GeneratedKind, Generator, StreamParams};
 
 /// The expected notifications of each connected user, in sequence order. `streams[slot]`
 /// belongs to `users[slot]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Expectations {
     pub users: Vec<u32>,
-    pub streams: Vec<Vec<Event>>,
+    pub streams: Vec<Vec<GeneratedEvent>>,
 }
 
 impl Expectations {
@@ -24,7 +24,7 @@ impl Expectations {
     pub fn bytes(&self) -> u64 {
         self.streams
             .iter()
-            .map(|s| (s.capacity() * std::mem::size_of::<Event>()) as u64)
+            .map(|s| (s.capacity() * std::mem::size_of::<GeneratedEvent>()) as u64)
             .sum()
     }
 }
@@ -36,13 +36,13 @@ pub fn compute(params: StreamParams, users: &[u32]) -> Expectations {
         .enumerate()
         .map(|(slot, user)| (*user, slot))
         .collect();
-    let mut streams: Vec<Vec<Event>> = vec![Vec::new(); users.len()];
+    let mut streams: Vec<Vec<GeneratedEvent>> = vec![Vec::new(); users.len()];
     // Followed user -> slots of its connected followers.
     let mut followers: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
 
     for event in Generator::new(params) {
         match event.kind() {
-            Kind::Follow => {
+            GeneratedKind::Follow => {
                 if let Some(&slot) = slot_of.get(&event.to()) {
                     streams[slot].push(event);
                 }
@@ -53,7 +53,7 @@ pub fn compute(params: StreamParams, users: &[u32]) -> Expectations {
                     }
                 }
             }
-            Kind::Unfollow => {
+            GeneratedKind::Unfollow => {
                 if let Some(&follower) = slot_of.get(&event.from()) {
                     if let Some(list) = followers.get_mut(&event.to()) {
                         if let Some(at) = list.iter().position(|s| *s == follower) {
@@ -62,17 +62,17 @@ pub fn compute(params: StreamParams, users: &[u32]) -> Expectations {
                     }
                 }
             }
-            Kind::Broadcast => {
+            GeneratedKind::Broadcast => {
                 for stream in &mut streams {
                     stream.push(event);
                 }
             }
-            Kind::Private => {
+            GeneratedKind::Private => {
                 if let Some(&slot) = slot_of.get(&event.to()) {
                     streams[slot].push(event);
                 }
             }
-            Kind::Status => {
+            GeneratedKind::Status => {
                 if let Some(list) = followers.get(&event.from()) {
                     for &slot in list {
                         streams[slot].push(event);
@@ -97,23 +97,24 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     /// The rules as written, with nothing optimised: every edge, every user.
-    fn naive(params: StreamParams, users: &[u32]) -> BTreeMap<u32, Vec<Event>> {
+    fn naive(params: StreamParams, users: &[u32]) -> BTreeMap<u32, Vec<GeneratedEvent>> {
         let connected: BTreeSet<u32> = users.iter().copied().collect();
         let mut edges: BTreeSet<(u32, u32)> = BTreeSet::new();
-        let mut out: BTreeMap<u32, Vec<Event>> = users.iter().map(|u| (*u, Vec::new())).collect();
+        let mut out: BTreeMap<u32, Vec<GeneratedEvent>> =
+            users.iter().map(|u| (*u, Vec::new())).collect();
         for event in Generator::new(params) {
             let recipients: Vec<u32> = match event.kind() {
-                Kind::Follow => {
+                GeneratedKind::Follow => {
                     edges.insert((event.from(), event.to()));
                     vec![event.to()]
                 }
-                Kind::Unfollow => {
+                GeneratedKind::Unfollow => {
                     edges.remove(&(event.from(), event.to()));
                     vec![]
                 }
-                Kind::Broadcast => connected.iter().copied().collect(),
-                Kind::Private => vec![event.to()],
-                Kind::Status => edges
+                GeneratedKind::Broadcast => connected.iter().copied().collect(),
+                GeneratedKind::Private => vec![event.to()],
+                GeneratedKind::Status => edges
                     .iter()
                     .filter(|(_, followed)| *followed == event.from())
                     .map(|(follower, _)| *follower)
@@ -128,7 +129,7 @@ mod tests {
         out
     }
 
-    fn as_map(expectations: &Expectations) -> BTreeMap<u32, Vec<Event>> {
+    fn as_map(expectations: &Expectations) -> BTreeMap<u32, Vec<GeneratedEvent>> {
         expectations
             .users
             .iter()
@@ -150,7 +151,7 @@ mod tests {
         assert_eq!(as_map(&got), naive(params, &[1, 2, 3]));
         for stream in &got.streams {
             assert!(stream.windows(2).all(|w| w[0].seq() < w[1].seq()));
-            assert!(stream.iter().all(|e| e.kind() != Kind::Unfollow));
+            assert!(stream.iter().all(|e| e.kind() != GeneratedKind::Unfollow));
         }
     }
 

@@ -272,17 +272,7 @@ pub async fn run(config: CheckConfig, token: CancellationToken) -> Result<CheckR
         _ = token.cancelled() => return Ok(outcome.cancelled_early()),
         done = computing => done.map_err(|err| CheckError::Internal(err.to_string()))?,
     };
-    outcome.expected_bytes = expectations.bytes();
-    outcome.notifications_expected = expectations.total();
-    outcome.users = expectations.users.clone();
-    eprintln!(
-        "relay check: {} events, {} users connected of {}, {} notifications expected ({} held)",
-        config.total_events,
-        expectations.users.len(),
-        config.users(),
-        expectations.total(),
-        progress::bytes(expectations.bytes()),
-    );
+    outcome.expect(&expectations, &config);
 
     let streams = tokio::select! {
         _ = token.cancelled() => return Ok(outcome.cancelled_early()),
@@ -293,17 +283,202 @@ pub async fn run(config: CheckConfig, token: CancellationToken) -> Result<CheckR
         _ = tokio::time::sleep(Duration::from_millis(config.settle_ms)) => {}
     }
     let source_stream = net::connect_source(events_addr).await?;
+    let run = Running::start(
+        &config,
+        &token,
+        &outcome,
+        streams,
+        expectations.streams,
+        source_stream,
+    )?;
+    let report = run.finish(&config, &token, outcome).await?;
+    println!("{report}");
+    Ok(report)
+}
 
-    let started = Instant::now();
-    let counters = Arc::new(Counters::default());
-    let stop = token.child_token();
-    let (notes_tx, mut notes) = mpsc::unbounded_channel();
+/// A user's watcher task: its check and why its stream ended.
+type Watcher = tokio::task::JoinHandle<(verify::UserCheck, Missing)>;
+
+/// The tasks of a run under way: one watcher per user, the source thread, the progress line.
+struct Running {
+    started: Instant,
+    counters: Arc<Counters>,
+    stop: CancellationToken,
+    watchers: Vec<Watcher>,
+    notes: mpsc::UnboundedReceiver<(usize, Note)>,
+    stop_source: Arc<AtomicBool>,
+    source_end: oneshot::Receiver<SourceEnd>,
+    source_thread: std::thread::JoinHandle<()>,
+    progress_stop: CancellationToken,
+    progress_task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(
+        config: &CheckConfig,
+        token: &CancellationToken,
+        outcome: &Outcome,
+        streams: Vec<tokio::net::TcpStream>,
+        expected: Vec<Vec<stream::GeneratedEvent>>,
+        source_stream: std::net::TcpStream,
+    ) -> Result<Running, CheckError> {
+        let started = Instant::now();
+        let counters = Arc::new(Counters::default());
+        let stop = token.child_token();
+        let (watchers, notes) = spawn_watchers(config, streams, expected, &stop, &counters);
+        let stop_source = Arc::new(AtomicBool::new(false));
+        let (source_tx, source_end) = oneshot::channel();
+        let timeout = Duration::from_millis(config.timeout);
+        let source_thread = net::spawn_source(
+            Source {
+                stream: source_stream,
+                params: config.stream_params(),
+                max_batch: config.max_event_source_batch_size,
+                crlf: config.crlf,
+                stall: timeout,
+            },
+            counters.clone(),
+            stop_source.clone(),
+            source_tx,
+        )
+        .inspect_err(|_| stop.cancel())?;
+        let progress_stop = CancellationToken::new();
+        let progress_task = tokio::spawn(show_progress(
+            counters.clone(),
+            outcome.events_total,
+            outcome.notifications_expected,
+            started,
+            Duration::from_millis(config.log_interval),
+            progress_stop.clone(),
+        ));
+        Ok(Running {
+            started,
+            counters,
+            stop,
+            watchers,
+            notes,
+            stop_source,
+            source_end,
+            source_thread,
+            progress_stop,
+            progress_task,
+        })
+    }
+
+    /// Waits for the run to end, stops everything, and gathers each user's verdict.
+    async fn finish(
+        mut self,
+        config: &CheckConfig,
+        token: &CancellationToken,
+        mut outcome: Outcome,
+    ) -> Result<CheckReport, CheckError> {
+        let (source_end, finished_at) = self.wait_for_end(config, token, &mut outcome).await;
+        let elapsed = finished_at.unwrap_or_else(Instant::now) - self.started;
+        self.stop.cancel();
+        self.stop_source
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        for (slot, watcher) in self.watchers.into_iter().enumerate() {
+            let (check, ending) = watcher
+                .await
+                .map_err(|err| CheckError::Internal(err.to_string()))?;
+            outcome.received += check.received();
+            if let Some(divergence) = check.finish(ending) {
+                outcome.failures.push(UserFailure {
+                    user: outcome.users.get(slot).copied().unwrap_or_default(),
+                    divergence,
+                });
+            }
+        }
+        // Users that went wrong first, those merely cut short by the end of the run after.
+        outcome
+            .failures
+            .sort_by_key(|f| matches!(f.divergence.received, Received::Nothing(Missing::RunEnded)));
+        // The source notices the stop flag within one write poll.
+        if source_end.is_none() {
+            if let Ok(SourceEnd::Failed(message)) = self.source_end.await {
+                outcome.source_error = Some(message);
+            }
+        }
+        let source_thread = self.source_thread;
+        let _ = tokio::task::spawn_blocking(move || source_thread.join()).await;
+        self.progress_stop.cancel();
+        let _ = self.progress_task.await;
+        outcome.events_sent = self.counters.events_sent();
+        Ok(outcome.finish(elapsed))
+    }
+
+    /// Waits for: everyone settled and the source done (then drains), a timeout, a broken
+    /// source, or Ctrl-C. Returns how the source ended, if it did, and when the run finished.
+    async fn wait_for_end(
+        &mut self,
+        config: &CheckConfig,
+        token: &CancellationToken,
+        outcome: &mut Outcome,
+    ) -> (Option<SourceEnd>, Option<Instant>) {
+        let drain_for = Duration::from_millis(config.drain_ms);
+        let mut unsettled = self.watchers.len();
+        let mut source_end: Option<SourceEnd> = None;
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let mut finished_at: Option<Instant> = None;
+        let mut notes_open = true;
+        loop {
+            if drain_until.is_none() && unsettled == 0 && source_end.is_some() {
+                finished_at = Some(Instant::now());
+                drain_until = Some(tokio::time::Instant::now() + drain_for);
+            }
+            let drain = async {
+                match drain_until {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = token.cancelled() => {
+                    outcome.cancelled = true;
+                    break;
+                }
+                _ = drain => break,
+                note = self.notes.recv(), if notes_open => match note {
+                    Some((_, Note::Settled)) => unsettled = unsettled.saturating_sub(1),
+                    Some((_, Note::TimedOut)) => break,
+                    None => {
+                        notes_open = false;
+                        unsettled = 0;
+                    }
+                },
+                end = &mut self.source_end, if source_end.is_none() => {
+                    let end = end.unwrap_or_else(|_| SourceEnd::Failed("the source thread died".into()));
+                    if end == SourceEnd::Finished {
+                        outcome.source_seconds = Some(self.started.elapsed().as_secs_f64());
+                    }
+                    if let SourceEnd::Failed(message) = &end {
+                        outcome.source_error = Some(message.clone());
+                        // Let what is already on the wire arrive, then stop.
+                        drain_until.get_or_insert_with(|| tokio::time::Instant::now() + drain_for);
+                    }
+                    source_end = Some(end);
+                }
+            }
+        }
+        (source_end, finished_at)
+    }
+}
+
+/// One watcher task per connected user, each checking its stream against `expected`.
+fn spawn_watchers(
+    config: &CheckConfig,
+    streams: Vec<tokio::net::TcpStream>,
+    expected: Vec<Vec<stream::GeneratedEvent>>,
+    stop: &CancellationToken,
+    counters: &Arc<Counters>,
+) -> (Vec<Watcher>, mpsc::UnboundedReceiver<(usize, Note)>) {
+    let (notes_tx, notes) = mpsc::unbounded_channel();
     let timeout = Duration::from_millis(config.timeout);
     // 64 KiB each for a normal run; less when thousands of users connect.
     let buffer = (16 << 20) / streams.len().max(1);
     let buffer = buffer.clamp(4 << 10, 64 << 10);
     let mut watchers = Vec::with_capacity(streams.len());
-    for (slot, (stream, expected)) in streams.into_iter().zip(expectations.streams).enumerate() {
+    for (slot, (stream, expected)) in streams.into_iter().zip(expected).enumerate() {
         let client = Client {
             stream,
             check: verify::UserCheck::new(expected, config.crlf),
@@ -318,122 +493,7 @@ pub async fn run(config: CheckConfig, token: CancellationToken) -> Result<CheckR
             counters.clone(),
         )));
     }
-    drop(notes_tx);
-
-    let stop_source = Arc::new(AtomicBool::new(false));
-    let (source_tx, mut source_rx) = oneshot::channel();
-    let source_thread = net::spawn_source(
-        Source {
-            stream: source_stream,
-            params,
-            max_batch: config.max_event_source_batch_size,
-            crlf: config.crlf,
-            stall: timeout,
-        },
-        counters.clone(),
-        stop_source.clone(),
-        source_tx,
-    );
-    let source_thread = match source_thread {
-        Ok(thread) => thread,
-        Err(err) => {
-            stop.cancel();
-            return Err(err);
-        }
-    };
-    let progress_stop = CancellationToken::new();
-    let progress_task = tokio::spawn(show_progress(
-        counters.clone(),
-        outcome.events_total,
-        outcome.notifications_expected,
-        started,
-        Duration::from_millis(config.log_interval),
-        progress_stop.clone(),
-    ));
-
-    // Wait for: everyone settled and the source done (then drain), a timeout, a broken
-    // source, or Ctrl-C.
-    let mut unsettled = watchers.len();
-    let mut source_end: Option<SourceEnd> = None;
-    let mut drain_until: Option<tokio::time::Instant> = None;
-    let mut finished_at: Option<Instant> = None;
-    let mut notes_open = true;
-    loop {
-        if drain_until.is_none() && unsettled == 0 && source_end.is_some() {
-            finished_at = Some(Instant::now());
-            drain_until =
-                Some(tokio::time::Instant::now() + Duration::from_millis(config.drain_ms));
-        }
-        let drain = async {
-            match drain_until {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = token.cancelled() => {
-                outcome.cancelled = true;
-                break;
-            }
-            _ = drain => break,
-            note = notes.recv(), if notes_open => match note {
-                Some((_, Note::Settled)) => unsettled = unsettled.saturating_sub(1),
-                Some((_, Note::TimedOut)) => break,
-                None => {
-                    notes_open = false;
-                    unsettled = 0;
-                }
-            },
-            end = &mut source_rx, if source_end.is_none() => {
-                let end = end.unwrap_or_else(|_| SourceEnd::Failed("the source thread died".into()));
-                if end == SourceEnd::Finished {
-                    outcome.source_seconds = Some(started.elapsed().as_secs_f64());
-                }
-                if let SourceEnd::Failed(message) = &end {
-                    outcome.source_error = Some(message.clone());
-                    // Let what is already on the wire arrive, then stop.
-                    drain_until.get_or_insert_with(|| {
-                        tokio::time::Instant::now() + Duration::from_millis(config.drain_ms)
-                    });
-                }
-                source_end = Some(end);
-            }
-        }
-    }
-    let elapsed = finished_at.unwrap_or_else(Instant::now) - started;
-
-    stop.cancel();
-    stop_source.store(true, std::sync::atomic::Ordering::Relaxed);
-    for (slot, watcher) in watchers.into_iter().enumerate() {
-        let (check, ending) = watcher
-            .await
-            .map_err(|err| CheckError::Internal(err.to_string()))?;
-        outcome.received += check.received();
-        if let Some(divergence) = check.finish(ending) {
-            outcome.failures.push(UserFailure {
-                user: outcome.users.get(slot).copied().unwrap_or_default(),
-                divergence,
-            });
-        }
-    }
-    // Users that went wrong first, those merely cut short by the end of the run after.
-    outcome
-        .failures
-        .sort_by_key(|f| matches!(f.divergence.received, Received::Nothing(Missing::RunEnded)));
-    // The source notices the stop flag within one write poll.
-    if source_end.is_none() {
-        if let Ok(SourceEnd::Failed(message)) = source_rx.await {
-            outcome.source_error = Some(message);
-        }
-    }
-    let _ = tokio::task::spawn_blocking(move || source_thread.join()).await;
-    progress_stop.cancel();
-    let _ = progress_task.await;
-
-    outcome.events_sent = counters.events_sent();
-    let report = outcome.finish(elapsed);
-    println!("{report}");
-    Ok(report)
+    (watchers, notes)
 }
 
 /// What a run gathers before it becomes a [`CheckReport`].
@@ -451,6 +511,21 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// Takes in what the run expects, and says so on stderr.
+    fn expect(&mut self, expectations: &expect::Expectations, config: &CheckConfig) {
+        self.expected_bytes = expectations.bytes();
+        self.notifications_expected = expectations.total();
+        self.users = expectations.users.clone();
+        eprintln!(
+            "relay check: {} events, {} users connected of {}, {} notifications expected ({} held)",
+            config.total_events,
+            expectations.users.len(),
+            config.users(),
+            expectations.total(),
+            progress::bytes(expectations.bytes()),
+        );
+    }
+
     fn new(config: &CheckConfig) -> Outcome {
         Outcome {
             events_total: config.total_events,

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::progress::Counters;
 use super::stream::{encode, Batches, StreamParams, MAX_LINE};
-use super::verify::{LineSplitter, Missing, UserCheck};
+use super::verify::{Missing, ReceivedLineSplitter, UserCheck};
 use super::CheckError;
 
 /// Clients connecting at once: enough to be quick, few enough not to overflow a server's
@@ -108,7 +108,7 @@ pub async fn watch_client(
         buffer,
     } = client;
     let mut buf = vec![0u8; buffer];
-    let mut lines = LineSplitter::default();
+    let mut lines = ReceivedLineSplitter::default();
     let mut settled = check.is_settled();
     if settled {
         let _ = notes.send((slot, Note::Settled));
@@ -116,18 +116,10 @@ pub async fn watch_client(
     let mut last_data = tokio::time::Instant::now();
     let mut due_since: Option<tokio::time::Instant> = None;
     let ending = loop {
-        let now = tokio::time::Instant::now();
         let due = check
             .next_seq()
             .is_some_and(|seq| seq <= counters.events_sent());
-        let deadline = if settled {
-            None
-        } else if due {
-            let since = *due_since.get_or_insert(now);
-            Some(since.max(last_data) + timeout)
-        } else {
-            Some(now + DUE_POLL)
-        };
+        let deadline = read_deadline(settled, due, &mut due_since, last_data, timeout);
         let read = async {
             match deadline {
                 None => Ok(stream.read(&mut buf).await),
@@ -174,6 +166,27 @@ pub async fn watch_client(
         let _ = notes.send((slot, note));
     }
     (check, ending)
+}
+
+/// How long the next read may wait: forever once settled; `timeout` past the later of the
+/// last data and the moment the next notification fell due; otherwise until the next look at
+/// whether it is due yet.
+fn read_deadline(
+    settled: bool,
+    due: bool,
+    due_since: &mut Option<tokio::time::Instant>,
+    last_data: tokio::time::Instant,
+    timeout: Duration,
+) -> Option<tokio::time::Instant> {
+    let now = tokio::time::Instant::now();
+    if settled {
+        None
+    } else if due {
+        let since = *due_since.get_or_insert(now);
+        Some(since.max(last_data) + timeout)
+    } else {
+        Some(now + DUE_POLL)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,11 +9,11 @@ use rustc_hash::FxHashMap;
 
 use super::rng::Rng;
 
-/// Longest line [`Event::write_line`] produces: a 20-digit sequence number, two 10-digit ids,
+/// Longest line [`GeneratedEvent::write_line`] produces: a 20-digit sequence number, two 10-digit ids,
 /// separators and CRLF.
 pub const MAX_LINE: usize = 48;
 
-/// Sequence numbers share their `u64` with the kind (see [`Event`]).
+/// Sequence numbers share their `u64` with the kind (see [`GeneratedEvent`]).
 pub const MAX_SEQ: u64 = (1 << KIND_SHIFT) - 1;
 const KIND_SHIFT: u32 = 61;
 
@@ -30,7 +30,7 @@ pub const ORDER_RNG: u64 = 2;
 pub const USERS_RNG: u64 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Kind {
+pub enum GeneratedKind {
     Follow,
     Unfollow,
     Broadcast,
@@ -38,34 +38,34 @@ pub enum Kind {
     Status,
 }
 
-impl Kind {
+impl GeneratedKind {
     fn code(self) -> u64 {
         match self {
-            Kind::Follow => 0,
-            Kind::Unfollow => 1,
-            Kind::Broadcast => 2,
-            Kind::Private => 3,
-            Kind::Status => 4,
+            GeneratedKind::Follow => 0,
+            GeneratedKind::Unfollow => 1,
+            GeneratedKind::Broadcast => 2,
+            GeneratedKind::Private => 3,
+            GeneratedKind::Status => 4,
         }
     }
 
-    fn from_code(code: u64) -> Kind {
+    fn from_code(code: u64) -> GeneratedKind {
         match code {
-            0 => Kind::Follow,
-            1 => Kind::Unfollow,
-            2 => Kind::Broadcast,
-            3 => Kind::Private,
-            _ => Kind::Status,
+            0 => GeneratedKind::Follow,
+            1 => GeneratedKind::Unfollow,
+            2 => GeneratedKind::Broadcast,
+            3 => GeneratedKind::Private,
+            _ => GeneratedKind::Status,
         }
     }
 
     fn letter(self) -> u8 {
         match self {
-            Kind::Follow => b'F',
-            Kind::Unfollow => b'U',
-            Kind::Broadcast => b'B',
-            Kind::Private => b'P',
-            Kind::Status => b'S',
+            GeneratedKind::Follow => b'F',
+            GeneratedKind::Unfollow => b'U',
+            GeneratedKind::Broadcast => b'B',
+            GeneratedKind::Private => b'P',
+            GeneratedKind::Status => b'S',
         }
     }
 }
@@ -73,17 +73,17 @@ impl Kind {
 /// One event in 16 bytes (the kind rides in the top bits of the sequence number), because the
 /// expected streams hold millions of these and the line itself is rebuilt on demand.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Event {
+pub struct GeneratedEvent {
     seq_kind: u64,
     from: u32,
     to: u32,
 }
 
-impl Event {
+impl GeneratedEvent {
     /// `seq` must be at most [`MAX_SEQ`] (the configuration is validated against it).
-    pub fn new(seq: u64, kind: Kind, from: u32, to: u32) -> Event {
+    pub fn new(seq: u64, kind: GeneratedKind, from: u32, to: u32) -> GeneratedEvent {
         debug_assert!(seq <= MAX_SEQ);
-        Event {
+        GeneratedEvent {
             seq_kind: (seq & MAX_SEQ) | (kind.code() << KIND_SHIFT),
             from,
             to,
@@ -94,8 +94,8 @@ impl Event {
         self.seq_kind & MAX_SEQ
     }
 
-    pub fn kind(&self) -> Kind {
-        Kind::from_code(self.seq_kind >> KIND_SHIFT)
+    pub fn kind(&self) -> GeneratedKind {
+        GeneratedKind::from_code(self.seq_kind >> KIND_SHIFT)
     }
 
     pub fn from(&self) -> u32 {
@@ -115,12 +115,12 @@ impl Event {
         buf[at + 1] = kind.letter();
         at += 2;
         match kind {
-            Kind::Broadcast => {}
-            Kind::Status => {
+            GeneratedKind::Broadcast => {}
+            GeneratedKind::Status => {
                 buf[at] = b'|';
                 at = put_decimal(buf, at + 1, u64::from(self.from));
             }
-            Kind::Follow | Kind::Unfollow | Kind::Private => {
+            GeneratedKind::Follow | GeneratedKind::Unfollow | GeneratedKind::Private => {
                 buf[at] = b'|';
                 at = put_decimal(buf, at + 1, u64::from(self.from));
                 buf[at] = b'|';
@@ -142,7 +142,7 @@ impl Event {
     }
 }
 
-impl std::fmt::Debug for Event {
+impl std::fmt::Debug for GeneratedEvent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}", self.line(false).trim_end())
     }
@@ -261,7 +261,7 @@ impl Generator {
         (from, to)
     }
 
-    fn follow(&mut self, seq: u64) -> Event {
+    fn follow(&mut self, seq: u64) -> GeneratedEvent {
         let (from, to) = if self.params.random_pairs {
             match self.rng.below(2) {
                 0 => self
@@ -282,10 +282,10 @@ impl Generator {
             pair
         };
         self.edges.insert(from, to);
-        Event::new(seq, Kind::Follow, from, to)
+        GeneratedEvent::new(seq, GeneratedKind::Follow, from, to)
     }
 
-    fn unfollow(&mut self, seq: u64) -> Event {
+    fn unfollow(&mut self, seq: u64) -> GeneratedEvent {
         let existing = if self.params.random_pairs && self.rng.below(2) == 0 {
             None
         } else {
@@ -298,14 +298,14 @@ impl Generator {
             None => return self.follow(seq),
         };
         self.edges.remove(from, to);
-        Event::new(seq, Kind::Unfollow, from, to)
+        GeneratedEvent::new(seq, GeneratedKind::Unfollow, from, to)
     }
 }
 
 impl Iterator for Generator {
-    type Item = Event;
+    type Item = GeneratedEvent;
 
-    fn next(&mut self) -> Option<Event> {
+    fn next(&mut self) -> Option<GeneratedEvent> {
         if self.next_seq > self.params.total_events {
             return None;
         }
@@ -313,17 +313,17 @@ impl Iterator for Generator {
         self.next_seq += 1;
         let roll = self.rng.below(1_000_000);
         let event = if roll < BROADCAST_PPM {
-            Event::new(seq, Kind::Broadcast, 0, 0)
+            GeneratedEvent::new(seq, GeneratedKind::Broadcast, 0, 0)
         } else if roll < BROADCAST_PPM + FOLLOW_PPM {
             self.follow(seq)
         } else if roll < BROADCAST_PPM + FOLLOW_PPM + UNFOLLOW_PPM {
             self.unfollow(seq)
         } else if roll < BROADCAST_PPM + FOLLOW_PPM + UNFOLLOW_PPM + PRIVATE_PPM {
             let (from, to) = self.pair();
-            Event::new(seq, Kind::Private, from, to)
+            GeneratedEvent::new(seq, GeneratedKind::Private, from, to)
         } else {
             let from = self.user();
-            Event::new(seq, Kind::Status, from, 0)
+            GeneratedEvent::new(seq, GeneratedKind::Status, from, 0)
         };
         Some(event)
     }
@@ -335,7 +335,7 @@ pub struct Batches {
     events: Generator,
     order: Rng,
     max_batch: u64,
-    batch: Vec<Event>,
+    batch: Vec<GeneratedEvent>,
 }
 
 impl Batches {
@@ -348,7 +348,7 @@ impl Batches {
         }
     }
 
-    pub fn next_batch(&mut self) -> Option<&[Event]> {
+    pub fn next_batch(&mut self) -> Option<&[GeneratedEvent]> {
         let size = 1 + self.order.below(self.max_batch);
         self.batch.clear();
         self.batch.extend(self.events.by_ref().take(size as usize));
@@ -361,7 +361,7 @@ impl Batches {
 }
 
 /// Appends the lines of `events` to `out`.
-pub fn encode(events: &[Event], crlf: bool, out: &mut Vec<u8>) {
+pub fn encode(events: &[GeneratedEvent], crlf: bool, out: &mut Vec<u8>) {
     let mut line = [0u8; MAX_LINE];
     for event in events {
         let len = event.write_line(crlf, &mut line);
@@ -402,30 +402,45 @@ mod tests {
     #[test]
     fn lines_follow_the_protocol() {
         let cases = [
-            (Event::new(666, Kind::Follow, 60, 50), "666|F|60|50\n"),
-            (Event::new(1, Kind::Unfollow, 12, 9), "1|U|12|9\n"),
-            (Event::new(542_532, Kind::Broadcast, 0, 0), "542532|B\n"),
-            (Event::new(43, Kind::Private, 32, 56), "43|P|32|56\n"),
-            (Event::new(634, Kind::Status, 32, 0), "634|S|32\n"),
+            (
+                GeneratedEvent::new(666, GeneratedKind::Follow, 60, 50),
+                "666|F|60|50\n",
+            ),
+            (
+                GeneratedEvent::new(1, GeneratedKind::Unfollow, 12, 9),
+                "1|U|12|9\n",
+            ),
+            (
+                GeneratedEvent::new(542_532, GeneratedKind::Broadcast, 0, 0),
+                "542532|B\n",
+            ),
+            (
+                GeneratedEvent::new(43, GeneratedKind::Private, 32, 56),
+                "43|P|32|56\n",
+            ),
+            (
+                GeneratedEvent::new(634, GeneratedKind::Status, 32, 0),
+                "634|S|32\n",
+            ),
         ];
         for (event, line) in cases {
             assert_eq!(event.line(false), line);
         }
         assert_eq!(
-            Event::new(634, Kind::Status, 32, 0).line(true),
+            GeneratedEvent::new(634, GeneratedKind::Status, 32, 0).line(true),
             "634|S|32\r\n"
         );
     }
 
     #[test]
     fn the_longest_line_fits() {
-        let event = Event::new(MAX_SEQ, Kind::Private, u32::MAX, u32::MAX);
+        let event = GeneratedEvent::new(MAX_SEQ, GeneratedKind::Private, u32::MAX, u32::MAX);
         assert_eq!(event.seq(), MAX_SEQ);
-        assert_eq!(event.kind(), Kind::Private);
+        assert_eq!(event.kind(), GeneratedKind::Private);
         let line = event.line(true);
         assert_eq!(line, format!("{MAX_SEQ}|P|{}|{}\r\n", u32::MAX, u32::MAX));
         assert!(line.len() <= MAX_LINE);
-        assert_eq!(std::mem::size_of::<Event>(), 16);
+        assert_eq!(std::mem::size_of::<GeneratedEvent>(), 16);
     }
 
     #[test]
@@ -435,11 +450,23 @@ mod tests {
             *counts.entry(event.kind()).or_insert(0u64) += 1;
         }
         let share = |kind| counts.get(&kind).copied().unwrap_or(0) as f64 / 200_000.0;
-        assert!((share(Kind::Follow) - 0.15).abs() < 0.01, "{counts:?}");
-        assert!((share(Kind::Unfollow) - 0.15).abs() < 0.01, "{counts:?}");
-        assert!((share(Kind::Private) - 0.15).abs() < 0.01, "{counts:?}");
-        assert!((share(Kind::Status) - 0.55).abs() < 0.01, "{counts:?}");
-        assert!(share(Kind::Broadcast) > 0.0 && share(Kind::Broadcast) < 0.001);
+        assert!(
+            (share(GeneratedKind::Follow) - 0.15).abs() < 0.01,
+            "{counts:?}"
+        );
+        assert!(
+            (share(GeneratedKind::Unfollow) - 0.15).abs() < 0.01,
+            "{counts:?}"
+        );
+        assert!(
+            (share(GeneratedKind::Private) - 0.15).abs() < 0.01,
+            "{counts:?}"
+        );
+        assert!(
+            (share(GeneratedKind::Status) - 0.55).abs() < 0.01,
+            "{counts:?}"
+        );
+        assert!(share(GeneratedKind::Broadcast) > 0.0 && share(GeneratedKind::Broadcast) < 0.001);
     }
 
     #[test]
@@ -448,11 +475,13 @@ mod tests {
         for event in Generator::new(params(100_000, 1_000, 1, false)) {
             let edge = (event.from(), event.to());
             match event.kind() {
-                Kind::Follow => assert!(edges.insert(edge), "repeated follow {event:?}"),
-                Kind::Unfollow => assert!(edges.remove(&edge), "missing unfollow {event:?}"),
+                GeneratedKind::Follow => assert!(edges.insert(edge), "repeated follow {event:?}"),
+                GeneratedKind::Unfollow => {
+                    assert!(edges.remove(&edge), "missing unfollow {event:?}")
+                }
                 _ => {}
             }
-            if event.kind() != Kind::Broadcast && event.kind() != Kind::Status {
+            if event.kind() != GeneratedKind::Broadcast && event.kind() != GeneratedKind::Status {
                 assert_ne!(event.from(), event.to());
             }
         }
@@ -465,8 +494,8 @@ mod tests {
         for event in Generator::new(params(100_000, 1_000, 1, true)) {
             let edge = (event.from(), event.to());
             match event.kind() {
-                Kind::Follow if !edges.insert(edge) => repeats += 1,
-                Kind::Unfollow if !edges.remove(&edge) => missing += 1,
+                GeneratedKind::Follow if !edges.insert(edge) => repeats += 1,
+                GeneratedKind::Unfollow if !edges.remove(&edge) => missing += 1,
                 _ => {}
             }
         }
@@ -506,7 +535,7 @@ mod tests {
             let mut next = 1u64;
             while let Some(batch) = batches.next_batch() {
                 prop_assert!(!batch.is_empty() && batch.len() <= max_batch as usize);
-                let mut seqs: Vec<u64> = batch.iter().map(Event::seq).collect();
+                let mut seqs: Vec<u64> = batch.iter().map(GeneratedEvent::seq).collect();
                 seqs.sort_unstable();
                 let expected: Vec<u64> = (next..next + batch.len() as u64).collect();
                 prop_assert_eq!(seqs, expected);
@@ -539,11 +568,11 @@ mod tests {
             while let Some(batch) = batches.next_batch() {
                 from_batches.extend_from_slice(batch);
             }
-            from_batches.sort_unstable_by_key(Event::seq);
-            let in_order: Vec<Event> = Generator::new(p).collect();
+            from_batches.sort_unstable_by_key(GeneratedEvent::seq);
+            let in_order: Vec<GeneratedEvent> = Generator::new(p).collect();
             prop_assert_eq!(from_batches, in_order.clone());
             for event in &in_order {
-                prop_assert!(event.kind() == Kind::Broadcast
+                prop_assert!(event.kind() == GeneratedKind::Broadcast
                     || (1..=users).contains(&event.from()));
             }
         }

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use super::stream::{Event, MAX_LINE};
+use super::stream::{GeneratedEvent, MAX_LINE};
 
 /// Why a user stopped before its stream was complete.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -61,7 +61,7 @@ impl std::fmt::Display for Divergence {
 }
 
 pub struct UserCheck {
-    expected: Vec<Event>,
+    expected: Vec<GeneratedEvent>,
     next: usize,
     crlf: bool,
     divergence: Option<Divergence>,
@@ -69,7 +69,7 @@ pub struct UserCheck {
 }
 
 impl UserCheck {
-    pub fn new(expected: Vec<Event>, crlf: bool) -> UserCheck {
+    pub fn new(expected: Vec<GeneratedEvent>, crlf: bool) -> UserCheck {
         UserCheck {
             expected,
             next: 0,
@@ -116,7 +116,7 @@ impl UserCheck {
         if self.divergence.is_some() {
             return None;
         }
-        self.expected.get(self.next).map(Event::seq)
+        self.expected.get(self.next).map(GeneratedEvent::seq)
     }
 
     pub fn received(&self) -> u64 {
@@ -137,9 +137,10 @@ impl UserCheck {
     }
 }
 
-/// Splits a byte stream into lines across reads, for one connection.
+/// Splits the notifications one user connection receives into lines, across reads: the
+/// verifier's side (the relay's own splitter for the event source is `SourceLineSplitter`).
 #[derive(Default)]
-pub struct LineSplitter {
+pub struct ReceivedLineSplitter {
     partial: Vec<u8>,
 }
 
@@ -147,7 +148,7 @@ pub struct LineSplitter {
 /// rather than buffered without bound.
 const MAX_PARTIAL: usize = 4 * MAX_LINE;
 
-impl LineSplitter {
+impl ReceivedLineSplitter {
     /// Calls `on_line` with every complete line in `chunk`, returns how many.
     pub fn push(&mut self, mut chunk: &[u8], mut on_line: impl FnMut(&[u8])) -> u64 {
         let mut lines = 0;
@@ -186,13 +187,13 @@ impl LineSplitter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::check::stream::Kind;
+    use crate::check::stream::GeneratedKind;
 
-    fn stream() -> Vec<Event> {
+    fn stream() -> Vec<GeneratedEvent> {
         vec![
-            Event::new(3, Kind::Follow, 7, 1),
-            Event::new(8, Kind::Broadcast, 0, 0),
-            Event::new(9, Kind::Status, 4, 0),
+            GeneratedEvent::new(3, GeneratedKind::Follow, 7, 1),
+            GeneratedEvent::new(8, GeneratedKind::Broadcast, 0, 0),
+            GeneratedEvent::new(9, GeneratedKind::Status, 4, 0),
         ]
     }
 
@@ -275,7 +276,7 @@ mod tests {
 
     #[test]
     fn lines_are_split_across_reads() {
-        let mut splitter = LineSplitter::default();
+        let mut splitter = ReceivedLineSplitter::default();
         let mut lines: Vec<Vec<u8>> = Vec::new();
         let mut collect = |l: &[u8]| lines.push(l.to_vec());
         assert_eq!(splitter.push(b"1|B\n2|S|", &mut collect), 1);
@@ -295,7 +296,7 @@ mod tests {
 
     #[test]
     fn an_endless_line_is_handed_over_not_buffered() {
-        let mut splitter = LineSplitter::default();
+        let mut splitter = ReceivedLineSplitter::default();
         let mut count = 0;
         splitter.push(&[b'x'; 1_000], |_| count += 1);
         assert_eq!(count, 1);

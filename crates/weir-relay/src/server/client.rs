@@ -2,17 +2,19 @@
 //! dispatcher queues until either side goes away.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use weir_runtime::Shutdown;
+use weir_runtime::logs::{escape, LogLimiter};
+use weir_runtime::{warn_limited, Shutdown};
 
-use super::{next_connection, ClientHandle, Control};
+use super::{next_connection, ClientHandle, Control, QueuedBytes};
 use crate::config::RelayConfig;
 use crate::event;
 use crate::router::ConnId;
@@ -21,6 +23,7 @@ pub(super) async fn accept_clients(
     listener: TcpListener,
     config: Arc<RelayConfig>,
     control: mpsc::UnboundedSender<Control>,
+    queued_total: Arc<AtomicUsize>,
     shutdown: Shutdown,
 ) {
     let mut next_conn: ConnId = 0;
@@ -37,11 +40,14 @@ pub(super) async fn accept_clients(
             next_conn,
             config.clone(),
             control.clone(),
+            QueuedBytes::new(queued_total.clone()),
             shutdown.token.clone(),
         );
         shutdown.tracker.spawn(session);
     }
 }
+
+static REJECTED_LOG: LogLimiter = LogLimiter::per_second();
 
 async fn client_session(
     stream: TcpStream,
@@ -49,37 +55,20 @@ async fn client_session(
     conn: ConnId,
     config: Arc<RelayConfig>,
     control: mpsc::UnboundedSender<Control>,
+    queued: QueuedBytes,
     token: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, writer) = stream.into_split();
     let user = tokio::select! {
         _ = token.cancelled() => return,
-        line = tokio::time::timeout(config.client_id_timeout(), read_id_line(&mut reader, config.max_line_length)) => {
-            match line {
-                Ok(Ok(line)) => match event::parse_user_id(&line) {
-                    Some(user) => user,
-                    None => {
-                        tracing::warn!(%peer, line = %String::from_utf8_lossy(&line).trim(), "closed a client with an invalid user id");
-                        let _ = control.send(Control::Rejected);
-                        return;
-                    }
-                },
-                Ok(Err(err)) => {
-                    tracing::warn!(%peer, %err, "closed a client before it sent a user id");
-                    let _ = control.send(Control::Rejected);
-                    return;
-                }
-                Err(_elapsed) => {
-                    tracing::warn!(%peer, "closed a client that sent no user id in time");
-                    let _ = control.send(Control::Rejected);
-                    return;
-                }
-            }
-        }
+        user = read_user_id(&mut reader, peer, &config) => user,
     };
-    let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-    let queued = Arc::new(AtomicUsize::new(0));
+    let Some(user) = user else {
+        let _ = control.send(Control::Rejected);
+        return;
+    };
+    let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
     let kick = CancellationToken::new();
     let handle = ClientHandle {
         tx,
@@ -93,6 +82,52 @@ async fn client_session(
         return;
     }
     tracing::debug!(%peer, user, conn, "user client connected");
+    write_until_gone(reader, writer, rx, &queued, &kick).await;
+    let _ = control.send(Control::Disconnect { conn });
+    tracing::debug!(%peer, user, conn, "user client disconnected");
+}
+
+/// The user id the client sends first, or `None` (logged) when it sends none in time or
+/// something that is not one.
+async fn read_user_id(
+    reader: &mut OwnedReadHalf,
+    peer: SocketAddr,
+    config: &RelayConfig,
+) -> Option<u64> {
+    let line = tokio::time::timeout(
+        config.client_id_timeout(),
+        read_id_line(reader, config.max_line_length),
+    )
+    .await;
+    match line {
+        Ok(Ok(line)) => {
+            let user = event::parse_user_id(&line);
+            if user.is_none() {
+                warn_limited!(REJECTED_LOG, %peer, line = %escape(line.trim_ascii()), "closed a client with an invalid user id");
+            }
+            user
+        }
+        Ok(Err(err)) => {
+            warn_limited!(REJECTED_LOG, %peer, %err, "closed a client before it sent a user id");
+            None
+        }
+        Err(_elapsed) => {
+            warn_limited!(REJECTED_LOG, %peer, "closed a client that sent no user id in time");
+            None
+        }
+    }
+}
+
+/// Writes what the dispatcher queues until the client goes away, the dispatcher lets go of
+/// it (shutdown: all is written first), or it is kicked (nothing more is written). Whatever
+/// is still queued at the end is discarded and taken off the queued bytes.
+async fn write_until_gone(
+    mut reader: OwnedReadHalf,
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: &QueuedBytes,
+    kick: &CancellationToken,
+) {
     let mut scratch = [0u8; 512];
     loop {
         tokio::select! {
@@ -102,13 +137,13 @@ async fn client_session(
                 // None: the dispatcher let go of this client (shutdown): all is written.
                 let Some(bytes) = bytes else { break };
                 let written = tokio::select! {
-                    _ = kick.cancelled() => break,
-                    written = writer.write_all(&bytes) => written,
+                    _ = kick.cancelled() => Err(()),
+                    written = writer.write_all(&bytes) => written.map_err(|_| ()),
                 };
+                queued.sub(bytes.len());
                 if written.is_err() {
                     break;
                 }
-                queued.fetch_sub(bytes.len(), Ordering::AcqRel);
             }
             read = reader.read(&mut scratch) => match read {
                 // The client closed its side, or the connection broke: it is gone.
@@ -118,9 +153,14 @@ async fn client_session(
             },
         }
     }
+    // After close() no send can succeed, so every message is either drained here or was
+    // refused to the dispatcher, which then takes its bytes off itself.
+    rx.close();
+    while let Ok(bytes) = rx.try_recv() {
+        queued.sub(bytes.len());
+    }
+    drop(rx);
     let _ = writer.shutdown().await;
-    let _ = control.send(Control::Disconnect { conn });
-    tracing::debug!(%peer, user, conn, "user client disconnected");
 }
 
 /// Reads up to and including the first `\n` (or to EOF), refusing lines over `max`.

@@ -1,20 +1,25 @@
 //! The dispatcher: the one task that owns the reorder window, the follow graph and the
 //! router, so routing needs no locks.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{ClientHandle, Control, LogLimiter, SourceItem, SourceMessage};
-use crate::config::{RelayConfig, SourceMode};
+use weir_runtime::logs::LogLimiter;
+use weir_runtime::{info_limited, warn_limited};
+
+use super::state_writer::StateWriter;
+use super::{ClientHandle, Control, SourceItem, SourceMessage};
+use crate::config::{RelayConfig, RelayConfigError, SourceMode};
 use crate::event::Event;
 use crate::graph::FollowGraph;
+use crate::queue_budget;
 use crate::reorder::{Insert, Released, ReorderWindow};
 use crate::router::Router;
-use crate::state::{self, StreamState};
+use crate::state::StreamState;
 use crate::stats::{Counts, RelayStats};
 
 /// A held window slot: an event, or a sequence number whose line was malformed and which is
@@ -31,37 +36,52 @@ pub(super) struct Dispatcher {
     window: ReorderWindow<Slot>,
     released: Vec<Released<Slot>>,
     counts: Counts,
-    /// The first source after a start continues a stream loaded from the state file, even
-    /// in reset mode: that is what the state file is for.
-    continue_saved_stream: bool,
     /// When the current head gap started blocking held events, and at which number.
     blocked: Option<(u64, tokio::time::Instant)>,
     state_dirty: bool,
-    gap_log: LogLimiter,
+    state_writer: Option<StateWriter>,
+    /// Bytes queued for all clients together (see `QueuedBytes`).
+    queued_total: Arc<AtomicUsize>,
 }
+
+/// A source that connects and leaves in a loop must not write two lines each time.
+static SOURCE_LOG: LogLimiter = LogLimiter::per_second();
+static SLOW_CLIENT_LOG: LogLimiter = LogLimiter::per_second();
+static QUEUE_BUDGET_LOG: LogLimiter = LogLimiter::per_second();
+/// More releases than one 64 KiB read of the source can produce (16,384 lines of 4 bytes), so
+/// ordinary batches never shrink and regrow it.
+const RELEASED_KEEP: usize = 16_384;
+
+static GAP_LOG: LogLimiter = LogLimiter::per_second();
+static STALE_LOG: LogLimiter = LogLimiter::per_second();
+static TOO_FAR_AHEAD_LOG: LogLimiter = LogLimiter::per_second();
 
 impl Dispatcher {
     pub(super) fn new(
         config: Arc<RelayConfig>,
         stats: Arc<RelayStats>,
         saved: Option<StreamState>,
-    ) -> Self {
-        let (next, graph, continue_saved_stream) = match saved {
-            Some(saved) => (saved.next_sequence, saved.graph(), true),
-            None => (1, FollowGraph::new(), false),
+        state_writer: Option<StateWriter>,
+        queued_total: Arc<AtomicUsize>,
+    ) -> Result<Self, RelayConfigError> {
+        let (next, graph) = match saved {
+            Some(saved) => (saved.next_sequence, saved.graph()),
+            None => (1, FollowGraph::new()),
         };
-        Dispatcher {
-            window: ReorderWindow::new(next, config.max_window),
+        let window =
+            ReorderWindow::new(next, config.window_capacity()?, config.max_sequence_ahead());
+        Ok(Dispatcher {
+            window,
             router: Router::new(graph),
             config,
             stats,
             released: Vec::new(),
             counts: Counts::default(),
-            continue_saved_stream,
             blocked: None,
             state_dirty: false,
-            gap_log: LogLimiter::new("missing sequence number"),
-        }
+            state_writer,
+            queued_total,
+        })
     }
 
     pub(super) async fn run(
@@ -89,7 +109,7 @@ impl Dispatcher {
                     self.released = released;
                     self.deliver_released();
                 }
-                _ = state_tick.tick(), if self.config.state_file.is_some() => self.save_state().await,
+                _ = state_tick.tick(), if self.state_writer.is_some() => self.save_state(),
             }
             self.publish();
         }
@@ -102,7 +122,9 @@ impl Dispatcher {
         while let Ok(message) = control.try_recv() {
             self.on_control(message);
         }
-        self.save_state().await;
+        if let Some(writer) = self.state_writer.take() {
+            writer.finish(self.capture_state()).await;
+        }
         let clients = self.router.drain_clients();
         self.publish();
         tracing::info!(clients = clients.len(), "relay stopped");
@@ -121,15 +143,15 @@ impl Dispatcher {
     fn on_source(&mut self, message: SourceMessage) {
         match message {
             SourceMessage::Started { peer } => {
-                let resume = self.config.source_mode == SourceMode::Resume
-                    || std::mem::take(&mut self.continue_saved_stream);
+                let resume = self.config.source_mode == SourceMode::Resume;
                 self.stats.set_sources_connected(1);
                 if !resume {
                     self.window.reset(1);
                     self.router.graph_mut().clear();
                     self.blocked = None;
                 }
-                tracing::info!(
+                info_limited!(
+                    SOURCE_LOG,
                     %peer,
                     next_sequence = self.window.next_expected(),
                     "stream {}",
@@ -145,7 +167,8 @@ impl Dispatcher {
                     self.released = released;
                     self.deliver_released();
                 }
-                tracing::info!(
+                info_limited!(
+                    SOURCE_LOG,
                     %peer,
                     next_sequence = self.window.next_expected(),
                     held = self.window.held(),
@@ -174,9 +197,28 @@ impl Dispatcher {
                     }
                 }
             };
+            let next = self.window.next_expected();
             match self.window.insert(seq, slot, &mut released) {
                 Insert::Accepted => {}
-                Insert::Stale | Insert::Duplicate => self.counts.events_stale += 1,
+                Insert::Stale | Insert::Duplicate => {
+                    self.counts.events_stale += 1;
+                    warn_limited!(
+                        STALE_LOG,
+                        seq,
+                        next_expected = next,
+                        "dropped an event whose sequence number was already handled"
+                    );
+                }
+                Insert::TooFarAhead => {
+                    self.counts.events_too_far_ahead += 1;
+                    warn_limited!(
+                        TOO_FAR_AHEAD_LOG,
+                        seq,
+                        next_expected = next,
+                        max_ahead = self.config.max_sequence_ahead(),
+                        "dropped an event whose sequence number is implausibly far ahead"
+                    );
+                }
             }
         }
         self.released = released;
@@ -194,30 +236,78 @@ impl Dispatcher {
                 Released::Event(Slot::Skip) => {}
                 Released::Gap { first, count } => {
                     self.counts.gaps_skipped += count;
-                    self.gap_log.note(&format_args!(
-                        "skipped {count} missing sequence number(s) from {first}"
-                    ));
+                    warn_limited!(GAP_LOG, first, count, "skipped missing sequence numbers");
                 }
             }
         }
+        // A window drained at once (the source left with 100,000 events held) fills this
+        // far beyond one read's worth; that memory is not kept for the rest of the stream.
+        if self.released.capacity() > RELEASED_KEEP {
+            self.released.shrink_to(RELEASED_KEEP);
+        }
+        self.hand_out_pending();
+        self.enforce_queue_budget();
+        self.state_dirty = true;
+        self.update_blocked();
+    }
+
+    /// Hands each client its bytes; a client whose queue would pass `clientBuffer` is
+    /// dropped instead.
+    fn hand_out_pending(&mut self) {
         let limit = self.config.client_buffer;
         let dropped = self.router.flush(|client, bytes| {
             let len = bytes.len();
-            if client.queued.load(Ordering::Acquire) + len > limit {
+            if client.queued.client() + len > limit {
                 return false;
             }
-            client.queued.fetch_add(len, Ordering::AcqRel);
-            // A closed channel means the session is already leaving; its disconnect follows.
-            let _ = client.tx.send(Bytes::from(bytes));
+            client.queued.add(len);
+            if client.tx.send(Bytes::from(bytes)).is_err() {
+                // The session is already leaving (its disconnect follows) and never saw these.
+                client.queued.sub(len);
+            }
             true
         });
         for (conn, client) in dropped {
             client.kick.cancel();
             self.counts.clients_dropped_slow += 1;
-            tracing::warn!(conn, limit, "dropped a client that fell too far behind");
+            warn_limited!(
+                SLOW_CLIENT_LOG,
+                conn,
+                limit,
+                "dropped a client that fell too far behind"
+            );
         }
-        self.state_dirty = true;
-        self.update_blocked();
+    }
+
+    /// Drops the clients with the largest queues while all queues together are over
+    /// `maxQueuedBytes`. The shared total also holds bytes of clients already dropped whose
+    /// sessions have not discarded them yet, so it only triggers the check; the decision is
+    /// made on the queues of the clients still connected.
+    fn enforce_queue_budget(&mut self) {
+        let budget = self.config.max_queued_bytes;
+        if self.queued_total.load(Ordering::Acquire) <= budget {
+            return;
+        }
+        let queues = self
+            .router
+            .handles()
+            .map(|(conn, client)| (conn, client.queued.client()))
+            .collect();
+        for conn in queue_budget::over_budget(queues, budget) {
+            let Some(client) = self.router.disconnect(conn) else {
+                continue;
+            };
+            let queued = client.queued.client();
+            client.kick.cancel();
+            self.counts.clients_dropped_queue_budget += 1;
+            warn_limited!(
+                QUEUE_BUDGET_LOG,
+                conn,
+                queued,
+                budget,
+                "dropped the client with the largest queue: all clients together queued more than maxQueuedBytes"
+            );
+        }
     }
 
     fn update_blocked(&mut self) {
@@ -238,26 +328,19 @@ impl Dispatcher {
             .set_gauges(self.router.client_count(), self.window.held());
     }
 
-    async fn save_state(&mut self) {
-        let Some(path) = self.config.state_file.clone() else {
-            return;
-        };
+    /// Hands the state writer a snapshot if anything changed since the last one.
+    fn save_state(&mut self) {
         if !std::mem::take(&mut self.state_dirty) {
             return;
         }
-        let snapshot = StreamState::capture(self.window.next_expected(), self.router.graph());
-        let saved = tokio::task::spawn_blocking(move || state::save(&path, &snapshot)).await;
-        match saved {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                tracing::error!(%err, "could not save the relay state");
-                self.state_dirty = true;
-            }
-            Err(err) => {
-                tracing::error!(%err, "the state writer failed");
-                self.state_dirty = true;
-            }
+        let snapshot = self.capture_state();
+        if let Some(writer) = &self.state_writer {
+            writer.submit(snapshot);
         }
+    }
+
+    fn capture_state(&self) -> StreamState {
+        StreamState::capture(self.window.next_expected(), self.router.graph())
     }
 }
 

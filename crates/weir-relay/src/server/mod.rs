@@ -16,9 +16,9 @@
 //! - `dispatcher.rs`: the task that orders, routes and hands out bytes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
@@ -30,12 +30,13 @@ use weir_runtime::Shutdown;
 mod client;
 mod dispatcher;
 mod source;
+mod state_writer;
 
 use client::accept_clients;
 use dispatcher::Dispatcher;
 use source::accept_sources;
 
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, RelayConfigError};
 use crate::event::{Event, Malformed};
 use crate::router::ConnId;
 use crate::state::{self, StateError};
@@ -51,6 +52,8 @@ pub enum RelayError {
     },
     #[error("cannot read a listener's address: {0}")]
     Address(std::io::Error),
+    #[error(transparent)]
+    Config(#[from] RelayConfigError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("the relay task failed: {0}")]
@@ -126,9 +129,14 @@ pub fn spawn(
     config: RelayConfig,
     shutdown: Shutdown,
 ) -> Result<RelayHandle, RelayError> {
-    let saved = match &config.state_file {
-        Some(path) => state::load(path)?,
-        None => None,
+    config.validate()?;
+    // Locked before it is read: another relay could be about to overwrite it.
+    let (saved, state_lock) = match &config.state_file {
+        Some(path) => {
+            let lock = state::lock(path)?;
+            (state::load(path)?, Some((path.clone(), lock)))
+        }
+        None => (None, None),
     };
     if let Some(saved) = &saved {
         tracing::info!(
@@ -137,7 +145,8 @@ pub fn spawn(
             "continuing the stream from the state file"
         );
     }
-    let stats = Arc::new(RelayStats::default());
+    let queued_total = Arc::new(AtomicUsize::new(0));
+    let stats = Arc::new(RelayStats::new(queued_total.clone()));
     let events_addr = listeners.events.local_addr().map_err(RelayError::Address)?;
     let clients_addr = listeners
         .clients
@@ -148,7 +157,14 @@ pub fn spawn(
     let (source_tx, source_rx) = mpsc::channel(16);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
 
-    let dispatcher = Dispatcher::new(config.clone(), stats.clone(), saved);
+    let state_writer = state_lock.map(|(path, lock)| state_writer::StateWriter::spawn(path, lock));
+    let dispatcher = Dispatcher::new(
+        config.clone(),
+        stats.clone(),
+        saved,
+        state_writer,
+        queued_total.clone(),
+    )?;
     let token = shutdown.token.clone();
     let dispatcher = shutdown
         .tracker
@@ -165,6 +181,7 @@ pub fn spawn(
         listeners.clients,
         config,
         control_tx,
+        queued_total,
         shutdown,
     ));
     Ok(RelayHandle {
@@ -175,11 +192,43 @@ pub fn spawn(
     })
 }
 
+/// Bytes handed to client sessions and not yet written (or dropped): one connection's, and
+/// every connection's together. Every message is added before it is sent and subtracted
+/// exactly once: by the session when it writes or discards it, or by the dispatcher when
+/// the send fails because the session is already gone.
+#[derive(Clone)]
+struct QueuedBytes {
+    client: Arc<AtomicUsize>,
+    total: Arc<AtomicUsize>,
+}
+
+impl QueuedBytes {
+    fn new(total: Arc<AtomicUsize>) -> Self {
+        QueuedBytes {
+            client: Arc::new(AtomicUsize::new(0)),
+            total,
+        }
+    }
+
+    fn client(&self) -> usize {
+        self.client.load(Ordering::Acquire)
+    }
+
+    fn add(&self, len: usize) {
+        self.client.fetch_add(len, Ordering::AcqRel);
+        self.total.fetch_add(len, Ordering::AcqRel);
+    }
+
+    fn sub(&self, len: usize) {
+        self.client.fetch_sub(len, Ordering::AcqRel);
+        self.total.fetch_sub(len, Ordering::AcqRel);
+    }
+}
+
 /// What the dispatcher holds for each client connection.
 struct ClientHandle {
     tx: mpsc::UnboundedSender<Bytes>,
-    /// Bytes handed to the session and not yet written to the socket.
-    queued: Arc<AtomicUsize>,
+    queued: QueuedBytes,
     /// Cancelled to make the session close at once, without writing what is queued.
     kick: CancellationToken,
 }
@@ -208,6 +257,8 @@ enum SourceMessage {
     Refused,
 }
 
+static ACCEPT_LOG: weir_runtime::logs::LogLimiter = weir_runtime::logs::LogLimiter::per_second();
+
 /// The next connection, or `None` once shutdown begins. A failed accept (out of file
 /// descriptors, say) is logged and retried after a pause, rather than spinning.
 async fn next_connection(
@@ -220,59 +271,12 @@ async fn next_connection(
             _ = token.cancelled() => return None,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => return Some(accepted),
-                Err(err) => tracing::warn!(%err, "accepting {what} failed"),
+                Err(err) => weir_runtime::warn_limited!(ACCEPT_LOG, %err, "accepting {what} failed"),
             },
         }
         tokio::select! {
             _ = token.cancelled() => return None,
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-        }
-    }
-}
-
-/// Logs the first few problems of each second and counts the rest, so a stream of garbage
-/// cannot flood the logs.
-struct LogLimiter {
-    what: &'static str,
-    window_start: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const PER_SECOND: u32 = 10;
-
-    fn new(what: &'static str) -> Self {
-        LogLimiter {
-            what,
-            window_start: Instant::now(),
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-
-    fn note(&mut self, detail: &dyn std::fmt::Display) {
-        if self.window_start.elapsed() >= Duration::from_secs(1) {
-            self.flush();
-            self.window_start = Instant::now();
-            self.logged = 0;
-        }
-        if self.logged < Self::PER_SECOND {
-            self.logged += 1;
-            tracing::warn!(%detail, "skipped a {}", self.what);
-        } else {
-            self.suppressed += 1;
-        }
-    }
-
-    fn flush(&mut self) {
-        if self.suppressed > 0 {
-            tracing::warn!(
-                count = self.suppressed,
-                "skipped more of: {} (not logged one by one)",
-                self.what
-            );
-            self.suppressed = 0;
         }
     }
 }

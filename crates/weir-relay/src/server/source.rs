@@ -11,7 +11,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use weir_runtime::Shutdown;
 
-use super::{next_connection, LogLimiter, SourceItem, SourceMessage};
+use weir_runtime::logs::LogLimiter;
+use weir_runtime::warn_limited;
+
+use super::{next_connection, SourceItem, SourceMessage};
 use crate::config::RelayConfig;
 use crate::event::{self, Malformed};
 
@@ -29,7 +32,11 @@ pub(super) async fn accept_sources(
             return;
         };
         if active.swap(true, Ordering::AcqRel) {
-            tracing::warn!(%peer, "refused a second event source: one is already connected");
+            warn_limited!(
+                REFUSED_LOG,
+                %peer,
+                "refused a second event source: one is already connected"
+            );
             let _ = tx.send(SourceMessage::Refused).await;
             drop(stream);
             continue;
@@ -60,11 +67,10 @@ async fn source_session(
     if tx.send(SourceMessage::Started { peer }).await.is_err() {
         return;
     }
-    let max_line = config.max_line_length.max(16);
+    let max_line = config.max_line_length;
     let mut buf = vec![0u8; (64 * 1024).max(max_line * 2)];
     let mut filled = 0;
-    let mut splitter = LineSplitter::new(max_line);
-    let mut log = LogLimiter::new("malformed line from the event source");
+    let mut splitter = SourceLineSplitter::new(max_line);
     loop {
         let read = tokio::select! {
             _ = token.cancelled() => break,
@@ -74,16 +80,14 @@ async fn source_session(
             Ok(0) => break,
             Ok(n) => n,
             Err(err) => {
-                tracing::warn!(%peer, %err, "event source read failed");
+                warn_limited!(READ_ERROR_LOG, %peer, %err, "event source read failed");
                 break;
             }
         };
         filled += n;
         let mut batch = Vec::with_capacity(filled / 16);
         let consumed = splitter.split(&buf[..filled], |item| {
-            if let SourceItem::Malformed(bad) = &item {
-                log.note(bad);
-            }
+            log_malformed(peer, &item);
             batch.push(item);
         });
         buf.copy_within(consumed..filled, 0);
@@ -92,32 +96,41 @@ async fn source_session(
             return;
         }
     }
-    // The last line may lack its terminator; it is still an event.
+    // A line still open here was cut off by the disconnect: it is counted, never delivered.
     let mut batch = Vec::new();
     splitter.finish(&buf[..filled], |item| {
-        if let SourceItem::Malformed(bad) = &item {
-            log.note(bad);
-        }
+        log_malformed(peer, &item);
         batch.push(item);
     });
     if !batch.is_empty() {
         let _ = tx.send(SourceMessage::Batch(batch)).await;
     }
-    log.flush();
     let _ = tx.send(SourceMessage::Ended { peer }).await;
 }
 
-/// Cuts a byte stream into lines, turning over-long lines into malformed items without
-/// ever buffering more than `max_line` bytes of one.
-struct LineSplitter {
+static MALFORMED_LOG: LogLimiter = LogLimiter::per_second();
+static REFUSED_LOG: LogLimiter = LogLimiter::per_second();
+static READ_ERROR_LOG: LogLimiter = LogLimiter::per_second();
+
+/// The reason is the relay's own words and the number was parsed, so no input bytes reach
+/// the log.
+fn log_malformed(peer: SocketAddr, item: &SourceItem) {
+    if let SourceItem::Malformed(bad) = item {
+        warn_limited!(MALFORMED_LOG, %peer, problem = %bad, "skipped a malformed line from the event source");
+    }
+}
+
+/// Cuts the event source's byte stream into lines, turning over-long lines into malformed
+/// items without ever buffering more than `max_line` bytes of one.
+struct SourceLineSplitter {
     max_line: usize,
     /// Inside an over-long line whose start was already reported: skip to its end.
     discarding: bool,
 }
 
-impl LineSplitter {
+impl SourceLineSplitter {
     fn new(max_line: usize) -> Self {
-        LineSplitter {
+        SourceLineSplitter {
             max_line,
             discarding: false,
         }
@@ -145,9 +158,16 @@ impl LineSplitter {
         start
     }
 
+    /// Reports what is left when the source disconnects: a line without its terminator is
+    /// incomplete (`2|P|2|5` may have been `2|P|2|50`), so it is malformed. Its sequence
+    /// number is not claimed either, because the number itself may be cut short (`12` of
+    /// `123|B`) and a resuming source may send the whole line again.
     fn finish(&mut self, rest: &[u8], emit: impl FnOnce(SourceItem)) {
         if !rest.is_empty() && !self.discarding {
-            emit(self.item(rest));
+            emit(SourceItem::Malformed(Malformed {
+                seq: None,
+                reason: "line cut off by the disconnect (no terminator)",
+            }));
         }
     }
 
@@ -177,7 +197,7 @@ mod tests {
         max_line: usize,
         chunks: &[&[u8]],
     ) -> Vec<Result<u64, (Option<u64>, &'static str)>> {
-        let mut splitter = LineSplitter::new(max_line);
+        let mut splitter = SourceLineSplitter::new(max_line);
         let mut buf = Vec::new();
         let mut out = Vec::new();
         let mut collect = |item: SourceItem| match item {
@@ -196,8 +216,19 @@ mod tests {
     #[test]
     fn lines_split_across_reads_are_joined() {
         assert_eq!(
-            split_all(64, &[b"1|B\n2|", b"S|3\r\n3|B"]),
+            split_all(64, &[b"1|B\n2|", b"S|3\r\n3|B\n"]),
             vec![Ok(1), Ok(2), Ok(3)]
+        );
+    }
+
+    #[test]
+    fn an_unterminated_last_line_is_malformed_and_claims_no_number() {
+        assert_eq!(
+            split_all(64, &[b"1|P|1|50\n2|P|2|5"]),
+            vec![
+                Ok(1),
+                Err((None, "line cut off by the disconnect (no terminator)"))
+            ]
         );
     }
 
