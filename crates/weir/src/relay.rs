@@ -22,8 +22,12 @@ pub async fn run(command: RelayCommand, shutdown: Shutdown) -> anyhow::Result<Ex
         RelayCommand::Serve(flags) => {
             let config = flags.load()?;
             let listeners = Listeners::bind(&config).await?;
-            println!("{}", describe(&listeners)?);
-            weir_relay::run(listeners, config, shutdown.clone()).await?;
+            let description = describe(&listeners)?;
+            let relay = weir_relay::spawn(listeners, config, shutdown.clone())?;
+            // Announced only once it runs (the state file locked and loaded): scripts wait
+            // for this line.
+            println!("{description}");
+            relay.wait().await?;
             shutdown.drain(std::time::Duration::from_secs(10)).await;
             Ok(ExitCode::SUCCESS)
         }
