@@ -294,6 +294,7 @@ async fn serve_bare(addr: SocketAddr, token: CancellationToken) -> Result<(), Be
         listener.local_addr()?
     );
     let router = axum::Router::new().route("/increment", post(|| async { StatusCode::ACCEPTED }));
-    weir_runtime::http::serve(listener, router, token).await?;
+    let limits = weir_runtime::http::ListenerLimits::default();
+    weir_runtime::http::serve(listener, router, limits, token).await?;
     Ok(())
 }

@@ -21,6 +21,7 @@ pub mod aggregate;
 pub mod bench;
 pub mod config;
 pub mod openapi;
+pub mod proxy;
 pub mod queue;
 pub mod server;
 pub mod store;
@@ -62,6 +63,8 @@ pub enum IncrementsError {
     Serve(#[from] std::io::Error),
     #[error(transparent)]
     DataDir(#[from] weir_runtime::datadir::DataDirError),
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::InvalidConfig),
 }
 
 /// Starts `role` and returns when it has stopped: after `shutdown.token` is cancelled, the
@@ -72,6 +75,7 @@ pub async fn run(
     role: Role,
     shutdown: Shutdown,
 ) -> Result<(), IncrementsError> {
+    config.validate()?;
     let token = shutdown.token.clone();
     let needs_store = role != Role::Api || config.database_url.is_some();
     let uses_data_dir =
@@ -134,8 +138,9 @@ pub async fn run(
     if let Some(producer) = producer {
         let listener = listener.ok_or(IncrementsError::NeedsListener(role))?;
         let state = server::AppState::new(&config, producer, store, health);
+        let limits = config.listener_limits();
         let served =
-            weir_runtime::http::serve(listener, server::router(state), token.clone()).await;
+            weir_runtime::http::serve(listener, server::router(state), limits, token.clone()).await;
         if let Err(err) = served {
             // Stop the worker too: without an API the embedded log never closes.
             token.cancel();

@@ -230,6 +230,7 @@ async fn a_graceful_stop_flushes_everything_accepted() {
     let mut config = base_config(dir.path());
     config.flush_interval_ms = 60_000;
     config.max_staleness_ms = 60_000;
+    config.claim_idle_ms = 120_000;
     let server = start(config.clone(), Role::Serve).await;
     for _ in 0..25 {
         assert_eq!(post_increment(server.addr, KEY, 2).await.status, 202);

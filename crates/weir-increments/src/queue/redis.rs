@@ -110,9 +110,9 @@ impl RedisConsumer {
             group: config.group.clone(),
             consumer: config.consumer_name(),
             dead_stream: config.dead_letter_stream(),
-            read_count: config.read_count.max(1),
-            max_deliveries: config.max_deliveries.max(1) as usize,
-            claim_idle_ms: config.claim_idle_ms.max(1),
+            read_count: config.read_count,
+            max_deliveries: config.max_deliveries as usize,
+            claim_idle_ms: config.claim_idle_ms,
             last_claim: None,
             claim_cursor: "0-0".into(),
         })
