@@ -20,6 +20,7 @@
 pub mod aggregate;
 pub mod bench;
 pub mod config;
+pub mod health;
 pub mod openapi;
 pub mod proxy;
 pub mod queue;
@@ -76,6 +77,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), IncrementsError> {
     config.validate()?;
+    health::register_metrics();
     let token = shutdown.token.clone();
     let needs_store = role != Role::Api || config.database_url.is_some();
     let uses_data_dir =
@@ -128,19 +130,26 @@ pub async fn run(
             let worker = Worker::new(consumer, store, &config, state);
             let token = token.clone();
             Some(shutdown.tracker.spawn(async move {
-                if let Err(err) = worker.run(token).await {
-                    tracing::error!(%err, "worker stopped");
-                }
+                worker.run(token).await;
             }))
         }
         _ => None,
     };
-    if let Some(producer) = producer {
+    let router = match (producer, listener.is_some(), health) {
+        (Some(producer), _, health) => {
+            let state = server::AppState::new(&config, producer, store, health);
+            Some(server::router(state))
+        }
+        // A worker given a listener answers probes: ready while it can flush.
+        (None, true, Some(health)) => {
+            store.map(|store| server::worker_router(store, health, &config))
+        }
+        (None, _, _) => None,
+    };
+    if let Some(router) = router {
         let listener = listener.ok_or(IncrementsError::NeedsListener(role))?;
-        let state = server::AppState::new(&config, producer, store, health);
         let limits = config.listener_limits();
-        let served =
-            weir_runtime::http::serve(listener, server::router(state), limits, token.clone()).await;
+        let served = weir_runtime::http::serve(listener, router, limits, token.clone()).await;
         if let Err(err) = served {
             // Stop the worker too: without an API the embedded log never closes.
             token.cancel();

@@ -22,10 +22,11 @@ use uuid::Uuid;
 use weir_runtime::http::ApiError;
 
 use crate::config::IncrementsConfig;
+use crate::health::{flush_status, is_ready, WorkerHealth};
+use crate::queue::embedded::now_ms;
 use crate::queue::{Producer, QueueError};
 use crate::store::Store;
 use crate::validate::{is_json_content_type, parse_increment};
-use crate::worker::WorkerHealth;
 
 pub const BODY_LIMIT: usize = 1024;
 
@@ -43,6 +44,7 @@ pub struct AppState {
     api_keys: Arc<Vec<Arc<str>>>,
     limiter: Option<Arc<DefaultKeyedRateLimiter<LimitKey>>>,
     max_queue_depth: u64,
+    max_staleness_ms: u64,
 }
 
 impl AppState {
@@ -75,6 +77,7 @@ impl AppState {
             ),
             limiter,
             max_queue_depth: config.max_queue_depth,
+            max_staleness_ms: config.max_staleness_ms,
         }
     }
 }
@@ -322,16 +325,56 @@ async fn count(State(state): State<AppState>, Path(key): Path<String>) -> Respon
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
+    readiness(
+        Some(&state.producer),
+        state.store.as_ref(),
+        state.worker.as_deref(),
+        state.max_queue_depth,
+        state.max_staleness_ms,
+    )
+    .await
+}
+
+/// `/healthz`, `/readyz` and `/metrics` for a worker-only process: ready while it can flush.
+pub fn worker_router(store: Store, worker: Arc<WorkerHealth>, config: &IncrementsConfig) -> Router {
+    let max_staleness_ms = config.max_staleness_ms;
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({"status": "alive"})) }),
+        )
+        .route(
+            "/readyz",
+            get(move || async move {
+                readiness(None, Some(&store), Some(&worker), 0, max_staleness_ms).await
+            }),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .merge(weir_runtime::http::metrics_router())
+}
+
+/// Ready means "can take work" (see [`crate::health`]); the body also reports the
+/// database and the flushes, which do not decide it.
+async fn readiness(
+    producer: Option<&Producer>,
+    store: Option<&Store>,
+    worker: Option<&WorkerHealth>,
+    max_queue_depth: u64,
+    max_staleness_ms: u64,
+) -> Response {
     let budget = Duration::from_secs(1);
-    let queue = match tokio::time::timeout(budget, state.producer.check()).await {
-        Ok(Ok(())) => match state.producer.depth() {
-            Some(depth) if depth >= state.max_queue_depth => format!("full ({depth} unflushed)"),
-            _ => "ok".to_string(),
-        },
-        Ok(Err(err)) => err.to_string(),
-        Err(_) => "timed out".to_string(),
+    let queue = match producer {
+        None => None,
+        Some(producer) => Some(match tokio::time::timeout(budget, producer.check()).await {
+            Ok(Ok(())) => match producer.depth() {
+                Some(depth) if depth >= max_queue_depth => format!("full ({depth} unflushed)"),
+                _ => "ok".to_string(),
+            },
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "timed out".to_string(),
+        }),
     };
-    let database = match &state.store {
+    let database = match store {
         None => "not used by this process".to_string(),
         Some(store) => match tokio::time::timeout(budget, store.ping()).await {
             Ok(Ok(())) => "ok".to_string(),
@@ -339,19 +382,23 @@ async fn readyz(State(state): State<AppState>) -> Response {
             Err(_) => "timed out".to_string(),
         },
     };
-    let ready = queue == "ok" && (database == "ok" || state.store.is_none());
-    let depth = state.producer.depth();
+    let flush = worker.map(|worker| flush_status(&worker.snapshot(), now_ms(), max_staleness_ms));
+    let ready = is_ready(queue.as_ref().map(|queue| queue == "ok"), flush.as_ref());
+    let depth = producer.and_then(Producer::depth);
+    if let Some(depth) = depth {
+        metrics::gauge!("increments_queue_depth").set(depth as f64);
+    }
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    if let Some(depth) = depth {
-        metrics::gauge!("increments_queue_depth").set(depth as f64);
-    }
-    (
-        status,
-        Json(json!({"ready": ready, "queue": queue, "database": database, "queueDepth": depth})),
-    )
-        .into_response()
+    let body = json!({
+        "ready": ready,
+        "queue": queue.unwrap_or_else(|| "not used by this process".to_string()),
+        "queueDepth": depth,
+        "database": database,
+        "flush": flush,
+    });
+    (status, Json(body)).into_response()
 }

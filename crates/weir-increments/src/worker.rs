@@ -5,7 +5,7 @@
 //! the remaining staleness budget. A failed flush keeps everything it held (the queue is
 //! not acknowledged, so nothing is lost even if this process then dies) and retries.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,26 +14,13 @@ use tokio_util::sync::CancellationToken;
 use crate::aggregate::{Aggregator, Pending};
 use crate::config::IncrementsConfig;
 use crate::queue::embedded::now_ms;
-use crate::queue::{Consumer, Next, QueueError};
-use crate::store::{FlushReport, Store, StoreError};
+use crate::queue::{Consumer, Next};
+use crate::store::{FlushReport, Store};
 
-/// What the worker reports to `/readyz` and `/counts`.
-#[derive(Debug, Default)]
-pub struct WorkerHealth {
-    pub database_ok: AtomicBool,
-    pub queue_ok: AtomicBool,
-    pub last_flush_ms: AtomicU64,
-    pub max_staleness_ms: AtomicU64,
-    pub flushed: AtomicU64,
-}
+pub use crate::health::WorkerHealth;
 
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-}
+static DEAD_LETTER_LOG: weir_runtime::logs::LogLimiter =
+    weir_runtime::logs::LogLimiter::per_second();
 
 /// How often acknowledged entries are dropped from the stream and the applied table.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
@@ -61,8 +48,6 @@ impl Worker {
         config: &IncrementsConfig,
         health: Arc<WorkerHealth>,
     ) -> Self {
-        health.database_ok.store(true, Ordering::Relaxed);
-        health.queue_ok.store(true, Ordering::Relaxed);
         Worker {
             source: consumer.source(),
             consumer,
@@ -82,7 +67,7 @@ impl Worker {
 
     /// Runs until `token` is cancelled (Redis) or the embedded log closes, then flushes
     /// what it holds and acknowledges it.
-    pub async fn run(mut self, token: CancellationToken) -> Result<(), WorkerError> {
+    pub async fn run(mut self, token: CancellationToken) {
         let mut stopping_since: Option<Instant> = None;
         loop {
             if token.is_cancelled() {
@@ -98,15 +83,13 @@ impl Worker {
             let wait = self.until_due().min(Duration::from_millis(200));
             match self.consumer.next(wait).await {
                 Ok(Next::Items(items)) => {
-                    self.health.queue_ok.store(true, Ordering::Relaxed);
                     for item in items {
                         self.aggregator.push(item);
                     }
                 }
-                Ok(Next::Idle) => self.health.queue_ok.store(true, Ordering::Relaxed),
+                Ok(Next::Idle) => {}
                 Ok(Next::Closed) => break,
                 Err(err) => {
-                    self.health.queue_ok.store(false, Ordering::Relaxed);
                     tracing::warn!(%err, "cannot read the queue; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -136,7 +119,6 @@ impl Worker {
             }
         }
         self.flush(&token).await;
-        Ok(())
     }
 
     /// Reads whatever the queue holds right now and flushes it: one step of the loop
@@ -205,7 +187,8 @@ impl Worker {
                     return Some(report);
                 }
                 Err(err) => {
-                    self.health.database_ok.store(false, Ordering::Relaxed);
+                    self.health
+                        .flush_failed(err.to_string(), pending.oldest_ms, now_ms());
                     metrics::counter!("increments_flush_failures_total").increment(1);
                     tracing::warn!(%err, retry_in_ms = backoff.as_millis() as u64, "flush failed; retrying");
                     if token.is_cancelled() && started.elapsed() > self.shutdown_flush {
@@ -228,11 +211,7 @@ impl Worker {
             keys = report.keys,
             "flushed"
         );
-        self.health.database_ok.store(true, Ordering::Relaxed);
-        self.health.last_flush_ms.store(now, Ordering::Relaxed);
-        self.health
-            .flushed
-            .fetch_add(report.applied as u64, Ordering::Relaxed);
+        self.health.flush_succeeded(now);
         metrics::histogram!("increments_flush_seconds").record(took.as_secs_f64());
         metrics::histogram!("increments_batch_size").record(pending.len as f64);
         metrics::histogram!("increments_batch_keys").record(report.keys as f64);
@@ -252,8 +231,10 @@ impl Worker {
         if !report.dead.is_empty() {
             metrics::counter!("increments_dead_letters_total", "reason" => "overflow")
                 .increment(report.dead.len() as u64);
+            // A client can send overflowing increments on purpose: one line each would let
+            // it fill the disk, so the metric counts them all and the log shows a sample.
             for letter in &report.dead {
-                tracing::warn!(key = %letter.key, value = letter.value, reason = %letter.reason, "increment dead-lettered");
+                weir_runtime::warn_limited!(DEAD_LETTER_LOG, key = %letter.key, value = letter.value, reason = %letter.reason, "increment dead-lettered");
             }
         }
     }

@@ -269,6 +269,11 @@ async fn probes_metrics_and_unknown_routes() {
         "increments_batch_size",
         "increments_flush_seconds",
         "increments_staleness_seconds",
+        "weir_increments_flush_failing",
+        "weir_increments_flush_consecutive_failures",
+        "weir_increments_last_flush_timestamp_seconds",
+        "weir_increments_oldest_unflushed_age_seconds",
+        "weir_http_connections_open",
     ] {
         assert!(metrics.body.contains(name), "{name} missing from /metrics");
     }
@@ -279,6 +284,70 @@ async fn probes_metrics_and_unknown_routes() {
         (bad_key.status, bad_key.json()["field"].as_str()),
         (400, Some("key"))
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_stays_ready_while_flushes_fail_says_so_and_is_503_once_the_queue_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.max_queue_depth = 3;
+    let server = start(config.clone(), Role::Serve).await;
+    let first = request(server.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    // Every flush fails from here on, while the database itself still answers a ping.
+    let db = rusqlite::Connection::open(config.sqlite_path()).unwrap();
+    db.execute_batch("ALTER TABLE increments_counts RENAME TO increments_counts_away")
+        .unwrap();
+    assert_eq!(post_increment(server.addr, KEY, 1).await.status, 202);
+    let ready = eventually(|| async {
+        let ready = request(server.addr, "GET", "/readyz", &[], b"").await;
+        if ready.json()["flush"]["failing"] == true {
+            Ok(ready)
+        } else {
+            Err(format!(
+                "/readyz never reported failing flushes: {}",
+                ready.body
+            ))
+        }
+    })
+    .await;
+    assert_eq!(
+        ready.status, 200,
+        "the API still takes work: {}",
+        ready.body
+    );
+    let body = ready.json();
+    assert_eq!(body["ready"], true);
+    assert!(body["flush"]["consecutiveFailures"].as_u64().unwrap() >= 1);
+    assert!(
+        body["flush"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("increments_counts"),
+        "{body}"
+    );
+    assert!(body["flush"]["oldestUnflushedAgeMs"].as_u64().is_some());
+
+    // Unflushed increments pile up to the limit: now the API cannot take more.
+    for _ in 0..2 {
+        assert_eq!(post_increment(server.addr, KEY, 1).await.status, 202);
+    }
+    let full = request(server.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(full.status, 503, "{}", full.body);
+    assert!(
+        full.json()["queue"].as_str().unwrap().starts_with("full"),
+        "{}",
+        full.body
+    );
+    assert_eq!(post_increment(server.addr, KEY, 1).await.status, 503);
+
+    db.execute_batch("ALTER TABLE increments_counts_away RENAME TO increments_counts")
+        .unwrap();
+    wait_for_total(server.addr, KEY, 3).await;
+    let healthy = request(server.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(healthy.status, 200, "{}", healthy.body);
+    assert_eq!(healthy.json()["flush"]["failing"], false);
     server.stop().await;
 }
 
