@@ -23,6 +23,7 @@ use weir_runtime::http::ApiError;
 
 use crate::config::IncrementsConfig;
 use crate::health::{flush_status, is_ready, WorkerHealth};
+use crate::proxy::{client_address, Cidr};
 use crate::queue::embedded::now_ms;
 use crate::queue::{Producer, QueueError};
 use crate::store::Store;
@@ -45,6 +46,7 @@ pub struct AppState {
     limiter: Option<Arc<DefaultKeyedRateLimiter<LimitKey>>>,
     max_queue_depth: u64,
     max_staleness_ms: u64,
+    trusted_proxies: Arc<[Cidr]>,
 }
 
 impl AppState {
@@ -78,6 +80,7 @@ impl AppState {
             limiter,
             max_queue_depth: config.max_queue_depth,
             max_staleness_ms: config.max_staleness_ms,
+            trusted_proxies: config.trusted_proxies.iter().copied().collect(),
         }
     }
 }
@@ -167,8 +170,7 @@ fn check(state: &AppState, request: &Request) -> Option<Response> {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_token);
         let Some(presented) = presented else {
             return Some(unauthorized(
                 "missing bearer API key (Authorization: Bearer <key>)",
@@ -188,13 +190,7 @@ fn check(state: &AppState, request: &Request) -> Option<Response> {
         limit_key = Some(LimitKey::ApiKey(matched.clone()));
     }
     if let Some(limiter) = &state.limiter {
-        let key = limit_key.unwrap_or_else(|| {
-            let ip = request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
-            LimitKey::Address(ip)
-        });
+        let key = limit_key.unwrap_or_else(|| LimitKey::Address(client_of(state, request)));
         if let Err(not_until) = limiter.check_key(&key) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -210,6 +206,33 @@ fn check(state: &AppState, request: &Request) -> Option<Response> {
         }
     }
     None
+}
+
+/// The token of an `Authorization: Bearer <token>` header. The scheme name is
+/// case-insensitive (RFC 7235), so `bearer` and `BEARER` work too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The address a request is rate-limited by: the peer, or behind trusted proxies the
+/// client they name in `X-Forwarded-For`.
+fn client_of(state: &AppState, request: &Request) -> IpAddr {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
+    if state.trusted_proxies.is_empty() {
+        return peer;
+    }
+    let forwarded = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        // A value that is not text cannot name an address; as "" it ends the walk there.
+        .map(|value| value.to_str().unwrap_or(""));
+    client_address(&state.trusted_proxies, peer, forwarded)
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -401,4 +424,25 @@ async fn readiness(
         "flush": flush,
     });
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER k1",
+            "BeArEr   k1  ",
+            "Bearer\tk1",
+        ] {
+            assert_eq!(bearer_token(header), Some("k1"), "{header:?}");
+        }
+        for header in ["Basic k1", "Bearer", "Bearer ", "Bearerk1", "Token k1"] {
+            assert_eq!(bearer_token(header), None, "{header:?}");
+        }
+    }
 }

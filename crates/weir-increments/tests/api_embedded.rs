@@ -170,6 +170,18 @@ async fn bearer_keys_are_required_when_configured() {
     )
     .await;
     assert_eq!(right.status, 202);
+    for scheme in ["bearer", "BEARER"] {
+        let auth = format!("{scheme} s3cret");
+        let reply = request(
+            server.addr,
+            "POST",
+            "/increment",
+            &[JSON, ("Authorization", auth.as_str())],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(reply.status, 202, "{scheme}: {}", reply.body);
+    }
     let health = request(server.addr, "GET", "/healthz", &[], b"").await;
     assert_eq!(health.status, 200, "probes stay open");
     server.stop().await;
@@ -198,6 +210,49 @@ async fn the_rate_limit_answers_429_with_retry_after() {
     assert_eq!(&statuses[..2], &[202, 202]);
     assert!(statuses[2..].contains(&429), "{statuses:?}");
     assert_eq!(retry_after.as_deref(), Some("1"));
+    server.stop().await;
+}
+
+async fn post_from(addr: std::net::SocketAddr, forwarded_for: &str) -> u16 {
+    let body = format!(r#"{{"key":"{KEY}","value":1}}"#);
+    let headers = [JSON, ("X-Forwarded-For", forwarded_for)];
+    request(addr, "POST", "/increment", &headers, body.as_bytes())
+        .await
+        .status
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_client_has_its_own_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.rate_limit_per_second = Some(1);
+    config.rate_limit_burst = Some(1);
+    config.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let server = start(config, Role::Serve).await;
+    assert_eq!(post_from(server.addr, "198.51.100.1").await, 202);
+    assert_eq!(
+        post_from(server.addr, "198.51.100.2").await,
+        202,
+        "another client behind the same balancer"
+    );
+    assert_eq!(post_from(server.addr, "198.51.100.1").await, 429);
+    // A client cannot escape its bucket by forging entries left of the balancer's.
+    assert_eq!(
+        post_from(server.addr, "203.0.113.9, 198.51.100.1").await,
+        429
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn without_trusted_proxies_x_forwarded_for_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.rate_limit_per_second = Some(1);
+    config.rate_limit_burst = Some(1);
+    let server = start(config, Role::Serve).await;
+    assert_eq!(post_from(server.addr, "198.51.100.1").await, 202);
+    assert_eq!(post_from(server.addr, "198.51.100.2").await, 429);
     server.stop().await;
 }
 
