@@ -18,7 +18,6 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use http_body_util::BodyExt;
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use uuid::Uuid;
 use weir_runtime::http::ApiError;
 
 use crate::config::IncrementsConfig;
@@ -27,7 +26,7 @@ use crate::proxy::{client_address, Cidr};
 use crate::queue::embedded::now_ms;
 use crate::queue::{Producer, QueueError};
 use crate::store::Store;
-use crate::validate::{is_json_content_type, parse_increment};
+use crate::validate::{is_json_content_type, parse_increment, parse_key_text};
 
 pub const BODY_LIMIT: usize = 1024;
 
@@ -121,6 +120,37 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
         .merge(weir_runtime::http::metrics_router())
+        .layer(middleware::map_response(json_errors))
+}
+
+/// Gives every error the API's JSON body, including the ones axum writes itself (405 for
+/// a wrong method, a path it cannot decode, ...), which come as plain text or empty.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| is_json_content_type(Some(value)));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let message = match std::str::from_utf8(&text).map(str::trim) {
+        Ok(text) if !text.is_empty() => text.to_string(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_lowercase(),
+    };
+    let mut json = ApiError::new(status, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
 }
 
 /// Counts one `POST /increment` answer by status. Handles of the usual statuses are
@@ -280,6 +310,17 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
     {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(err) if weir_runtime::http::is_body_timeout(err.as_ref()) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive in time",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
         Err(err) => {
             return ApiError::bad_request(format!("cannot read the body: {err}")).into_response()
         }
@@ -317,10 +358,14 @@ fn unavailable(err: QueueError) -> Response {
 }
 
 async fn count(State(state): State<AppState>, Path(key): Path<String>) -> Response {
-    let Ok(key) = Uuid::try_parse(&key) else {
-        return ApiError::bad_request("must be a UUID")
-            .with_field("key")
-            .into_response();
+    // Exactly the forms POST accepts, so one key is never spelled two ways.
+    let key = match parse_key_text(&key) {
+        Ok(key) => key,
+        Err(rejection) => {
+            return ApiError::bad_request(rejection.error)
+                .with_field("key")
+                .into_response()
+        }
     };
     let Some(store) = &state.store else {
         return ApiError::new(

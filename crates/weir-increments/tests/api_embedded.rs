@@ -407,6 +407,66 @@ async fn readyz_stays_ready_while_flushes_fail_says_so_and_is_503_once_the_queue
 }
 
 #[tokio::test]
+async fn every_error_axum_writes_itself_has_the_json_body() {
+    let (server, _dir) = embedded().await;
+    let wrong_method = request(server.addr, "GET", "/increment", &[], b"").await;
+    assert_eq!(wrong_method.status, 405);
+    assert!(wrong_method.json()["error"].is_string(), "{wrong_method:?}");
+    assert_eq!(wrong_method.header("allow"), Some("POST"));
+    let undecodable = request(server.addr, "GET", "/counts/%FF", &[], b"").await;
+    assert_eq!(undecodable.status, 400, "{undecodable:?}");
+    assert!(undecodable.json()["error"].is_string());
+    let missing = request(server.addr, "GET", "/counts/", &[], b"").await;
+    assert_eq!(missing.status, 404);
+    assert!(missing.json()["error"].is_string());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn counts_accept_exactly_the_key_forms_increments_accept() {
+    let (server, _dir) = embedded().await;
+    let simple = KEY.replace('-', "");
+    for other_form in [
+        format!("{{{KEY}}}"),
+        simple.clone(),
+        format!("urn:uuid:{KEY}"),
+    ] {
+        let body = format!(r#"{{"key":"{other_form}","value":1}}"#);
+        let post = request(server.addr, "POST", "/increment", &[JSON], body.as_bytes()).await;
+        assert_eq!(post.status, 400, "POST {other_form}");
+        let get = request(
+            server.addr,
+            "GET",
+            &format!("/counts/{other_form}"),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(
+            (get.status, get.json()["field"].as_str()),
+            (400, Some("key")),
+            "GET {other_form}: {}",
+            get.body
+        );
+    }
+    let get = request(server.addr, "GET", &format!("/counts/{KEY}"), &[], b"").await;
+    assert_eq!(get.status, 200, "{}", get.body);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_integer_in_any_notation_is_accepted() {
+    let (server, _dir) = embedded().await;
+    for literal in ["134217729.0", "2e0", "1.0E1"] {
+        let body = format!(r#"{{"key":"{KEY}","value":{literal}}}"#);
+        let reply = request(server.addr, "POST", "/increment", &[JSON], body.as_bytes()).await;
+        assert_eq!(reply.status, 202, "{literal}: {}", reply.body);
+    }
+    wait_for_total(server.addr, KEY, 134_217_729 + 2 + 10).await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn the_openapi_document_matches_the_live_routes() {
     let (server, _dir) = embedded().await;
     let doc = request(server.addr, "GET", "/openapi.json", &[], b"")
