@@ -135,17 +135,7 @@ pub async fn run(
         }
         _ => None,
     };
-    let router = match (producer, listener.is_some(), health) {
-        (Some(producer), _, health) => {
-            let state = server::AppState::new(&config, producer, store, health);
-            Some(server::router(state))
-        }
-        // A worker given a listener answers probes: ready while it can flush.
-        (None, true, Some(health)) => {
-            store.map(|store| server::worker_router(store, health, &config))
-        }
-        (None, _, _) => None,
-    };
+    let router = http_router(&config, producer, listener.is_some(), store, health);
     if let Some(router) = router {
         let listener = listener.ok_or(IncrementsError::NeedsListener(role))?;
         let limits = config.listener_limits();
@@ -162,4 +152,26 @@ pub async fn run(
         }
     }
     Ok(())
+}
+
+/// What this process serves over HTTP: the API when it has a producer, else (a worker
+/// given a listener) the probes.
+fn http_router(
+    config: &IncrementsConfig,
+    producer: Option<Producer>,
+    has_listener: bool,
+    store: Option<Store>,
+    health: Option<Arc<WorkerHealth>>,
+) -> Option<axum::Router> {
+    match (producer, has_listener, health) {
+        (Some(producer), _, health) => {
+            let state = server::AppState::new(config, producer, store, health);
+            Some(server::router(state))
+        }
+        // A worker given a listener answers probes: ready while it can flush.
+        (None, true, Some(health)) => {
+            store.map(|store| server::worker_router(store, health, config))
+        }
+        (None, _, _) => None,
+    }
 }

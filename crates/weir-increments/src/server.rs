@@ -344,8 +344,12 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
     }
 }
 
+static REFUSED_LOG: weir_runtime::logs::LogLimiter = weir_runtime::logs::LogLimiter::per_second();
+
 fn unavailable(err: QueueError) -> Response {
-    tracing::warn!(%err, "increment refused");
+    // Once per request while the queue is down or full: a sample is enough, the status
+    // counter has the count.
+    weir_runtime::warn_limited!(REFUSED_LOG, %err, "increment refused");
     let mut response = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("cannot queue the increment: {err}"),
