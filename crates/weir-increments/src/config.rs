@@ -387,22 +387,8 @@ pub struct IncrementsFlags {
     #[arg(long, value_name = "LIST")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trusted_proxies: Option<String>,
-    /// Ms from a request's first byte to the end of its headers [default: 10000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub header_timeout_ms: Option<u64>,
-    /// Ms a connection may wait for its next request [default: 60000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub idle_timeout_ms: Option<u64>,
-    /// Ms from the end of the headers to the end of the body [default: 30000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub body_timeout_ms: Option<u64>,
-    /// Connections open at once [default: 10000].
-    #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<usize>,
+    // headerTimeoutMs, idleTimeoutMs, bodyTimeoutMs and maxConnections are set in the
+    // --config file only: tuned rarely, and every flag here grows the CLI's command enum.
 }
 
 /// Why the settings could not be loaded.
@@ -550,6 +536,31 @@ mod tests {
         };
         let err = flags.load().unwrap_err().to_string();
         assert!(err.contains("flushIntervalMs must be at least 1"), "{err}");
+    }
+
+    #[test]
+    fn listener_limits_come_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(
+            &path,
+            r#"{"headerTimeoutMs": 5000, "idleTimeoutMs": 7000, "bodyTimeoutMs": 9000, "maxConnections": 10}"#,
+        )
+        .unwrap();
+        let flags = IncrementsFlags {
+            config_file: Some(path),
+            ..IncrementsFlags::default()
+        };
+        let limits = flags.load().unwrap().listener_limits();
+        assert_eq!(
+            limits,
+            ListenerLimits {
+                header_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(7),
+                body_timeout: Duration::from_secs(9),
+                max_connections: 10,
+            }
+        );
     }
 
     #[test]
