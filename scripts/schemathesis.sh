@@ -69,6 +69,8 @@ echo "schemathesis against $base (seed $seed, $max_examples examples per operati
 status=0
 # --max-time would keep fuzzing until it is spent; the example count bounds the run, and
 # timeout guards CI against a hang.
+# From the temporary directory: schemathesis keeps its crash files under the current one.
+cd "$work"
 timeout 150 "$schemathesis" --config-file "$root/scripts/schemathesis.toml" \
     run "$base/openapi.json" \
     --checks all \
