@@ -91,7 +91,8 @@ pub struct ListenerLimits {
     /// closed after this long without the first byte of a new one.
     pub idle_timeout: Duration,
     /// From the end of the headers to the end of the body, as a whole: a body trickled a
-    /// byte at a time cannot stretch it.
+    /// byte at a time cannot stretch it. Also how long a response may wait for a peer that
+    /// stopped reading.
     pub body_timeout: Duration,
     /// Connections open at once; one more is accepted and closed at once.
     pub max_connections: usize,
@@ -113,7 +114,7 @@ impl Default for ListenerLimits {
 fn register_metrics() {
     metrics::gauge!("weir_http_connections_open").set(0.0);
     metrics::counter!("weir_http_connections_refused_total").absolute(0);
-    for phase in ["header", "idle", "body"] {
+    for phase in ["header", "idle", "body", "write"] {
         metrics::counter!("weir_http_timeouts_total", "phase" => phase).absolute(0);
     }
 }
@@ -273,6 +274,9 @@ struct TimedIo {
     limits: ListenerLimits,
     phase: ReadPhase,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    /// Set while a write waits for the peer to read: a client that stops reading would
+    /// otherwise hold the connection forever. Made only when a write first has to wait.
+    write_stall: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl TimedIo {
@@ -283,6 +287,7 @@ impl TimedIo {
             limits,
             phase: ReadPhase::Idle,
             deadline: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+            write_stall: None,
         }
     }
 
@@ -291,6 +296,33 @@ impl TimedIo {
         self.deadline
             .as_mut()
             .reset(tokio::time::Instant::now() + allowance);
+    }
+
+    /// Passes a write's result through, failing it once writes have waited on the peer
+    /// for longer than the body timeout.
+    fn bound_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if written.is_ready() {
+            self.write_stall = None;
+            return written;
+        }
+        let allowance = self.limits.body_timeout;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(allowance)));
+        match stall.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                metrics::counter!("weir_http_timeouts_total", "phase" => "write").increment(1);
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the peer stopped reading its response",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 
     fn timed_out(&self) -> std::io::Error {
@@ -348,7 +380,8 @@ impl AsyncWrite for TimedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let written = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.bound_write(cx, written)
     }
 
     fn poll_write_vectored(
@@ -356,7 +389,8 @@ impl AsyncWrite for TimedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.bound_write(cx, written)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -613,6 +647,42 @@ mod tests {
         trickle.abort();
         server.token.cancel();
         server.served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_off() {
+        const BIG: usize = 64 << 20;
+        let router = Router::new().route("/big", get(|| async { Bytes::from(vec![b'x'; BIG]) }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let token = CancellationToken::new();
+        let limits = ListenerLimits {
+            idle_timeout: Duration::from_secs(30),
+            ..short_limits()
+        };
+        let served = tokio::spawn(serve(listener, router, limits, token.clone()));
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        // Not reading: the socket buffers fill long before 64 MiB and the server waits.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut received = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let read_all = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                received += n;
+            }
+        })
+        .await;
+        assert!(read_all.is_ok(), "the connection stayed open");
+        assert!(received < BIG, "the whole response was sent: {received}");
+        token.cancel();
+        served.await.unwrap().unwrap();
     }
 
     #[tokio::test]
