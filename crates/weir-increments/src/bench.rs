@@ -307,7 +307,7 @@ async fn verify(
 }
 
 async fn serve_bare(addr: SocketAddr, token: CancellationToken) -> Result<(), BenchError> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = weir_runtime::http::bind(addr)?;
     println!(
         "bare 202 handler on http://{}/increment",
         listener.local_addr()?

@@ -18,7 +18,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -107,6 +107,23 @@ impl Default for ListenerLimits {
             max_connections: 10_000,
         }
     }
+}
+
+/// Connections the kernel holds for a listener before it accepts them.
+const BACKLOG: u32 = 1024;
+
+/// Binds a listener for [`serve`]. tokio's own `bind` asks for a backlog of 128, which a
+/// burst of connections overflows: the kernel then drops handshakes, and clients wait
+/// seconds for a retransmit even though the server has free slots.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Registers the listener metrics at zero, so dashboards and alerts see them before the
@@ -683,6 +700,25 @@ mod tests {
         assert!(received < BIG, "the whole response was sent: {received}");
         token.cancel();
         served.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn bind_holds_a_burst_of_connections_until_they_are_accepted() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..400 {
+            // Over a full backlog the handshake is dropped and connect waits for a retry.
+            let connect = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr));
+            clients.push(connect.await.expect("the backlog is full").unwrap());
+        }
+        let mut accepted = 0;
+        while let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(200), listener.accept()).await
+        {
+            accepted += 1;
+        }
+        assert_eq!(accepted, clients.len());
     }
 
     #[tokio::test]
