@@ -104,15 +104,6 @@ impl Aggregator {
         self.oldest_ms = None;
         pending
     }
-
-    /// Puts a flush that failed back, merged with what arrived meanwhile.
-    pub fn restore(&mut self, pending: Pending) {
-        for (key, entries) in pending.keys {
-            for (id, value) in entries.entries {
-                self.push(Item { id, key, value });
-            }
-        }
-    }
 }
 
 /// The content of one flush, keys in ascending order.
@@ -258,18 +249,6 @@ mod tests {
         assert_eq!(plan.duplicates, 2);
         let plan2 = super::plan(&pending, Fresh::AboveSeq(1), |_| 0);
         assert_eq!(plan2.deltas, vec![(Uuid::from_u128(1), 3)]);
-    }
-
-    #[test]
-    fn restore_keeps_everything() {
-        let mut agg = Aggregator::default();
-        agg.push(item(1, 1, 5));
-        let pending = agg.take();
-        agg.push(item(2, 1, 6));
-        agg.restore(pending);
-        assert_eq!(agg.len(), 2);
-        assert_eq!(agg.oldest_ms(), Some(1));
-        assert_eq!(agg.take().keys[0].1.sum, 11);
     }
 
     #[test]

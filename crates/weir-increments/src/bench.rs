@@ -64,6 +64,29 @@ struct ConnStats {
     acknowledged: HashMap<usize, i64>,
 }
 
+impl ConnStats {
+    fn merge(&mut self, other: ConnStats) {
+        self.latencies_us.extend(other.latencies_us);
+        for (status, n) in other.statuses {
+            *self.statuses.entry(status).or_default() += n;
+        }
+        self.errors += other.errors;
+        for (key, sum) in other.acknowledged {
+            *self.acknowledged.entry(key).or_default() += sum;
+        }
+    }
+
+    /// The latency (ms) under which a share `p` of the requests were answered.
+    fn percentile_ms(&self, p: f64) -> f64 {
+        let count = self.latencies_us.len();
+        if count == 0 {
+            return 0.0;
+        }
+        let index = ((count as f64 * p).ceil() as usize).clamp(1, count) - 1;
+        f64::from(self.latencies_us[index]) / 1000.0
+    }
+}
+
 pub async fn run(flags: BenchFlags, token: CancellationToken) -> Result<bool, BenchError> {
     if let Some(addr) = flags.bare {
         return serve_bare(addr, token).await.map(|()| true);
@@ -79,58 +102,21 @@ pub async fn run(flags: BenchFlags, token: CancellationToken) -> Result<bool, Be
             .collect(),
     );
     let started = Instant::now();
-    let until = started + Duration::from_secs(flags.duration_secs);
-    let mut tasks = Vec::new();
-    for conn in 0..flags.connections.max(1) {
-        let authority = authority.clone();
-        let keys = keys.clone();
-        let api_key = flags.api_key.clone();
-        let token = token.clone();
-        tasks.push(tokio::spawn(async move {
-            load(conn, &authority, &keys, api_key.as_deref(), until, token).await
-        }));
-    }
-    let mut total = ConnStats::default();
-    for task in tasks {
-        match task.await {
-            Ok(Ok(stats)) => {
-                total.latencies_us.extend(stats.latencies_us);
-                for (status, n) in stats.statuses {
-                    *total.statuses.entry(status).or_default() += n;
-                }
-                total.errors += stats.errors;
-                for (key, sum) in stats.acknowledged {
-                    *total.acknowledged.entry(key).or_default() += sum;
-                }
-            }
-            Ok(Err(err)) => {
-                eprintln!("a connection failed: {err}");
-                total.errors += 1;
-            }
-            Err(err) => eprintln!("a load task panicked: {err}"),
-        }
-    }
+    let mut total = generate(&flags, &authority, &keys, token).await;
     let elapsed = started
         .elapsed()
         .min(Duration::from_secs(flags.duration_secs.max(1)));
     total.latencies_us.sort_unstable();
     let count = total.latencies_us.len();
-    let pct = |p: f64| -> f64 {
-        if count == 0 {
-            return 0.0;
-        }
-        let index = ((count as f64 * p).ceil() as usize).clamp(1, count) - 1;
-        f64::from(total.latencies_us[index]) / 1000.0
-    };
     let accepted = total.statuses.get(&202).copied().unwrap_or(0);
     let rps = count as f64 / elapsed.as_secs_f64();
     println!(
         "{count} requests in {:.1}s over {} connections: {rps:.0} req/s, latency p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         elapsed.as_secs_f64(),
         flags.connections,
-        pct(0.5),
-        pct(0.99),
-        pct(1.0)
+        total.percentile_ms(0.5),
+        total.percentile_ms(0.99),
+        total.percentile_ms(1.0)
     );
     let mut statuses: Vec<_> = total.statuses.iter().collect();
     statuses.sort();
@@ -155,12 +141,45 @@ pub async fn run(flags: BenchFlags, token: CancellationToken) -> Result<bool, Be
     println!(
         "{}",
         serde_json::json!({
-            "requests": count, "rps": rps.round(), "p50_ms": pct(0.5), "p99_ms": pct(0.99),
-            "max_ms": pct(1.0), "accepted": accepted, "errors": total.errors, "passed": passed,
+            "requests": count, "rps": rps.round(), "p50_ms": total.percentile_ms(0.5),
+            "p99_ms": total.percentile_ms(0.99), "max_ms": total.percentile_ms(1.0),
+            "accepted": accepted, "errors": total.errors, "passed": passed,
             "max_staleness_s": staleness.and_then(|s| s.parse::<f64>().ok()),
         })
     );
     Ok(passed)
+}
+
+/// Runs the load on every connection until the duration is over; their stats summed.
+async fn generate(
+    flags: &BenchFlags,
+    authority: &str,
+    keys: &Arc<Vec<String>>,
+    token: CancellationToken,
+) -> ConnStats {
+    let until = Instant::now() + Duration::from_secs(flags.duration_secs);
+    let mut tasks = Vec::new();
+    for conn in 0..flags.connections.max(1) {
+        let authority = authority.to_string();
+        let keys = keys.clone();
+        let api_key = flags.api_key.clone();
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            load(conn, &authority, &keys, api_key.as_deref(), until, token).await
+        }));
+    }
+    let mut total = ConnStats::default();
+    for task in tasks {
+        match task.await {
+            Ok(Ok(stats)) => total.merge(stats),
+            Ok(Err(err)) => {
+                eprintln!("a connection failed: {err}");
+                total.errors += 1;
+            }
+            Err(err) => eprintln!("a load task panicked: {err}"),
+        }
+    }
+    total
 }
 
 async fn load(
@@ -288,12 +307,13 @@ async fn verify(
 }
 
 async fn serve_bare(addr: SocketAddr, token: CancellationToken) -> Result<(), BenchError> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = weir_runtime::http::bind(addr)?;
     println!(
         "bare 202 handler on http://{}/increment",
         listener.local_addr()?
     );
     let router = axum::Router::new().route("/increment", post(|| async { StatusCode::ACCEPTED }));
-    weir_runtime::http::serve(listener, router, token).await?;
+    let limits = weir_runtime::http::ListenerLimits::default();
+    weir_runtime::http::serve(listener, router, limits, token).await?;
     Ok(())
 }

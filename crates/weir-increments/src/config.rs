@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use weir_runtime::http::ListenerLimits;
+
+use crate::proxy::Cidr;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
@@ -69,6 +72,18 @@ pub struct IncrementsConfig {
     pub max_queue_depth: u64,
     /// Milliseconds a graceful shutdown keeps retrying its final flush.
     pub shutdown_flush_ms: u64,
+    /// Load balancers (addresses or networks) whose `X-Forwarded-For` names the client, for
+    /// the per-address rate limit. A comma-separated string is accepted too.
+    #[serde(deserialize_with = "networks")]
+    pub trusted_proxies: Vec<Cidr>,
+    /// From the first byte of a request to the end of its headers.
+    pub header_timeout_ms: u64,
+    /// A connection without a request under way is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// From the end of the headers to the end of the body.
+    pub body_timeout_ms: u64,
+    /// Connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
 }
 
 /// A week: long enough to notice and replay, short enough that the table stays small.
@@ -104,20 +119,137 @@ impl Default for IncrementsConfig {
             repair: false,
             max_queue_depth: 10_000_000,
             shutdown_flush_ms: 5_000,
+            trusted_proxies: Vec::new(),
+            header_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            body_timeout_ms: 30_000,
+            max_connections: 10_000,
         }
     }
 }
 
+/// A setting that cannot work, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidConfig {
+    #[error("{key} must be at least {min}, got {value}")]
+    TooSmall {
+        key: &'static str,
+        min: u64,
+        value: u64,
+    },
+    #[error("{key} must exceed {other} ({key} = {value}, {other} = {limit})")]
+    MustExceed {
+        key: &'static str,
+        value: u64,
+        other: &'static str,
+        limit: u64,
+    },
+    #[error("{key} must not exceed {other} ({key} = {value}, {other} = {limit})")]
+    MustNotExceed {
+        key: &'static str,
+        value: u64,
+        other: &'static str,
+        limit: u64,
+    },
+    #[error("{key} {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn at_least(key: &'static str, value: u64, min: u64) -> Result<(), InvalidConfig> {
+    if value < min {
+        return Err(InvalidConfig::TooSmall { key, min, value });
+    }
+    Ok(())
+}
+
 impl IncrementsConfig {
+    /// Checks every rule a setting must meet, alone and with the others, so that the parts
+    /// built from the config can trust it.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        self.validate_worker()?;
+        self.validate_api()
+    }
+
+    fn validate_worker(&self) -> Result<(), InvalidConfig> {
+        at_least("flushIntervalMs", self.flush_interval_ms, 1)?;
+        at_least("maxStalenessMs", self.max_staleness_ms, 1)?;
+        if self.flush_interval_ms > self.max_staleness_ms {
+            // A flush that only starts after the promise has expired cannot keep it.
+            return Err(InvalidConfig::MustNotExceed {
+                key: "flushIntervalMs",
+                value: self.flush_interval_ms,
+                other: "maxStalenessMs",
+                limit: self.max_staleness_ms,
+            });
+        }
+        if self.claim_idle_ms <= self.flush_interval_ms {
+            // Entries wait up to a flush interval before they are acknowledged; claiming
+            // them sooner would hand a live worker's entries to another one.
+            return Err(InvalidConfig::MustExceed {
+                key: "claimIdleMs",
+                value: self.claim_idle_ms,
+                other: "flushIntervalMs",
+                limit: self.flush_interval_ms,
+            });
+        }
+        at_least("maxPending", self.max_pending as u64, 1)?;
+        at_least("readCount", self.read_count as u64, 1)?;
+        at_least("chunkSize", self.chunk_size as u64, 1)?;
+        at_least("maxDeliveries", self.max_deliveries, 1)?;
+        crate::store::Tables::new(&self.table_prefix).map_err(|_| InvalidConfig::Invalid {
+            key: "tablePrefix",
+            reason: format!(
+                "must be 1 to 40 letters, digits or _, not starting with a digit, got {:?}",
+                self.table_prefix
+            ),
+        })?;
+        for (key, value) in [("stream", &self.stream), ("group", &self.group)] {
+            if value.is_empty() {
+                return Err(InvalidConfig::Invalid {
+                    key,
+                    reason: "must not be empty".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_api(&self) -> Result<(), InvalidConfig> {
+        at_least("maxQueueDepth", self.max_queue_depth, 1)?;
+        if let Some(rate) = self.rate_limit_per_second {
+            at_least("rateLimitPerSecond", rate.into(), 1)?;
+        }
+        if let Some(burst) = self.rate_limit_burst {
+            at_least("rateLimitBurst", burst.into(), 1)?;
+            if self.rate_limit_per_second.is_none() {
+                return Err(InvalidConfig::Invalid {
+                    key: "rateLimitBurst",
+                    reason: "needs rateLimitPerSecond".into(),
+                });
+            }
+        }
+        at_least("headerTimeoutMs", self.header_timeout_ms, 1)?;
+        at_least("idleTimeoutMs", self.idle_timeout_ms, 1)?;
+        at_least("bodyTimeoutMs", self.body_timeout_ms, 1)?;
+        at_least("maxConnections", self.max_connections as u64, 1)?;
+        Ok(())
+    }
+
     pub fn flush_interval(&self) -> Duration {
-        Duration::from_millis(
-            self.flush_interval_ms
-                .clamp(1, self.max_staleness_ms.max(1)),
-        )
+        Duration::from_millis(self.flush_interval_ms)
     }
 
     pub fn max_staleness(&self) -> Duration {
-        Duration::from_millis(self.max_staleness_ms.max(1))
+        Duration::from_millis(self.max_staleness_ms)
+    }
+
+    pub fn listener_limits(&self) -> ListenerLimits {
+        ListenerLimits {
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+            max_connections: self.max_connections,
+        }
     }
 
     pub fn dead_letter_stream(&self) -> String {
@@ -167,6 +299,24 @@ fn keys<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Er
         .map(|key| key.trim().to_string())
         .filter(|key| !key.is_empty())
         .collect())
+}
+
+fn networks<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Cidr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Networks {
+        One(String),
+        Many(Vec<String>),
+    }
+    let list = match Networks::deserialize(deserializer)? {
+        Networks::One(text) => text.split(',').map(str::to_string).collect(),
+        Networks::Many(list) => list,
+    };
+    list.iter()
+        .map(|network| network.trim())
+        .filter(|network| !network.is_empty())
+        .map(|network| network.parse().map_err(serde::de::Error::custom))
+        .collect()
 }
 
 /// Environment variables honoured.
@@ -260,11 +410,30 @@ pub struct IncrementsFlags {
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub repair: Option<bool>,
+    /// Comma-separated load balancer addresses or networks whose X-Forwarded-For names the
+    /// client, e.g. 10.0.0.0/8,192.168.1.5 [default: none].
+    #[arg(long, value_name = "LIST")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trusted_proxies: Option<String>,
+    // headerTimeoutMs, idleTimeoutMs, bodyTimeoutMs and maxConnections are set in the
+    // --config file only: tuned rarely, and every flag here grows the CLI's command enum.
+}
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Read(#[from] weir_runtime::config::ConfigError),
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] InvalidConfig),
 }
 
 impl IncrementsFlags {
-    pub fn load(&self) -> Result<IncrementsConfig, weir_runtime::config::ConfigError> {
-        weir_runtime::config::load(self.config_file.as_deref(), ENV_KEYS, self)
+    pub fn load(&self) -> Result<IncrementsConfig, LoadError> {
+        let config: IncrementsConfig =
+            weir_runtime::config::load(self.config_file.as_deref(), ENV_KEYS, self)?;
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -290,6 +459,13 @@ mod tests {
         assert_eq!(config.port, 4001);
         assert_eq!(config.flush_interval(), Duration::from_millis(250));
         assert_eq!(config.api_keys, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    fn invalid(config: IncrementsConfig) -> String {
+        match config.validate() {
+            Ok(()) => panic!("{config:?} was accepted"),
+            Err(err) => err.to_string(),
+        }
     }
 
     #[test]
@@ -328,11 +504,149 @@ mod tests {
     }
 
     #[test]
-    fn the_flush_interval_never_exceeds_the_staleness_bound() {
-        let config = IncrementsConfig {
+    fn the_defaults_are_valid() {
+        IncrementsConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_flush_interval_beyond_the_staleness_bound_is_refused_not_clamped() {
+        let err = invalid(IncrementsConfig {
             flush_interval_ms: 60_000,
+            claim_idle_ms: 120_000,
             ..IncrementsConfig::default()
+        });
+        assert!(
+            err.contains("flushIntervalMs must not exceed maxStalenessMs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn claim_idle_must_exceed_the_flush_interval() {
+        let err = invalid(IncrementsConfig {
+            claim_idle_ms: 1_000,
+            ..IncrementsConfig::default()
+        });
+        assert!(
+            err.contains("claimIdleMs must exceed flushIntervalMs"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn zeros_are_refused_with_the_key_name() {
+        type Breaks = fn(&mut IncrementsConfig);
+        let cases: [(&str, Breaks); 13] = [
+            ("flushIntervalMs", |c| c.flush_interval_ms = 0),
+            ("maxStalenessMs", |c| c.max_staleness_ms = 0),
+            ("maxPending", |c| c.max_pending = 0),
+            ("readCount", |c| c.read_count = 0),
+            ("chunkSize", |c| c.chunk_size = 0),
+            ("maxDeliveries", |c| c.max_deliveries = 0),
+            ("maxQueueDepth", |c| c.max_queue_depth = 0),
+            ("rateLimitPerSecond", |c| c.rate_limit_per_second = Some(0)),
+            ("headerTimeoutMs", |c| c.header_timeout_ms = 0),
+            ("idleTimeoutMs", |c| c.idle_timeout_ms = 0),
+            ("bodyTimeoutMs", |c| c.body_timeout_ms = 0),
+            ("maxConnections", |c| c.max_connections = 0),
+            ("rateLimitBurst", |c| {
+                c.rate_limit_per_second = Some(5);
+                c.rate_limit_burst = Some(0);
+            }),
+        ];
+        for (key, breaks) in cases {
+            let mut config = IncrementsConfig::default();
+            breaks(&mut config);
+            let err = invalid(config);
+            assert!(err.starts_with(&format!("{key} must be at least")), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_burst_needs_a_rate() {
+        let err = invalid(IncrementsConfig {
+            rate_limit_burst: Some(10),
+            ..IncrementsConfig::default()
+        });
+        assert!(
+            err.contains("rateLimitBurst needs rateLimitPerSecond"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn names_are_checked() {
+        let err = invalid(IncrementsConfig {
+            table_prefix: "x; drop".into(),
+            ..IncrementsConfig::default()
+        });
+        assert!(err.starts_with("tablePrefix"), "{err}");
+        let err = invalid(IncrementsConfig {
+            stream: String::new(),
+            ..IncrementsConfig::default()
+        });
+        assert!(err.starts_with("stream must not be empty"), "{err}");
+    }
+
+    #[test]
+    fn load_refuses_an_invalid_file_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, r#"{"flushIntervalMs": 0}"#).unwrap();
+        let flags = IncrementsFlags {
+            config_file: Some(path),
+            ..IncrementsFlags::default()
         };
-        assert_eq!(config.flush_interval(), config.max_staleness());
+        let err = flags.load().unwrap_err().to_string();
+        assert!(err.contains("flushIntervalMs must be at least 1"), "{err}");
+    }
+
+    #[test]
+    fn listener_limits_come_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(
+            &path,
+            r#"{"headerTimeoutMs": 5000, "idleTimeoutMs": 7000, "bodyTimeoutMs": 9000, "maxConnections": 10}"#,
+        )
+        .unwrap();
+        let flags = IncrementsFlags {
+            config_file: Some(path),
+            ..IncrementsFlags::default()
+        };
+        let limits = flags.load().unwrap().listener_limits();
+        assert_eq!(
+            limits,
+            ListenerLimits {
+                header_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(7),
+                body_timeout: Duration::from_secs(9),
+                max_connections: 10,
+            }
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_parsed_from_a_flag_and_refused_when_malformed() {
+        let flags = IncrementsFlags {
+            trusted_proxies: Some("10.0.0.0/8, 192.168.1.5".into()),
+            ..IncrementsFlags::default()
+        };
+        let config = flags.load().unwrap();
+        let shown: Vec<String> = config
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown, ["10.0.0.0/8", "192.168.1.5/32"]);
+        let flags = IncrementsFlags {
+            trusted_proxies: Some("10.0.0.0/8,not-an-ip".into()),
+            ..IncrementsFlags::default()
+        };
+        let err = flags.load().unwrap_err().to_string();
+        assert!(
+            err.contains("trustedProxies") && err.contains("not-an-ip"),
+            "{err}"
+        );
     }
 }

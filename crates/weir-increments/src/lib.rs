@@ -20,7 +20,9 @@
 pub mod aggregate;
 pub mod bench;
 pub mod config;
+pub mod health;
 pub mod openapi;
+pub mod proxy;
 pub mod queue;
 pub mod server;
 pub mod store;
@@ -62,6 +64,8 @@ pub enum IncrementsError {
     Serve(#[from] std::io::Error),
     #[error(transparent)]
     DataDir(#[from] weir_runtime::datadir::DataDirError),
+    #[error("invalid configuration: {0}")]
+    Config(#[from] config::InvalidConfig),
 }
 
 /// Starts `role` and returns when it has stopped: after `shutdown.token` is cancelled, the
@@ -79,7 +83,11 @@ pub async fn run(
 /// running. What can fail at start-up has failed by the time this exists, so a caller that
 /// starts several services can tell "cannot start" from "stopped later".
 pub struct Running {
-    api: Option<(TcpListener, axum::Router)>,
+    api: Option<(
+        TcpListener,
+        axum::Router,
+        weir_runtime::http::ListenerLimits,
+    )>,
     worker_done: Option<tokio::task::JoinHandle<()>>,
     token: tokio_util::sync::CancellationToken,
     // Held for the process's life: a second process on the same directory would number its
@@ -94,6 +102,8 @@ pub async fn start(
     role: Role,
     shutdown: Shutdown,
 ) -> Result<Running, IncrementsError> {
+    config.validate()?;
+    health::register_metrics();
     let needs_store = role != Role::Api || config.database_url.is_some();
     let uses_data_dir =
         config.redis_url.is_none() || (needs_store && config.database_url.is_none());
@@ -119,19 +129,18 @@ pub async fn start(
             let worker = Worker::new(consumer, store, &config, state);
             let token = shutdown.token.clone();
             Some(shutdown.tracker.spawn(async move {
-                if let Err(err) = worker.run(token).await {
-                    tracing::error!(%err, "worker stopped");
-                }
+                worker.run(token).await;
             }))
         }
         _ => None,
     };
-    let api = match (producer, listener) {
-        (Some(producer), Some(listener)) => {
-            let state = server::AppState::new(&config, producer, store, health);
-            Some((listener, server::router(state)))
-        }
-        _ => None,
+    let api = match (
+        http_router(&config, producer, listener.is_some(), store, health),
+        listener,
+    ) {
+        (Some(router), Some(listener)) => Some((listener, router, config.listener_limits())),
+        (Some(_), None) => return Err(IncrementsError::NeedsListener(role)),
+        (None, _) => None,
     };
     Ok(Running {
         api,
@@ -184,8 +193,9 @@ impl Running {
     /// Serves the API (if this role has one) until the token is cancelled, then waits for
     /// the worker's final flush.
     pub async fn serve(self) -> Result<(), IncrementsError> {
-        if let Some((listener, router)) = self.api {
-            let served = weir_runtime::http::serve(listener, router, self.token.clone()).await;
+        if let Some((listener, router, limits)) = self.api {
+            let served =
+                weir_runtime::http::serve(listener, router, limits, self.token.clone()).await;
             if let Err(err) = served {
                 // Stop the worker too: without an API the embedded log never closes.
                 self.token.cancel();
@@ -198,5 +208,27 @@ impl Running {
             }
         }
         Ok(())
+    }
+}
+
+/// What this process serves over HTTP: the API when it has a producer, else (a worker
+/// given a listener) the probes.
+fn http_router(
+    config: &IncrementsConfig,
+    producer: Option<Producer>,
+    has_listener: bool,
+    store: Option<Store>,
+    health: Option<Arc<WorkerHealth>>,
+) -> Option<axum::Router> {
+    match (producer, has_listener, health) {
+        (Some(producer), _, health) => {
+            let state = server::AppState::new(config, producer, store, health);
+            Some(server::router(state))
+        }
+        // A worker given a listener answers probes: ready while it can flush.
+        (None, true, Some(health)) => {
+            store.map(|store| server::worker_router(store, health, config))
+        }
+        (None, _, _) => None,
     }
 }

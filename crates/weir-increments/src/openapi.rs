@@ -3,9 +3,15 @@
 
 use serde_json::{json, Value};
 
+/// The one spelling of a key the API accepts, in the body and in the path alike.
+const KEY_PATTERN: &str =
+    "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+
 pub fn document() -> Value {
     let error = json!({"$ref": "#/components/schemas/Error"});
     let error_response = |description: &str| json!({"description": description, "content": {"application/json": {"schema": error}}});
+    let json_response = |description: &str, schema: Value| json!({"description": description, "content": {"application/json": {"schema": schema}}});
+    let readiness = json!({"$ref": "#/components/schemas/Readiness"});
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -21,8 +27,11 @@ pub fn document() -> Value {
                     "additionalProperties": false,
                     "required": ["key", "value"],
                     "properties": {
-                        "key": {"type": "string", "format": "uuid", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"},
-                        "value": {"type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX}
+                        "key": {"type": "string", "format": "uuid", "pattern": KEY_PATTERN},
+                        "value": {
+                            "type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX,
+                            "description": "Any notation of an integer is accepted (12, 12.0, 1.2e1); a fractional part is refused."
+                        }
                     }
                 },
                 "Error": {
@@ -39,6 +48,28 @@ pub fn document() -> Value {
                         "updatedAtMs": {"type": ["integer", "null"], "description": "commit time of the last flush that changed this key"},
                         "lastFlushAtMs": {"type": ["integer", "null"], "description": "commit time of this process's last flush, if it runs a worker"}
                     }
+                },
+                "Readiness": {
+                    "type": "object",
+                    "required": ["ready", "queue", "database"],
+                    "properties": {
+                        "ready": {"type": "boolean", "description": "whether this process takes work: its queue accepts writes and is not full (a worker-only process: its flushes succeed)"},
+                        "queue": {"type": "string"},
+                        "queueDepth": {"type": ["integer", "null"]},
+                        "database": {"type": "string", "description": "reported only; a database outage does not make an API unready"},
+                        "flush": {
+                            "type": ["object", "null"],
+                            "description": "the worker of this process, if any",
+                            "properties": {
+                                "failing": {"type": "boolean"},
+                                "consecutiveFailures": {"type": "integer"},
+                                "secondsSinceLastFlush": {"type": ["number", "null"]},
+                                "oldestUnflushedAgeMs": {"type": ["integer", "null"]},
+                                "stale": {"type": "boolean", "description": "increments older than the staleness bound are not yet persisted"},
+                                "lastError": {"type": ["string", "null"]}
+                            }
+                        }
+                    }
                 }
             }
         },
@@ -51,6 +82,7 @@ pub fn document() -> Value {
                     "202": {"description": "Accepted and durable; persisted within the staleness bound"},
                     "400": error_response("The body breaks a rule; `field` names the field"),
                     "401": error_response("Missing or unknown bearer API key"),
+                    "408": error_response("The body did not arrive within bodyTimeoutMs"),
                     "413": error_response("Body larger than 1 KiB"),
                     "415": error_response("Content-Type is not application/json"),
                     "429": error_response("Rate limit exceeded; see Retry-After"),
@@ -60,21 +92,29 @@ pub fn document() -> Value {
             "/counts/{key}": {"get": {
                 "summary": "The persisted total of key",
                 "security": [{"bearer": []}, {}],
-                "parameters": [{"name": "key", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid"}}],
+                "parameters": [{"name": "key", "in": "path", "required": true, "schema": {"type": "string", "format": "uuid", "pattern": KEY_PATTERN}}],
                 "responses": {
-                    "200": {"description": "The total (0 if never incremented)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Count"}}}},
-                    "400": error_response("key is not a UUID"),
+                    "200": json_response("The total (0 if never incremented)", json!({"$ref": "#/components/schemas/Count"})),
+                    "400": error_response("key is not a UUID in the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"),
                     "401": error_response("Missing or unknown bearer API key"),
+                    "404": error_response("No key in the path"),
+                    "429": error_response("Rate limit exceeded; see Retry-After"),
                     "503": error_response("No database reachable from this process")
                 }
             }},
-            "/healthz": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "alive"}}}},
-            "/readyz": {"get": {"summary": "Queue and database reachable", "responses": {
-                "200": {"description": "ready"},
-                "503": {"description": "not ready; the body says which part is down"}
+            "/healthz": {"get": {"summary": "The process is alive", "responses": {
+                "200": json_response("alive", json!({"type": "object", "required": ["status"], "properties": {"status": {"const": "alive"}}}))
             }}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}}
+            "/readyz": {"get": {"summary": "This process takes work (flush health is reported in the body)", "responses": {
+                "200": json_response("ready", readiness.clone()),
+                "503": json_response("not ready; the body says why", readiness)
+            }}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+            }}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": json_response("OpenAPI 3.1", json!({"type": "object"}))
+            }}}
         }
     })
 }

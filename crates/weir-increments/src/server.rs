@@ -18,14 +18,15 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use http_body_util::BodyExt;
 use serde_json::json;
 use subtle::ConstantTimeEq;
-use uuid::Uuid;
 use weir_runtime::http::ApiError;
 
 use crate::config::IncrementsConfig;
+use crate::health::{flush_status, is_ready, WorkerHealth};
+use crate::proxy::{client_address, Cidr};
+use crate::queue::embedded::now_ms;
 use crate::queue::{Producer, QueueError};
 use crate::store::Store;
-use crate::validate::{is_json_content_type, parse_increment};
-use crate::worker::WorkerHealth;
+use crate::validate::{is_json_content_type, parse_increment, parse_key_text};
 
 pub const BODY_LIMIT: usize = 1024;
 
@@ -43,6 +44,8 @@ pub struct AppState {
     api_keys: Arc<Vec<Arc<str>>>,
     limiter: Option<Arc<DefaultKeyedRateLimiter<LimitKey>>>,
     max_queue_depth: u64,
+    max_staleness_ms: u64,
+    trusted_proxies: Arc<[Cidr]>,
 }
 
 impl AppState {
@@ -75,6 +78,8 @@ impl AppState {
             ),
             limiter,
             max_queue_depth: config.max_queue_depth,
+            max_staleness_ms: config.max_staleness_ms,
+            trusted_proxies: config.trusted_proxies.iter().copied().collect(),
         }
     }
 }
@@ -115,6 +120,37 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .with_state(state)
         .merge(weir_runtime::http::metrics_router())
+        .layer(middleware::map_response(json_errors))
+}
+
+/// Gives every error the API's JSON body, including the ones axum writes itself (405 for
+/// a wrong method, a path it cannot decode, ...), which come as plain text or empty.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| is_json_content_type(Some(value)));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let message = match std::str::from_utf8(&text).map(str::trim) {
+        Ok(text) if !text.is_empty() => text.to_string(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_lowercase(),
+    };
+    let mut json = ApiError::new(status, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    json
 }
 
 /// Counts one `POST /increment` answer by status. Handles of the usual statuses are
@@ -164,8 +200,7 @@ fn check(state: &AppState, request: &Request) -> Option<Response> {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .map(str::trim);
+            .and_then(bearer_token);
         let Some(presented) = presented else {
             return Some(unauthorized(
                 "missing bearer API key (Authorization: Bearer <key>)",
@@ -185,13 +220,7 @@ fn check(state: &AppState, request: &Request) -> Option<Response> {
         limit_key = Some(LimitKey::ApiKey(matched.clone()));
     }
     if let Some(limiter) = &state.limiter {
-        let key = limit_key.unwrap_or_else(|| {
-            let ip = request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
-            LimitKey::Address(ip)
-        });
+        let key = limit_key.unwrap_or_else(|| LimitKey::Address(client_of(state, request)));
         if let Err(not_until) = limiter.check_key(&key) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -207,6 +236,33 @@ fn check(state: &AppState, request: &Request) -> Option<Response> {
         }
     }
     None
+}
+
+/// The token of an `Authorization: Bearer <token>` header. The scheme name is
+/// case-insensitive (RFC 7235), so `bearer` and `BEARER` work too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once([' ', '\t'])?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The address a request is rate-limited by: the peer, or behind trusted proxies the
+/// client they name in `X-Forwarded-For`.
+fn client_of(state: &AppState, request: &Request) -> IpAddr {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |info| info.0.ip());
+    if state.trusted_proxies.is_empty() {
+        return peer;
+    }
+    let forwarded = request
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        // A value that is not text cannot name an address; as "" it ends the walk there.
+        .map(|value| value.to_str().unwrap_or(""));
+    client_address(&state.trusted_proxies, peer, forwarded)
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -254,6 +310,17 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
     {
         Ok(collected) => collected.to_bytes(),
         Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(err) if weir_runtime::http::is_body_timeout(err.as_ref()) => {
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "the body did not arrive in time",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
         Err(err) => {
             return ApiError::bad_request(format!("cannot read the body: {err}")).into_response()
         }
@@ -277,8 +344,12 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
     }
 }
 
+static REFUSED_LOG: weir_runtime::logs::LogLimiter = weir_runtime::logs::LogLimiter::per_second();
+
 fn unavailable(err: QueueError) -> Response {
-    tracing::warn!(%err, "increment refused");
+    // Once per request while the queue is down or full: a sample is enough, the status
+    // counter has the count.
+    weir_runtime::warn_limited!(REFUSED_LOG, %err, "increment refused");
     let mut response = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("cannot queue the increment: {err}"),
@@ -291,10 +362,14 @@ fn unavailable(err: QueueError) -> Response {
 }
 
 async fn count(State(state): State<AppState>, Path(key): Path<String>) -> Response {
-    let Ok(key) = Uuid::try_parse(&key) else {
-        return ApiError::bad_request("must be a UUID")
-            .with_field("key")
-            .into_response();
+    // Exactly the forms POST accepts, so one key is never spelled two ways.
+    let key = match parse_key_text(&key) {
+        Ok(key) => key,
+        Err(rejection) => {
+            return ApiError::bad_request(rejection.error)
+                .with_field("key")
+                .into_response()
+        }
     };
     let Some(store) = &state.store else {
         return ApiError::new(
@@ -322,16 +397,56 @@ async fn count(State(state): State<AppState>, Path(key): Path<String>) -> Respon
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
+    readiness(
+        Some(&state.producer),
+        state.store.as_ref(),
+        state.worker.as_deref(),
+        state.max_queue_depth,
+        state.max_staleness_ms,
+    )
+    .await
+}
+
+/// `/healthz`, `/readyz` and `/metrics` for a worker-only process: ready while it can flush.
+pub fn worker_router(store: Store, worker: Arc<WorkerHealth>, config: &IncrementsConfig) -> Router {
+    let max_staleness_ms = config.max_staleness_ms;
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({"status": "alive"})) }),
+        )
+        .route(
+            "/readyz",
+            get(move || async move {
+                readiness(None, Some(&store), Some(&worker), 0, max_staleness_ms).await
+            }),
+        )
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .merge(weir_runtime::http::metrics_router())
+}
+
+/// Ready means "can take work" (see [`crate::health`]); the body also reports the
+/// database and the flushes, which do not decide it.
+async fn readiness(
+    producer: Option<&Producer>,
+    store: Option<&Store>,
+    worker: Option<&WorkerHealth>,
+    max_queue_depth: u64,
+    max_staleness_ms: u64,
+) -> Response {
     let budget = Duration::from_secs(1);
-    let queue = match tokio::time::timeout(budget, state.producer.check()).await {
-        Ok(Ok(())) => match state.producer.depth() {
-            Some(depth) if depth >= state.max_queue_depth => format!("full ({depth} unflushed)"),
-            _ => "ok".to_string(),
-        },
-        Ok(Err(err)) => err.to_string(),
-        Err(_) => "timed out".to_string(),
+    let queue = match producer {
+        None => None,
+        Some(producer) => Some(match tokio::time::timeout(budget, producer.check()).await {
+            Ok(Ok(())) => match producer.depth() {
+                Some(depth) if depth >= max_queue_depth => format!("full ({depth} unflushed)"),
+                _ => "ok".to_string(),
+            },
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "timed out".to_string(),
+        }),
     };
-    let database = match &state.store {
+    let database = match store {
         None => "not used by this process".to_string(),
         Some(store) => match tokio::time::timeout(budget, store.ping()).await {
             Ok(Ok(())) => "ok".to_string(),
@@ -339,19 +454,44 @@ async fn readyz(State(state): State<AppState>) -> Response {
             Err(_) => "timed out".to_string(),
         },
     };
-    let ready = queue == "ok" && (database == "ok" || state.store.is_none());
-    let depth = state.producer.depth();
+    let flush = worker.map(|worker| flush_status(&worker.snapshot(), now_ms(), max_staleness_ms));
+    let ready = is_ready(queue.as_ref().map(|queue| queue == "ok"), flush.as_ref());
+    let depth = producer.and_then(Producer::depth);
+    if let Some(depth) = depth {
+        metrics::gauge!("increments_queue_depth").set(depth as f64);
+    }
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    if let Some(depth) = depth {
-        metrics::gauge!("increments_queue_depth").set(depth as f64);
+    let body = json!({
+        "ready": ready,
+        "queue": queue.unwrap_or_else(|| "not used by this process".to_string()),
+        "queueDepth": depth,
+        "database": database,
+        "flush": flush,
+    });
+    (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for header in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER k1",
+            "BeArEr   k1  ",
+            "Bearer\tk1",
+        ] {
+            assert_eq!(bearer_token(header), Some("k1"), "{header:?}");
+        }
+        for header in ["Basic k1", "Bearer", "Bearer ", "Bearerk1", "Token k1"] {
+            assert_eq!(bearer_token(header), None, "{header:?}");
+        }
     }
-    (
-        status,
-        Json(json!({"ready": ready, "queue": queue, "database": database, "queueDepth": depth})),
-    )
-        .into_response()
 }

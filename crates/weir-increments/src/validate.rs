@@ -136,9 +136,16 @@ fn explain(body: &[u8]) -> Result<Increment, Rejection> {
     }
     let key = key.ok_or_else(|| Rejection::field("key", "missing field \"key\""))?;
     let value = value.ok_or_else(|| Rejection::field("value", "missing field \"value\""))?;
+    let key = parse_key(&key)?;
+    let text = std::str::from_utf8(body).unwrap_or_default();
+    let literals = member_literals(text);
+    let literal = literals
+        .iter()
+        .find(|(name, _)| name == "value")
+        .map(|(_, literal)| *literal);
     Ok(Increment {
-        key: parse_key(&key)?,
-        value: parse_value(&value)?,
+        key,
+        value: parse_value(&value, literal)?,
     })
 }
 
@@ -149,6 +156,11 @@ fn parse_key(raw: &Value) -> Result<Uuid, Rejection> {
             format!("must be a string holding a UUID, got {}", kind(raw)),
         ));
     };
+    parse_key_text(text)
+}
+
+/// A key as the API accepts it anywhere (body or path).
+pub fn parse_key_text(text: &str) -> Result<Uuid, Rejection> {
     // Only the canonical hyphenated form: the other spellings uuid accepts (braced, URN,
     // 32 bare digits) would let one key be written several ways by different clients.
     if text.len() != 36 {
@@ -160,47 +172,158 @@ fn parse_key(raw: &Value) -> Result<Uuid, Rejection> {
     Uuid::try_parse(text).map_err(|err| Rejection::field("key", format!("must be a UUID: {err}")))
 }
 
-fn parse_value(raw: &Value) -> Result<i64, Rejection> {
-    let Value::Number(number) = raw else {
+fn parse_value(raw: &Value, literal: Option<&str>) -> Result<i64, Rejection> {
+    let Value::Number(_) = raw else {
         return Err(Rejection::field(
             "value",
             format!("must be an integer, got {}", kind(raw)),
         ));
     };
-    if let Some(value) = number.as_i64() {
-        return if value >= 1 {
-            Ok(value)
-        } else {
-            Err(Rejection::field(
-                "value",
-                format!("must be at least 1, got {value}"),
-            ))
-        };
-    }
-    if number.as_u64().is_some() {
-        return Err(Rejection::field(
+    // serde_json hands over anything beyond i64 as a rounded float, so the decision is taken
+    // on the literal as written: 12, 12.0 and 1.2e1 are the same integer, 1.5 is none.
+    let literal = literal.unwrap_or_default();
+    match integer_literal(literal) {
+        Literal::Integer(value) if value >= 1 => Ok(value),
+        Literal::Integer(_) | Literal::BelowRange => Err(Rejection::field(
+            "value",
+            format!("must be at least 1, got {literal}"),
+        )),
+        Literal::AboveRange => Err(Rejection::field(
             "value",
             format!("must be at most {} (a signed 64-bit integer)", i64::MAX),
-        ));
+        )),
+        Literal::Fraction => Err(Rejection::field(
+            "value",
+            format!("must be an integer (no fractional part), got {literal}"),
+        )),
     }
-    // Neither i64 nor u64: a fraction, an exponent, or an integer beyond u64 (which
-    // serde_json can only hand over as a float). Integral floats beyond the i64 range are
-    // reported as out of range, everything else as not an integer.
-    let float = number.as_f64().unwrap_or(f64::NAN);
-    if float.is_finite() && float.fract() == 0.0 && float.abs() >= 9.223_372_036_854_776e18 {
-        return Err(if float > 0.0 {
-            Rejection::field(
-                "value",
-                format!("must be at most {} (a signed 64-bit integer)", i64::MAX),
-            )
-        } else {
-            Rejection::field("value", format!("must be at least 1, got {number}"))
-        });
+}
+
+/// What a JSON number literal denotes, exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Literal {
+    Integer(i64),
+    AboveRange,
+    BelowRange,
+    Fraction,
+}
+
+/// Reads a JSON number literal (`-?int(.frac)?([eE][+-]?exp)?`, as serde_json has already
+/// checked) in exact decimal arithmetic.
+fn integer_literal(text: &str) -> Literal {
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(at) => (&unsigned[..at], &unsigned[at + 1..]),
+        None => (unsigned, "0"),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    // An exponent too large for i64 is still just "very large" or "very small".
+    let exponent =
+        exponent
+            .trim_start_matches('+')
+            .parse::<i64>()
+            .unwrap_or(if exponent.starts_with('-') {
+                i64::MIN / 2
+            } else {
+                i64::MAX / 2
+            });
+    let digits: String = whole.chars().chain(fraction.chars()).collect();
+    let digits = digits.trim_start_matches('0');
+    let mut scale = exponent.saturating_sub(fraction.len() as i64);
+    let mut significant = digits;
+    while scale < 0 && significant.ends_with('0') {
+        significant = &significant[..significant.len() - 1];
+        scale += 1;
     }
-    Err(Rejection::field(
-        "value",
-        format!("must be an integer written without fraction or exponent, got {number}"),
-    ))
+    if significant.is_empty() {
+        return Literal::Integer(0);
+    }
+    if scale < 0 {
+        return Literal::Fraction;
+    }
+    let out_of_range = if negative {
+        Literal::BelowRange
+    } else {
+        Literal::AboveRange
+    };
+    // i64::MAX has 19 digits: anything longer cannot fit.
+    if significant.len() as i64 + scale > 19 {
+        return out_of_range;
+    }
+    let mut magnitude: u128 = 0;
+    for digit in significant.bytes() {
+        magnitude = magnitude * 10 + u128::from(digit - b'0');
+    }
+    magnitude *= 10u128.pow(scale as u32);
+    match i64::try_from(magnitude) {
+        Ok(value) if negative => Literal::Integer(-value),
+        Ok(value) => Literal::Integer(value),
+        Err(_) => out_of_range,
+    }
+}
+
+/// The literal text of each top-level member of `body`, a JSON object serde_json has
+/// already accepted, keyed by the member's (unescaped) name.
+fn member_literals(body: &str) -> Vec<(String, &str)> {
+    let bytes = body.as_bytes();
+    let mut members = Vec::with_capacity(2);
+    let Some(mut at) = body.find('{').map(|open| open + 1) else {
+        return members;
+    };
+    loop {
+        at = skip_whitespace(bytes, at);
+        if bytes.get(at) != Some(&b'"') {
+            return members;
+        }
+        let name_end = skip_value(bytes, at);
+        let name: String = serde_json::from_str(&body[at..name_end]).unwrap_or_default();
+        at = skip_whitespace(bytes, name_end) + 1; // the ':'
+        at = skip_whitespace(bytes, at);
+        let value_end = skip_value(bytes, at);
+        members.push((name, &body[at..value_end]));
+        at = skip_whitespace(bytes, value_end) + 1; // the ',' or the '}'
+    }
+}
+
+fn skip_whitespace(bytes: &[u8], mut at: usize) -> usize {
+    while bytes.get(at).is_some_and(u8::is_ascii_whitespace) {
+        at += 1;
+    }
+    at
+}
+
+/// The end of the JSON value starting at `at`.
+fn skip_value(bytes: &[u8], mut at: usize) -> usize {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    while let Some(&byte) = bytes.get(at) {
+        at += 1;
+        match (in_string, byte) {
+            (true, b'\\') => at += 1,
+            (true, b'"') => {
+                in_string = false;
+                if depth == 0 {
+                    return at;
+                }
+            }
+            (true, _) => {}
+            (false, b'"') => in_string = true,
+            (false, b'{' | b'[') => depth += 1,
+            (false, b'}' | b']') if depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    return at;
+                }
+            }
+            (false, b',' | b'}' | b']') if depth == 0 => return at - 1,
+            (false, byte) if depth == 0 && byte.is_ascii_whitespace() => return at - 1,
+            (false, _) => {}
+        }
+    }
+    at
 }
 
 fn kind(value: &Value) -> &'static str {
@@ -299,12 +422,71 @@ mod tests {
     }
 
     #[test]
-    fn fractional_and_exponent_values() {
-        for raw in ["1.5", "1.0", "1e3"] {
+    fn fractional_values_are_refused() {
+        for raw in ["1.5", "1e-1", "1.25e1", "1.00000000000000000001"] {
             let r = reject(&format!(r#"{{"key": "{KEY}", "value": {raw}}}"#));
             assert_eq!(r.field, Some("value"));
-            assert!(r.error.contains("integer"), "{raw}: {r:?}");
+            assert!(r.error.contains("no fractional part"), "{raw}: {r:?}");
         }
+    }
+
+    #[test]
+    fn integral_values_are_accepted_in_any_notation() {
+        for (raw, expected) in [
+            ("1.0", 1),
+            ("1e3", 1000),
+            ("1.20E1", 12),
+            ("134217729.0", 134_217_729),
+            ("9.223372036854775807e18", i64::MAX),
+            ("0.5e1", 5),
+        ] {
+            let body = format!(r#"{{"key": "{KEY}", "value": {raw}}}"#);
+            let accepted = parse_increment(body.as_bytes());
+            assert_eq!(accepted.map(|i| i.value), Ok(expected), "{raw}");
+        }
+        let r = reject(&format!(
+            r#"{{"key": "{KEY}", "value": 9.223372036854775808e18}}"#
+        ));
+        assert!(r.error.contains("at most"), "{r:?}");
+        let r = reject(&format!(r#"{{"key": "{KEY}", "value": 0.0e5}}"#));
+        assert!(r.error.contains("at least 1"), "{r:?}");
+        let r = reject(&format!(r#"{{"key": "{KEY}", "value": -1e300}}"#));
+        assert!(r.error.contains("at least 1"), "{r:?}");
+    }
+
+    #[test]
+    fn literals_are_read_exactly() {
+        assert_eq!(integer_literal("0"), Literal::Integer(0));
+        assert_eq!(integer_literal("-0.0"), Literal::Integer(0));
+        assert_eq!(integer_literal("-12e0"), Literal::Integer(-12));
+        assert_eq!(integer_literal("1e19"), Literal::AboveRange);
+        assert_eq!(
+            integer_literal("1e99999999999999999999"),
+            Literal::AboveRange
+        );
+        assert_eq!(integer_literal("-1e19"), Literal::BelowRange);
+        assert_eq!(
+            integer_literal("1e-99999999999999999999"),
+            Literal::Fraction
+        );
+        assert_eq!(
+            integer_literal("0e-99999999999999999999"),
+            Literal::Integer(0)
+        );
+        assert_eq!(integer_literal("100e-2"), Literal::Integer(1));
+        assert_eq!(integer_literal("101e-2"), Literal::Fraction);
+    }
+
+    #[test]
+    fn member_literals_keep_the_text_as_written() {
+        let body =
+            r#" { "k\u0065y" : "a,}" , "nested": {"value": [1, {"x": "]"}]}, "value":1.50e1 } "#;
+        let members = member_literals(body);
+        let names: Vec<&str> = members.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["key", "nested", "value"]);
+        assert_eq!(members[0].1, r#""a,}""#);
+        assert_eq!(members[1].1, r#"{"value": [1, {"x": "]"}]}"#);
+        assert_eq!(members[2].1, "1.50e1");
     }
 
     #[test]
@@ -366,6 +548,20 @@ mod tests {
     }
 
     proptest::proptest! {
+        // Exact reading agrees with i64 wherever i64 can say.
+        #[test]
+        fn literals_agree_with_plain_integers(value: i64) {
+            proptest::prop_assert_eq!(integer_literal(&value.to_string()), Literal::Integer(value));
+        }
+
+        #[test]
+        fn literals_agree_with_scaled_integers(value in -1_000_000i64..1_000_000, zeros in 0usize..6) {
+            let text = format!("{value}{}e-{zeros}", "0".repeat(zeros));
+            proptest::prop_assert_eq!(integer_literal(&text), Literal::Integer(value));
+        }
+    }
+
+    proptest::proptest! {
         // The allocation-free path must accept exactly what the detailed path accepts.
         #[test]
         fn both_paths_agree(
@@ -380,6 +576,7 @@ mod tests {
                 proptest::strategy::Just("9223372036854775808".to_string()),
                 "-?[0-9]{1,20}",
                 proptest::strategy::Just("1.0".to_string()),
+                "-?[0-9]{1,3}(\\.[0-9]{1,3})?([eE][+-]?[0-9]{1,2})?",
             ],
             extra in proptest::prop_oneof![
                 proptest::strategy::Just(""),

@@ -5,7 +5,7 @@
 //! the remaining staleness budget. A failed flush keeps everything it held (the queue is
 //! not acknowledged, so nothing is lost even if this process then dies) and retries.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,27 +15,12 @@ use crate::aggregate::{Aggregator, Item, Pending};
 use crate::config::IncrementsConfig;
 use crate::queue::embedded::now_ms;
 use crate::queue::{Consumer, Next, QueueError};
-use crate::store::{DeadLetterRetention, FlushReport, Store, StoreError};
+use crate::store::{DeadLetterRetention, FlushReport, Store};
 
-/// What the worker reports to `/readyz` and `/counts`.
-#[derive(Debug, Default)]
-pub struct WorkerHealth {
-    pub database_ok: AtomicBool,
-    pub queue_ok: AtomicBool,
-    pub last_flush_ms: AtomicU64,
-    pub max_staleness_ms: AtomicU64,
-    pub flushed: AtomicU64,
-    /// Times the Redis stream or its group was found gone and recreated (see the ERROR log).
-    pub streams_lost: AtomicU64,
-}
+pub use crate::health::WorkerHealth;
 
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Queue(#[from] QueueError),
-}
+static DEAD_LETTER_LOG: weir_runtime::logs::LogLimiter =
+    weir_runtime::logs::LogLimiter::per_second();
 
 /// How often acknowledged entries are dropped from the stream and the applied table.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
@@ -70,8 +55,6 @@ impl Worker {
         config: &IncrementsConfig,
         health: Arc<WorkerHealth>,
     ) -> Self {
-        health.database_ok.store(true, Ordering::Relaxed);
-        health.queue_ok.store(true, Ordering::Relaxed);
         Worker {
             source: consumer.source(),
             consumer,
@@ -79,8 +62,8 @@ impl Worker {
             aggregator: Aggregator::default(),
             interval: config.flush_interval(),
             max_staleness: config.max_staleness(),
-            max_pending: config.max_pending.max(1),
-            claim_idle: Duration::from_millis(config.claim_idle_ms.max(1)),
+            max_pending: config.max_pending,
+            claim_idle: Duration::from_millis(config.claim_idle_ms),
             shutdown_flush: Duration::from_millis(config.shutdown_flush_ms),
             health,
             last_prune: Instant::now(),
@@ -93,7 +76,7 @@ impl Worker {
 
     /// Runs until `token` is cancelled (Redis) or the embedded log closes, then flushes
     /// what it holds and acknowledges it.
-    pub async fn run(mut self, token: CancellationToken) -> Result<(), WorkerError> {
+    pub async fn run(mut self, token: CancellationToken) {
         let mut stopping_since: Option<Instant> = None;
         loop {
             if token.is_cancelled() {
@@ -109,14 +92,12 @@ impl Worker {
             let wait = self.until_due().min(Duration::from_millis(200));
             match self.consumer.next(wait).await {
                 Ok(Next::Items(items)) => {
-                    self.health.queue_ok.store(true, Ordering::Relaxed);
                     self.hold(items);
                 }
-                Ok(Next::Idle) => self.health.queue_ok.store(true, Ordering::Relaxed),
+                Ok(Next::Idle) => {}
                 Ok(Next::Closed) => break,
                 Err(QueueError::StreamLost(_)) => self.recover_lost_stream().await,
                 Err(err) => {
-                    self.health.queue_ok.store(false, Ordering::Relaxed);
                     tracing::warn!(%err, "cannot read the queue; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -142,7 +123,6 @@ impl Worker {
         }
         // What was not read stays in the log (or the stream) for the next start.
         self.flush(&token).await;
-        Ok(())
     }
 
     /// Reads whatever the queue holds right now and flushes it: one step of the loop
@@ -226,7 +206,8 @@ impl Worker {
                     return Some(report);
                 }
                 Err(err) => {
-                    self.health.database_ok.store(false, Ordering::Relaxed);
+                    self.health
+                        .flush_failed(err.to_string(), pending.oldest_ms, now_ms());
                     metrics::counter!("increments_flush_failures_total").increment(1);
                     tracing::warn!(%err, retry_in_ms = backoff.as_millis() as u64, "flush failed; retrying");
                     if token.is_cancelled() && started.elapsed() > self.shutdown_flush {
@@ -249,11 +230,7 @@ impl Worker {
             keys = report.keys,
             "flushed"
         );
-        self.health.database_ok.store(true, Ordering::Relaxed);
-        self.health.last_flush_ms.store(now, Ordering::Relaxed);
-        self.health
-            .flushed
-            .fetch_add(report.applied as u64, Ordering::Relaxed);
+        self.health.flush_succeeded(now);
         metrics::histogram!("increments_flush_seconds").record(took.as_secs_f64());
         metrics::histogram!("increments_batch_size").record(pending.len as f64);
         metrics::histogram!("increments_batch_keys").record(report.keys as f64);
@@ -273,8 +250,10 @@ impl Worker {
         if !report.dead.is_empty() {
             metrics::counter!("increments_dead_letters_total", "reason" => "overflow")
                 .increment(report.dead.len() as u64);
+            // A client can send overflowing increments on purpose: one line each would let
+            // it fill the disk, so the metric counts them all and the log shows a sample.
             for letter in &report.dead {
-                tracing::warn!(key = %letter.key, value = letter.value, reason = %letter.reason, "increment dead-lettered");
+                weir_runtime::warn_limited!(DEAD_LETTER_LOG, key = %letter.key, value = letter.value, reason = %letter.reason, "increment dead-lettered");
             }
         }
     }
@@ -342,7 +321,6 @@ impl Worker {
     /// The stream (or its group) is gone: see `RedisConsumer::recover_lost_group`.
     async fn recover_lost_stream(&mut self) {
         if let Err(err) = self.consumer.recover_lost_group(&self.store).await {
-            self.health.queue_ok.store(false, Ordering::Relaxed);
             tracing::warn!(%err, "cannot recover the lost stream; retrying");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

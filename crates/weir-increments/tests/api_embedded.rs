@@ -170,6 +170,18 @@ async fn bearer_keys_are_required_when_configured() {
     )
     .await;
     assert_eq!(right.status, 202);
+    for scheme in ["bearer", "BEARER"] {
+        let auth = format!("{scheme} s3cret");
+        let reply = request(
+            server.addr,
+            "POST",
+            "/increment",
+            &[JSON, ("Authorization", auth.as_str())],
+            body.as_bytes(),
+        )
+        .await;
+        assert_eq!(reply.status, 202, "{scheme}: {}", reply.body);
+    }
     let health = request(server.addr, "GET", "/healthz", &[], b"").await;
     assert_eq!(health.status, 200, "probes stay open");
     server.stop().await;
@@ -198,6 +210,49 @@ async fn the_rate_limit_answers_429_with_retry_after() {
     assert_eq!(&statuses[..2], &[202, 202]);
     assert!(statuses[2..].contains(&429), "{statuses:?}");
     assert_eq!(retry_after.as_deref(), Some("1"));
+    server.stop().await;
+}
+
+async fn post_from(addr: std::net::SocketAddr, forwarded_for: &str) -> u16 {
+    let body = format!(r#"{{"key":"{KEY}","value":1}}"#);
+    let headers = [JSON, ("X-Forwarded-For", forwarded_for)];
+    request(addr, "POST", "/increment", &headers, body.as_bytes())
+        .await
+        .status
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_client_has_its_own_rate_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.rate_limit_per_second = Some(1);
+    config.rate_limit_burst = Some(1);
+    config.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()];
+    let server = start(config, Role::Serve).await;
+    assert_eq!(post_from(server.addr, "198.51.100.1").await, 202);
+    assert_eq!(
+        post_from(server.addr, "198.51.100.2").await,
+        202,
+        "another client behind the same balancer"
+    );
+    assert_eq!(post_from(server.addr, "198.51.100.1").await, 429);
+    // A client cannot escape its bucket by forging entries left of the balancer's.
+    assert_eq!(
+        post_from(server.addr, "203.0.113.9, 198.51.100.1").await,
+        429
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn without_trusted_proxies_x_forwarded_for_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.rate_limit_per_second = Some(1);
+    config.rate_limit_burst = Some(1);
+    let server = start(config, Role::Serve).await;
+    assert_eq!(post_from(server.addr, "198.51.100.1").await, 202);
+    assert_eq!(post_from(server.addr, "198.51.100.2").await, 429);
     server.stop().await;
 }
 
@@ -230,6 +285,7 @@ async fn a_graceful_stop_flushes_everything_accepted() {
     let mut config = base_config(dir.path());
     config.flush_interval_ms = 60_000;
     config.max_staleness_ms = 60_000;
+    config.claim_idle_ms = 120_000;
     let server = start(config.clone(), Role::Serve).await;
     for _ in 0..25 {
         assert_eq!(post_increment(server.addr, KEY, 2).await.status, 202);
@@ -268,6 +324,11 @@ async fn probes_metrics_and_unknown_routes() {
         "increments_batch_size",
         "increments_flush_seconds",
         "increments_staleness_seconds",
+        "weir_increments_flush_failing",
+        "weir_increments_flush_consecutive_failures",
+        "weir_increments_last_flush_timestamp_seconds",
+        "weir_increments_oldest_unflushed_age_seconds",
+        "weir_http_connections_open",
     ] {
         assert!(metrics.body.contains(name), "{name} missing from /metrics");
     }
@@ -278,6 +339,130 @@ async fn probes_metrics_and_unknown_routes() {
         (bad_key.status, bad_key.json()["field"].as_str()),
         (400, Some("key"))
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_stays_ready_while_flushes_fail_says_so_and_is_503_once_the_queue_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.max_queue_depth = 3;
+    let server = start(config.clone(), Role::Serve).await;
+    let first = request(server.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    // Every flush fails from here on, while the database itself still answers a ping.
+    let db = rusqlite::Connection::open(config.sqlite_path()).unwrap();
+    db.execute_batch("ALTER TABLE increments_counts RENAME TO increments_counts_away")
+        .unwrap();
+    assert_eq!(post_increment(server.addr, KEY, 1).await.status, 202);
+    let ready = eventually(|| async {
+        let ready = request(server.addr, "GET", "/readyz", &[], b"").await;
+        if ready.json()["flush"]["failing"] == true {
+            Ok(ready)
+        } else {
+            Err(format!(
+                "/readyz never reported failing flushes: {}",
+                ready.body
+            ))
+        }
+    })
+    .await;
+    assert_eq!(
+        ready.status, 200,
+        "the API still takes work: {}",
+        ready.body
+    );
+    let body = ready.json();
+    assert_eq!(body["ready"], true);
+    assert!(body["flush"]["consecutiveFailures"].as_u64().unwrap() >= 1);
+    assert!(
+        body["flush"]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("increments_counts"),
+        "{body}"
+    );
+    assert!(body["flush"]["oldestUnflushedAgeMs"].as_u64().is_some());
+
+    // Unflushed increments pile up to the limit: now the API cannot take more.
+    for _ in 0..2 {
+        assert_eq!(post_increment(server.addr, KEY, 1).await.status, 202);
+    }
+    let full = request(server.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(full.status, 503, "{}", full.body);
+    assert!(
+        full.json()["queue"].as_str().unwrap().starts_with("full"),
+        "{}",
+        full.body
+    );
+    assert_eq!(post_increment(server.addr, KEY, 1).await.status, 503);
+
+    db.execute_batch("ALTER TABLE increments_counts_away RENAME TO increments_counts")
+        .unwrap();
+    wait_for_total(server.addr, KEY, 3).await;
+    let healthy = request(server.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(healthy.status, 200, "{}", healthy.body);
+    assert_eq!(healthy.json()["flush"]["failing"], false);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn every_error_axum_writes_itself_has_the_json_body() {
+    let (server, _dir) = embedded().await;
+    let wrong_method = request(server.addr, "GET", "/increment", &[], b"").await;
+    assert_eq!(wrong_method.status, 405);
+    assert!(wrong_method.json()["error"].is_string(), "{wrong_method:?}");
+    assert_eq!(wrong_method.header("allow"), Some("POST"));
+    let undecodable = request(server.addr, "GET", "/counts/%FF", &[], b"").await;
+    assert_eq!(undecodable.status, 400, "{undecodable:?}");
+    assert!(undecodable.json()["error"].is_string());
+    let missing = request(server.addr, "GET", "/counts/", &[], b"").await;
+    assert_eq!(missing.status, 404);
+    assert!(missing.json()["error"].is_string());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn counts_accept_exactly_the_key_forms_increments_accept() {
+    let (server, _dir) = embedded().await;
+    let simple = KEY.replace('-', "");
+    for other_form in [
+        format!("{{{KEY}}}"),
+        simple.clone(),
+        format!("urn:uuid:{KEY}"),
+    ] {
+        let body = format!(r#"{{"key":"{other_form}","value":1}}"#);
+        let post = request(server.addr, "POST", "/increment", &[JSON], body.as_bytes()).await;
+        assert_eq!(post.status, 400, "POST {other_form}");
+        let get = request(
+            server.addr,
+            "GET",
+            &format!("/counts/{other_form}"),
+            &[],
+            b"",
+        )
+        .await;
+        assert_eq!(
+            (get.status, get.json()["field"].as_str()),
+            (400, Some("key")),
+            "GET {other_form}: {}",
+            get.body
+        );
+    }
+    let get = request(server.addr, "GET", &format!("/counts/{KEY}"), &[], b"").await;
+    assert_eq!(get.status, 200, "{}", get.body);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_integer_in_any_notation_is_accepted() {
+    let (server, _dir) = embedded().await;
+    for literal in ["134217729.0", "2e0", "1.0E1"] {
+        let body = format!(r#"{{"key":"{KEY}","value":{literal}}}"#);
+        let reply = request(server.addr, "POST", "/increment", &[JSON], body.as_bytes()).await;
+        assert_eq!(reply.status, 202, "{literal}: {}", reply.body);
+    }
+    wait_for_total(server.addr, KEY, 134_217_729 + 2 + 10).await;
     server.stop().await;
 }
 

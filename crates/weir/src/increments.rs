@@ -56,8 +56,8 @@ pub async fn run(command: IncrementsCommand, shutdown: Shutdown) -> anyhow::Resu
 
 async fn bind(config: &IncrementsConfig) -> anyhow::Result<tokio::net::TcpListener> {
     let addr = std::net::SocketAddr::new(config.bind_address, config.port);
-    tokio::net::TcpListener::bind(addr)
-        .await
+    // A backlog of 1,024, not tokio's 128: a burst of connections must not be dropped.
+    weir_runtime::http::bind(addr)
         .with_context(|| format!("cannot bind the increments API to {addr}"))
 }
 

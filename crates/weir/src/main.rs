@@ -87,8 +87,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         (_, addr) => addr,
     };
     if let Some(addr) = metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = weir_runtime::http::bind(addr)
             .map_err(|err| anyhow::anyhow!("cannot bind the metrics address {addr}: {err}"))?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
         let token = shutdown.token.clone();

@@ -127,13 +127,6 @@ impl Store {
         }
     }
 
-    pub fn describe(&self) -> String {
-        match self {
-            Store::Sqlite(store) => format!("SQLite {}", store.path().display()),
-            Store::Postgres(_) => "Postgres".to_string(),
-        }
-    }
-
     pub async fn flush(
         &self,
         source: &str,
