@@ -391,8 +391,17 @@ async fn count(State(state): State<AppState>, Path(key): Path<String>) -> Respon
             "lastFlushAtMs": last_flush,
         }))
         .into_response(),
-        Err(err) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("database: {err}"))
-            .into_response(),
+        Err(err) => {
+            // A read gives up after its statement timeout (a locked table, an outage): tell
+            // the client when to come back instead of holding its connection.
+            let mut response =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("database: {err}"))
+                    .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+            response
+        }
     }
 }
 
