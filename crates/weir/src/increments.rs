@@ -15,7 +15,8 @@ pub enum IncrementsCommand {
     Serve(IncrementsFlags),
     /// API only (scale out behind a load balancer); needs --queue redis://...
     Api(IncrementsFlags),
-    /// Worker only; needs --queue redis://... and usually --database postgres://...
+    /// Worker only; needs --queue redis://... and usually --database postgres://...; with
+    /// --port it serves /healthz, /readyz (ready while its flushes succeed) and /metrics.
     Worker(IncrementsFlags),
     /// Load generator: N keep-alive connections POSTing increments, or --bare to serve the
     /// ceiling (a handler that only answers 202).
@@ -36,13 +37,24 @@ pub async fn run(command: IncrementsCommand, shutdown: Shutdown) -> anyhow::Resu
             });
         }
     };
+    // A worker serves nothing unless given a port: then its probes, ready while it can flush.
+    let worker_probes = flags.port.is_some();
     let config = flags.load()?;
-    let (listener, description) = if role == Role::Worker {
-        (None, None)
-    } else {
-        let listener = bind(&config).await?;
-        let description = describe(&config, &listener)?;
-        (Some(listener), Some(description))
+    let (listener, description) = match role {
+        Role::Worker if !worker_probes => (None, None),
+        Role::Worker => {
+            let listener = bind(&config).await?;
+            let description = format!(
+                "increments worker: probes on http://{}/readyz",
+                listener.local_addr()?
+            );
+            (Some(listener), Some(description))
+        }
+        _ => {
+            let listener = bind(&config).await?;
+            let description = describe(&config, &listener)?;
+            (Some(listener), Some(description))
+        }
     };
     let running = weir_increments::start(listener, config, role, shutdown.clone()).await?;
     // Announced only once it can take requests: scripts wait for this line.
