@@ -4,8 +4,8 @@
 //! Written whole to a temporary file and renamed over the old one, so a crash mid-write
 //! leaves the previous state, never a torn one.
 
-use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -114,48 +114,23 @@ pub struct StateLock {
 /// overwrite the other's position, so the second is refused and told who holds it. `flock`
 /// dies with its process, `kill -9` included, so a lock is never stale.
 pub fn lock(path: &Path) -> Result<StateLock, StateError> {
-    let lock_path = lock_path(path);
     let fail = |source| StateError::Lock {
         path: path.display().to_string(),
         source,
     };
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(fail)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            return Err(StateError::Locked {
-                path: path.display().to_string(),
-                holder: holder(&mut file),
-            })
-        }
-        Err(TryLockError::Error(source)) => return Err(fail(source)),
+    match weir_runtime::datadir::lock_file(&lock_path(path)).map_err(fail)? {
+        Ok(file) => Ok(StateLock { _file: file }),
+        Err(holder) => Err(StateError::Locked {
+            path: path.display().to_string(),
+            holder,
+        }),
     }
-    let pid = std::process::id();
-    file.set_len(0)
-        .and_then(|()| file.seek(SeekFrom::Start(0)))
-        .and_then(|_| writeln!(file, "{pid}"))
-        .map_err(fail)?;
-    Ok(StateLock { _file: file })
 }
 
 fn lock_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".lock");
     path.with_file_name(name)
-}
-
-fn holder(file: &mut File) -> String {
-    let mut text = String::new();
-    match file.read_to_string(&mut text) {
-        Ok(_) if !text.trim().is_empty() => format!("pid {}", text.trim()),
-        _ => "pid unknown".to_string(),
-    }
 }
 
 /// Writes `state` whole (edges sorted, so the file is stable) and makes it durable.

@@ -69,29 +69,16 @@ pub fn lock(path: &Path, setting: &str) -> Result<DataDirLock, DataDirError> {
     }
     std::fs::create_dir_all(path).map_err(fail)?;
     probe_writable(path).map_err(fail)?;
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path.join(LOCK_FILE))
-        .map_err(fail)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
+    let file = match lock_file(&path.join(LOCK_FILE)).map_err(fail)? {
+        Ok(file) => file,
+        Err(holder) => {
             return Err(DataDirError::Locked {
                 setting: setting.to_string(),
                 path: path.to_path_buf(),
-                holder: holder(&mut file),
+                holder,
             })
         }
-        Err(TryLockError::Error(source)) => return Err(fail(source)),
-    }
-    let pid = std::process::id();
-    file.set_len(0)
-        .and_then(|()| file.seek(SeekFrom::Start(0)))
-        .and_then(|_| writeln!(file, "{pid}"))
-        .map_err(fail)?;
+    };
     Ok(DataDirLock {
         path: path.to_path_buf(),
         _file: file,
@@ -104,6 +91,29 @@ fn probe_writable(path: &Path) -> std::io::Result<()> {
     let probe = path.join(WRITE_PROBE);
     File::create(&probe)?;
     std::fs::remove_file(&probe)
+}
+
+/// Takes an exclusive `flock` on `path` (created if missing) and writes this process's pid
+/// into it. `Ok(Err(holder))` when another process holds it, `holder` naming its pid. The
+/// lock lives as long as the returned file and dies with the process, `kill -9` included,
+/// so it is never stale. For any file that must belong to one process at a time.
+pub fn lock_file(path: &Path) -> std::io::Result<Result<File, String>> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Ok(Err(holder(&mut file))),
+        Err(TryLockError::Error(source)) => return Err(source),
+    }
+    let pid = std::process::id();
+    file.set_len(0)?;
+    file.seek(SeekFrom::Start(0))?;
+    writeln!(file, "{pid}")?;
+    Ok(Ok(file))
 }
 
 fn holder(file: &mut File) -> String {
