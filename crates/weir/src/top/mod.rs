@@ -249,3 +249,68 @@ fn ui_loop(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn press(screen: &mut Screen, code: KeyCode, services: usize) -> KeyAction {
+        on_key(screen, KeyEvent::new(code, KeyModifiers::NONE), services)
+    }
+
+    #[test]
+    fn arrows_and_tab_cycle_through_the_services() {
+        let mut screen = Screen::default();
+        press(&mut screen, KeyCode::Tab, 3);
+        press(&mut screen, KeyCode::Right, 3);
+        assert_eq!(screen.selected, 2);
+        press(&mut screen, KeyCode::Right, 3);
+        assert_eq!(screen.selected, 0);
+        press(&mut screen, KeyCode::Left, 3);
+        assert_eq!(screen.selected, 2);
+        // A service that went away leaves the selection past the end: back steps onto the last.
+        press(&mut screen, KeyCode::Left, 1);
+        assert_eq!(screen.selected, 0);
+    }
+
+    #[test]
+    fn p_pauses_and_resumes_and_q_or_ctrl_c_quits() {
+        let mut screen = Screen::default();
+        assert_eq!(press(&mut screen, KeyCode::Char('p'), 1), KeyAction::Redraw);
+        assert!(screen.paused);
+        press(&mut screen, KeyCode::Char('p'), 1);
+        assert!(!screen.paused);
+        assert_eq!(press(&mut screen, KeyCode::Char('q'), 1), KeyAction::Quit);
+        let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+        assert_eq!(on_key(&mut screen, ctrl_c, 1), KeyAction::Quit);
+        assert_eq!(press(&mut screen, KeyCode::Char('c'), 1), KeyAction::Redraw);
+    }
+
+    #[test]
+    fn a_bad_interval_or_url_is_an_error_naming_the_flag() {
+        let args = |interval: f64, url: &str| TopArgs {
+            urls: vec![url.to_owned()],
+            interval,
+            once: false,
+            json: false,
+        };
+        let err = args(0.0, "http://127.0.0.1:1/metrics")
+            .load()
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("--interval"), "{err}");
+        let err = args(1.0, "localhost:9100").load().err().unwrap();
+        assert!(err.to_string().contains("--url"), "{err}");
+        let config = TopArgs {
+            urls: Vec::new(),
+            ..args(1.0, "")
+        }
+        .load()
+        .unwrap();
+        assert_eq!(
+            config.urls,
+            vec!["http://127.0.0.1:9100/metrics".to_owned()]
+        );
+        assert_eq!(history_len(config.interval), 60);
+    }
+}

@@ -238,3 +238,181 @@ pub fn plain_text(view: &View) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::top::model::{EndpointView, QuantileReading, Reading};
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+
+    fn sample_view() -> View {
+        View {
+            endpoints: vec![
+                EndpointView {
+                    url: "http://127.0.0.1:9100/metrics".to_owned(),
+                    up: true,
+                    error: None,
+                },
+                EndpointView {
+                    url: "http://127.0.0.1:9200/metrics".to_owned(),
+                    up: false,
+                    error: Some("Connection refused".to_owned()),
+                },
+            ],
+            services: vec![
+                ServiceView {
+                    name: "increments".to_owned(),
+                    main_rate: Some("requests".to_owned()),
+                    rates: vec![Reading {
+                        label: "requests{status=202}".to_owned(),
+                        value: 10577.0,
+                    }],
+                    gauges: vec![Reading {
+                        label: "staleness_max_seconds".to_owned(),
+                        value: 1.413,
+                    }],
+                    quantiles: vec![QuantileReading {
+                        label: "flush_seconds".to_owned(),
+                        p50: Some(0.0165),
+                        p99: None,
+                    }],
+                    history: vec![10000.0, 10577.0],
+                },
+                ServiceView {
+                    name: "relay".to_owned(),
+                    main_rate: Some("events_received".to_owned()),
+                    rates: vec![Reading {
+                        label: "events_received".to_owned(),
+                        value: 250.0,
+                    }],
+                    gauges: vec![Reading {
+                        label: "clients_connected".to_owned(),
+                        value: 42.0,
+                    }],
+                    quantiles: Vec::new(),
+                    history: vec![0.0, 125.0, 250.0],
+                },
+            ],
+        }
+    }
+
+    /// The screen as lines of text, one per terminal row.
+    fn draw(view: &View, screen: &Screen, width: u16, height: u16) -> Vec<String> {
+        let mut terminal = Terminal::new(TestBackend::new(width, height)).unwrap();
+        terminal.draw(|frame| render(frame, view, screen)).unwrap();
+        let buffer = terminal.backend().buffer().clone();
+        (0..height)
+            .map(|y| (0..width).map(|x| buffer[(x, y)].symbol()).collect())
+            .collect()
+    }
+
+    fn row_with<'a>(lines: &'a [String], text: &str) -> &'a str {
+        lines
+            .iter()
+            .find(|line| line.contains(text))
+            .unwrap_or_else(|| panic!("no {text:?} on the screen:\n{}", lines.join("\n")))
+    }
+
+    fn screen(selected: usize) -> Screen {
+        Screen {
+            selected,
+            paused: false,
+            interval_seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn the_selected_service_shows_its_rates_gauges_and_quantiles() {
+        let lines = draw(&sample_view(), &screen(0), 100, 24);
+        assert!(row_with(&lines, "requests{status=202}").contains("10.6k/s"));
+        assert!(row_with(&lines, "staleness_max_seconds").contains("1.41s"));
+        let flush = row_with(&lines, "flush_seconds");
+        assert!(
+            flush.contains("p50 16.5ms") && flush.contains("p99 -"),
+            "{flush}"
+        );
+        assert!(row_with(&lines, "requests/s over the last 2s").contains("10.6k/s"));
+        // The other service is only a tab.
+        assert!(row_with(&lines, "increments").contains("relay"));
+        assert!(!lines.iter().any(|line| line.contains("clients_connected")));
+    }
+
+    #[test]
+    fn moving_to_another_tab_shows_that_service() {
+        let lines = draw(&sample_view(), &screen(1), 100, 24);
+        assert!(row_with(&lines, "events_received ").contains("250/s"));
+        assert!(row_with(&lines, "clients_connected").contains("42"));
+    }
+
+    #[test]
+    fn the_selected_tab_is_highlighted() {
+        let mut terminal = Terminal::new(TestBackend::new(100, 24)).unwrap();
+        terminal
+            .draw(|frame| render(frame, &sample_view(), &screen(1)))
+            .unwrap();
+        let buffer = terminal.backend().buffer();
+        let tabs: String = (0..100).map(|x| buffer[(x, 1)].symbol()).collect();
+        let relay_at = tabs.find("relay").unwrap() as u16;
+        let increments_at = tabs.find("increments").unwrap() as u16;
+        let reversed = |x| buffer[(x, 1)].modifier.contains(Modifier::REVERSED);
+        assert!(reversed(relay_at));
+        assert!(!reversed(increments_at));
+    }
+
+    #[test]
+    fn endpoints_that_do_not_answer_are_marked_down_with_the_reason() {
+        let lines = draw(&sample_view(), &screen(0), 100, 24);
+        let down = row_with(&lines, ":9200/metrics");
+        assert!(
+            down.contains(DOWN) && down.contains("Connection refused"),
+            "{down}"
+        );
+        assert!(row_with(&lines, ":9100/metrics").contains("up"));
+        assert!(!row_with(&lines, ":9100/metrics").contains(DOWN));
+        assert!(row_with(&lines, "weir top").contains("2 endpoint(s), 1 down"));
+    }
+
+    #[test]
+    fn pause_is_shown_in_the_header() {
+        let paused = Screen {
+            paused: true,
+            ..screen(0)
+        };
+        assert!(draw(&sample_view(), &paused, 100, 24)[0].contains("PAUSED"));
+        assert!(!draw(&sample_view(), &screen(0), 100, 24)[0].contains("PAUSED"));
+    }
+
+    #[test]
+    fn a_small_or_empty_screen_draws_without_panicking() {
+        draw(&sample_view(), &screen(7), 20, 5);
+        let empty = View {
+            endpoints: Vec::new(),
+            services: Vec::new(),
+        };
+        let lines = draw(&empty, &screen(0), 80, 12);
+        row_with(&lines, "no weir metrics yet");
+    }
+
+    #[test]
+    fn units_follow_the_metric_name() {
+        assert_eq!(
+            format_measure("queued_bytes", 3.0 * 1024.0 * 1024.0),
+            "3.0MiB"
+        );
+        assert_eq!(format_measure("queued_bytes", 12.0), "12B");
+        assert_eq!(format_measure("flush_seconds", 0.0021), "2.1ms");
+        assert_eq!(format_measure("clients_connected", 12345.0), "12.3k");
+        assert_eq!(format_number(0.5), "0.5");
+    }
+
+    #[test]
+    fn the_plain_snapshot_lists_every_service_and_endpoint() {
+        let text = plain_text(&sample_view());
+        assert!(text.contains("relay\n"), "{text}");
+        assert!(text
+            .lines()
+            .any(|l| l.contains("events_received") && l.ends_with("250/s")));
+        assert!(text.contains("DOWN http://127.0.0.1:9200/metrics  Connection refused"));
+    }
+}
