@@ -6,7 +6,7 @@
 //! gauges in seconds (staleness), where the worst endpoint is what matters, and quantiles, where
 //! the worst endpoint is shown for the same reason.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::Serialize;
 
@@ -195,12 +195,19 @@ struct Readings {
     main_rate: Option<f64>,
 }
 
-fn find_previous<'a>(previous: &'a Scrape, series: &Series) -> Option<&'a SeriesValue> {
-    previous
+type SeriesKey<'a> = (&'a str, &'a [(String, String)]);
+
+fn index(scrape: &Scrape) -> HashMap<SeriesKey<'_>, &SeriesValue> {
+    scrape
         .series
         .iter()
-        .find(|old| old.name == series.name && old.labels == series.labels)
-        .map(|old| &old.value)
+        .map(|series| {
+            (
+                (series.name.as_str(), series.labels.as_slice()),
+                &series.value,
+            )
+        })
+        .collect()
 }
 
 /// Readings per service from two consecutive scrapes of one endpoint, `seconds` apart.
@@ -211,13 +218,16 @@ fn endpoint_readings(
     seconds: f64,
 ) -> BTreeMap<String, Readings> {
     let mut by_service: BTreeMap<String, Readings> = BTreeMap::new();
+    let previous_values = previous.map(index).unwrap_or_default();
     for series in &current.series {
         let Some((service, what)) = service_of(&series.name) else {
             continue;
         };
         let readings = by_service.entry(service.to_owned()).or_default();
         let label = display_label(what, &series.labels);
-        let old = previous.and_then(|previous| find_previous(previous, series));
+        let old = previous_values
+            .get(&(series.name.as_str(), series.labels.as_slice()))
+            .copied();
         match &series.value {
             SeriesValue::Counter(now) => {
                 if previous.is_none() {

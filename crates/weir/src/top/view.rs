@@ -30,7 +30,7 @@ pub fn format_number(value: f64) -> String {
         format!("{:.1}M", value / 1e6)
     } else if magnitude >= 1e4 {
         format!("{:.1}k", value / 1e3)
-    } else if value.fract() == 0.0 {
+    } else if value.fract() == 0.0 || magnitude >= 100.0 {
         format!("{value:.0}")
     } else {
         format!("{value:.1}")
@@ -146,7 +146,18 @@ fn render_header(frame: &mut Frame, area: Rect, view: &View, screen: &Screen) {
 }
 
 fn render_service(frame: &mut Frame, area: Rect, service: &ServiceView) {
-    let rows = service_rows(service).into_iter().map(Row::new);
+    let main_rate = service.main_rate.as_deref();
+    let rows = service_rows(service).into_iter().map(|cells| {
+        // The rate the sparkline follows stands out; labelled series of it too.
+        let is_main = main_rate
+            .is_some_and(|main| cells[0] == main || cells[0].starts_with(&format!("{main}{{")));
+        let row = Row::new(cells);
+        if is_main {
+            row.style(Style::default().add_modifier(Modifier::BOLD))
+        } else {
+            row
+        }
+    });
     let table = Table::new(
         rows,
         [
@@ -361,6 +372,26 @@ mod tests {
     }
 
     #[test]
+    fn the_main_rate_stands_out() {
+        let mut terminal = Terminal::new(TestBackend::new(100, 24)).unwrap();
+        terminal
+            .draw(|frame| render(frame, &sample_view(), &screen(0)))
+            .unwrap();
+        let buffer = terminal.backend().buffer();
+        let bold_at_start_of = |text: &str| {
+            let y = (0..24)
+                .find(|&y| {
+                    let line: String = (0..100).map(|x| buffer[(x, y)].symbol()).collect();
+                    line.contains(text)
+                })
+                .unwrap();
+            buffer[(1, y)].modifier.contains(Modifier::BOLD)
+        };
+        assert!(bold_at_start_of("requests{status=202}"));
+        assert!(!bold_at_start_of("staleness_max_seconds"));
+    }
+
+    #[test]
     fn endpoints_that_do_not_answer_are_marked_down_with_the_reason() {
         let lines = draw(&sample_view(), &screen(0), 100, 24);
         let down = row_with(&lines, ":9200/metrics");
@@ -404,6 +435,7 @@ mod tests {
         assert_eq!(format_measure("flush_seconds", 0.0021), "2.1ms");
         assert_eq!(format_measure("clients_connected", 12345.0), "12.3k");
         assert_eq!(format_number(0.5), "0.5");
+        assert_eq!(format_number(3361.5), "3362");
     }
 
     #[test]
