@@ -75,7 +75,11 @@ fn once_prints_rates_gauges_and_the_endpoints_that_are_down() {
         .lines()
         .any(|line| line.contains("clients_connected") && line.ends_with(" 7")));
     assert!(text.contains(&format!("up   {up}")), "{text}");
-    assert!(text.contains(&format!("DOWN {down}")), "{text}");
+    // The reason, not hyper's layers around it.
+    assert!(
+        text.contains(&format!("DOWN {down}  Connection refused")),
+        "{text}"
+    );
 }
 
 #[test]

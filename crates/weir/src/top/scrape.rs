@@ -57,7 +57,7 @@ pub async fn scrape(
         let response = client
             .get(uri)
             .await
-            .map_err(|err| ScrapeError::Http(error_chain(&err)))?;
+            .map_err(|err| ScrapeError::Http(root_cause(&err)))?;
         if !response.status().is_success() {
             return Err(ScrapeError::Status(response.status().as_u16()));
         }
@@ -80,15 +80,14 @@ pub async fn scrape(
     parse_exposition(&String::from_utf8_lossy(&body))
 }
 
-/// The innermost cause says why ("Connection refused"); hyper's outer message does not.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message = format!("{message}: {cause}");
-        source = cause.source();
+/// The innermost cause says why ("Connection refused"); hyper's outer layers ("client error
+/// (Connect)", "tcp connect error") only say where, and would crowd the screen.
+fn root_cause(err: &dyn std::error::Error) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
     }
-    message
+    cause.to_string()
 }
 
 /// The Prometheus text format into series; untyped samples (the `_sum` and `_count` of

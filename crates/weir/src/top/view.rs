@@ -134,14 +134,15 @@ fn render_header(frame: &mut Frame, area: Rect, view: &View, screen: &Screen) {
         "weir top",
         Style::default().add_modifier(Modifier::BOLD),
     )];
+    // Before the help text, which a narrow terminal cuts off.
+    if screen.paused {
+        spans.push(Span::styled("  PAUSED", Style::default().fg(Color::Yellow)));
+    }
     spans.push(Span::raw(format!(
         "  {} endpoint(s), {down} down, every {}s  q quit  ←/→ tab service  p pause",
         view.endpoints.len(),
         screen.interval_seconds
     )));
-    if screen.paused {
-        spans.push(Span::styled("  PAUSED", Style::default().fg(Color::Yellow)));
-    }
     frame.render_widget(Paragraph::new(Line::from(spans)), area);
 }
 
@@ -411,6 +412,8 @@ mod tests {
             ..screen(0)
         };
         assert!(draw(&sample_view(), &paused, 100, 24)[0].contains("PAUSED"));
+        // Even where the help text does not fit.
+        assert!(draw(&sample_view(), &paused, 30, 24)[0].contains("PAUSED"));
         assert!(!draw(&sample_view(), &screen(0), 100, 24)[0].contains("PAUSED"));
     }
 
