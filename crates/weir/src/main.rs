@@ -88,6 +88,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     shutdown.cancel_on_signal();
     let metrics_addr = match (&cli.command, cli.metrics_addr) {
         (Command::Up(_), None) => Some(up::DEFAULT_METRICS_ADDR),
+        // A viewer serves nothing: with WEIR_METRICS_ADDR exported for `weir up`, binding it
+        // here would fail or take the address `weir top` is about to read.
+        (Command::Top(_), _) => None,
         (_, addr) => addr,
     };
     if let Some(addr) = metrics_addr {

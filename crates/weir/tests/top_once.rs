@@ -104,3 +104,18 @@ fn nothing_answering_is_a_failure_for_scripts_but_still_a_snapshot() {
     assert!(!success);
     assert!(text.contains(&format!("DOWN {down}")), "{text}");
 }
+
+#[test]
+fn the_metrics_address_exported_for_weir_up_is_read_not_bound() {
+    let (up, _) = fake_relay_metrics();
+    let addr = up
+        .trim_start_matches("http://")
+        .trim_end_matches("/metrics");
+    let output = Command::new(WEIR)
+        .args(["top", "--once", "--interval", "0.1", "--url", &up])
+        .env("WEIR_METRICS_ADDR", addr)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+}
