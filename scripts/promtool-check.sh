@@ -67,6 +67,12 @@ for service in "${services[@]}"; do
     status=1
     continue
   fi
+  # promtool passes an empty page, but a metric missing at start-up breaks rate() and alerts.
+  if ! grep -q '^# TYPE' "$workdir/$service.metrics"; then
+    echo "$service: no metric exists at start-up"
+    status=1
+    continue
+  fi
   if report=$(promtool check metrics <"$workdir/$service.metrics" 2>&1) && [ -z "$report" ]; then
     echo "$service: promtool check metrics passed ($(grep -c '^# TYPE' "$workdir/$service.metrics") metrics)"
   else
