@@ -34,13 +34,64 @@ pub struct Snapshot {
     pub queued_bytes: u64,
 }
 
+const EVENTS_RECEIVED: &str = "weir_relay_events_received_total";
+const EVENTS_DELIVERED: &str = "weir_relay_events_delivered_total";
+const EVENTS_MALFORMED: &str = "weir_relay_events_malformed_total";
+const EVENTS_STALE: &str = "weir_relay_events_stale_total";
 const EVENTS_TOO_FAR_AHEAD: &str = "weir_relay_events_too_far_ahead_total";
+const GAPS_SKIPPED: &str = "weir_relay_gaps_skipped_total";
+const NOTIFICATIONS_SENT: &str = "weir_relay_notifications_sent_total";
+const CLIENTS_DROPPED_SLOW: &str = "weir_relay_clients_dropped_slow_total";
 const CLIENTS_DROPPED_QUEUE_BUDGET: &str = "weir_relay_clients_dropped_queue_budget_total";
-
-/// Metrics added since the first release, registered at zero on start so that dashboards
-/// and alerts see them before the first occurrence.
-const REGISTERED_AT_START: &[&str] = &[EVENTS_TOO_FAR_AHEAD, CLIENTS_DROPPED_QUEUE_BUDGET];
+const CLIENTS_REJECTED: &str = "weir_relay_clients_rejected_total";
+const SOURCES_REFUSED: &str = "weir_relay_sources_refused_total";
+const CLIENTS_CONNECTED: &str = "weir_relay_clients_connected";
+const REORDER_WINDOW: &str = "weir_relay_reorder_window";
+const SOURCES_CONNECTED: &str = "weir_relay_sources_connected";
 const QUEUED_BYTES: &str = "weir_relay_queued_bytes";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MetricKind {
+    Counter,
+    Gauge,
+}
+
+/// Every metric the relay exports, with its help text. All of them are registered at zero when
+/// the relay starts, so that `rate()` and alerts work from the first scrape rather than from
+/// the first occurrence.
+const METRICS: &[(&str, MetricKind, &str)] = &[
+    (EVENTS_RECEIVED, MetricKind::Counter, "Events read from the event source."),
+    (EVENTS_DELIVERED, MetricKind::Counter, "Events released in sequence order and routed to their recipients."),
+    (EVENTS_MALFORMED, MetricKind::Counter, "Event lines that could not be parsed and were skipped."),
+    (EVENTS_STALE, MetricKind::Counter, "Events whose sequence number was already delivered (duplicates or late arrivals), dropped."),
+    (EVENTS_TOO_FAR_AHEAD, MetricKind::Counter, "Events beyond the reorder window's capacity, dropped."),
+    (GAPS_SKIPPED, MetricKind::Counter, "Missing sequence numbers given up on (waited too long, or the stream ended)."),
+    (NOTIFICATIONS_SENT, MetricKind::Counter, "Notifications routed to connected user clients."),
+    (CLIENTS_DROPPED_SLOW, MetricKind::Counter, "User clients disconnected because their own queue was full."),
+    (CLIENTS_DROPPED_QUEUE_BUDGET, MetricKind::Counter, "User clients disconnected to keep the relay's total queued bytes within budget."),
+    (CLIENTS_REJECTED, MetricKind::Counter, "User client connections closed without a valid user id line."),
+    (SOURCES_REFUSED, MetricKind::Counter, "Event source connections refused because another source was connected."),
+    (CLIENTS_CONNECTED, MetricKind::Gauge, "User clients connected now."),
+    (REORDER_WINDOW, MetricKind::Gauge, "Events held in the reorder window, waiting for an earlier sequence number."),
+    (SOURCES_CONNECTED, MetricKind::Gauge, "Event sources connected now (0 or 1)."),
+    (QUEUED_BYTES, MetricKind::Gauge, "Bytes handed to user client sessions and not yet written or discarded."),
+];
+
+/// Describes every relay metric and sets it to zero in the installed recorder.
+fn register_metrics() {
+    for &(name, kind, help) in METRICS {
+        match kind {
+            MetricKind::Counter => {
+                metrics::describe_counter!(name, help);
+                metrics::counter!(name).increment(0);
+            }
+            MetricKind::Gauge => {
+                metrics::describe_gauge!(name, help);
+                metrics::gauge!(name).set(0.0);
+            }
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct RelayStats {
@@ -66,10 +117,7 @@ pub struct RelayStats {
 impl RelayStats {
     /// `queued_bytes`: the count of bytes handed to client sessions and not yet written.
     pub fn new(queued_bytes: Arc<AtomicUsize>) -> Self {
-        for name in REGISTERED_AT_START {
-            metrics::counter!(*name).increment(0);
-        }
-        metrics::gauge!(QUEUED_BYTES).set(0.0);
+        register_metrics();
         RelayStats {
             queued_bytes,
             ..Self::default()
@@ -81,42 +129,34 @@ impl RelayStats {
             (
                 &self.events_received,
                 counts.events_received,
-                "weir_relay_events_received_total",
+                EVENTS_RECEIVED,
             ),
             (
                 &self.events_delivered,
                 counts.events_delivered,
-                "weir_relay_events_delivered_total",
+                EVENTS_DELIVERED,
             ),
             (
                 &self.events_malformed,
                 counts.events_malformed,
-                "weir_relay_events_malformed_total",
+                EVENTS_MALFORMED,
             ),
-            (
-                &self.events_stale,
-                counts.events_stale,
-                "weir_relay_events_stale_total",
-            ),
+            (&self.events_stale, counts.events_stale, EVENTS_STALE),
             (
                 &self.events_too_far_ahead,
                 counts.events_too_far_ahead,
                 EVENTS_TOO_FAR_AHEAD,
             ),
-            (
-                &self.gaps_skipped,
-                counts.gaps_skipped,
-                "weir_relay_gaps_skipped_total",
-            ),
+            (&self.gaps_skipped, counts.gaps_skipped, GAPS_SKIPPED),
             (
                 &self.notifications_sent,
                 counts.notifications_sent,
-                "weir_relay_notifications_sent_total",
+                NOTIFICATIONS_SENT,
             ),
             (
                 &self.clients_dropped_slow,
                 counts.clients_dropped_slow,
-                "weir_relay_clients_dropped_slow_total",
+                CLIENTS_DROPPED_SLOW,
             ),
             (
                 &self.clients_dropped_queue_budget,
@@ -126,12 +166,12 @@ impl RelayStats {
             (
                 &self.clients_rejected,
                 counts.clients_rejected,
-                "weir_relay_clients_rejected_total",
+                CLIENTS_REJECTED,
             ),
             (
                 &self.sources_refused,
                 counts.sources_refused,
-                "weir_relay_sources_refused_total",
+                SOURCES_REFUSED,
             ),
         ];
         for (atomic, value, name) in pairs {
@@ -150,14 +190,14 @@ impl RelayStats {
             .store(clients_connected as u64, Ordering::Relaxed);
         self.reorder_window
             .store(reorder_window as u64, Ordering::Relaxed);
-        metrics::gauge!("weir_relay_clients_connected").set(clients_connected as f64);
-        metrics::gauge!("weir_relay_reorder_window").set(reorder_window as f64);
+        metrics::gauge!(CLIENTS_CONNECTED).set(clients_connected as f64);
+        metrics::gauge!(REORDER_WINDOW).set(reorder_window as f64);
         self.changed.notify_waiters();
     }
 
     pub fn set_sources_connected(&self, sources: u64) {
         self.sources_connected.store(sources, Ordering::Relaxed);
-        metrics::gauge!("weir_relay_sources_connected").set(sources as f64);
+        metrics::gauge!(SOURCES_CONNECTED).set(sources as f64);
         self.changed.notify_waiters();
     }
 
@@ -196,6 +236,93 @@ impl RelayStats {
                 return snapshot;
             }
             notified.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Renders what a Prometheus scrape would see right after the relay's stats are created.
+    fn exposition_at_start() -> String {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || RelayStats::new(Arc::default()));
+        handle.render()
+    }
+
+    #[test]
+    fn every_metric_is_exported_at_zero_with_help_text_before_any_event() {
+        let text = exposition_at_start();
+        for &(name, kind, _) in METRICS {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no help for {name}:\n{text}"
+            );
+            let kind = match kind {
+                MetricKind::Counter => "counter",
+                MetricKind::Gauge => "gauge",
+            };
+            assert!(
+                text.contains(&format!("# TYPE {name} {kind}")),
+                "{name}:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("\n{name} 0\n")),
+                "{name} not at zero:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_follow_the_weir_service_what_scheme() {
+        for &(name, kind, help) in METRICS {
+            assert!(name.starts_with("weir_relay_"), "{name}");
+            assert_eq!(
+                name.ends_with("_total"),
+                kind == MetricKind::Counter,
+                "{name}: counters and only counters end in _total"
+            );
+            assert!(!help.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_name_the_relay_updates_is_in_the_table() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let stats = RelayStats::default();
+            let all_ones = Counts {
+                events_received: 1,
+                events_delivered: 1,
+                events_malformed: 1,
+                events_stale: 1,
+                events_too_far_ahead: 1,
+                gaps_skipped: 1,
+                notifications_sent: 1,
+                clients_dropped_slow: 1,
+                clients_dropped_queue_budget: 1,
+                clients_rejected: 1,
+                sources_refused: 1,
+            };
+            stats.add(&all_ones);
+            stats.set_gauges(1, 1);
+            stats.set_sources_connected(1);
+        });
+        let text = handle.render();
+        let exported: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.starts_with('#') && !line.is_empty())
+            .filter_map(|line| line.split([' ', '{']).next())
+            .collect();
+        assert_eq!(exported.len(), METRICS.len(), "{text}");
+        for name in exported {
+            assert!(
+                METRICS.iter().any(|&(known, _, _)| known == name),
+                "{name} has no help text"
+            );
         }
     }
 }

@@ -4,9 +4,11 @@
 //! - `up.rs`: `weir up`, every service at once with embedded defaults.
 //! - `relay.rs`: `weir relay serve|check`.
 //! - `increments.rs`: `weir increments serve|api|worker|bench`.
+//! - `top/`: `weir top`, a live view of the services' metrics.
 
 mod increments;
 mod relay;
+mod top;
 mod up;
 
 use std::net::SocketAddr;
@@ -55,6 +57,8 @@ enum Command {
     /// The increments service, its workers and its load tool.
     #[command(subcommand)]
     Increments(increments::IncrementsCommand),
+    /// A live view of running services, read from their metrics pages.
+    Top(top::TopArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,12 +88,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     shutdown.cancel_on_signal();
     let metrics_addr = match (&cli.command, cli.metrics_addr) {
         (Command::Up(_), None) => Some(up::DEFAULT_METRICS_ADDR),
+        // A viewer serves nothing: with WEIR_METRICS_ADDR exported for `weir up`, binding it
+        // here would fail or take the address `weir top` is about to read.
+        (Command::Top(_), _) => None,
         (_, addr) => addr,
     };
     if let Some(addr) = metrics_addr {
         let listener = weir_runtime::http::bind(addr)
             .map_err(|err| anyhow::anyhow!("cannot bind the metrics address {addr}: {err}"))?;
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        // Installed before any service starts, or the metrics a service registers at zero on
+        // start-up go to no recorder and appear only once they change.
+        telemetry::prometheus();
         let token = shutdown.token.clone();
         shutdown.tracker.spawn(async move {
             if let Err(err) = weir_runtime::http::serve_metrics(listener, token).await {
@@ -101,5 +111,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(args, shutdown).await,
         Command::Relay(command) => relay::run(command, shutdown).await,
         Command::Increments(command) => increments::run(command, shutdown).await,
+        Command::Top(args) => top::run(args, shutdown).await,
     }
 }
