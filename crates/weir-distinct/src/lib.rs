@@ -7,8 +7,10 @@
 //!
 //! I/O at the edges:
 //! - [`store`]: the shard stores (SQLite), single writer per shard by lock, group commit.
+//! - [`server`]: the worker's HTTP API and [`server::run`].
 
 pub mod config;
+pub mod server;
 pub mod shard;
 pub mod store;
 pub mod validate;
