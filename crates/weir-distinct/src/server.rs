@@ -23,7 +23,7 @@ use weir_runtime::logs::{escape, LogLimiter};
 use weir_runtime::Shutdown;
 
 use crate::config::{Database, DistinctConfig};
-use crate::store::{SqliteStore, Store, StoreError, StoreOptions};
+use crate::store::{PostgresStore, SqliteStore, Store, StoreError, StoreOptions};
 use crate::validate::{
     is_json_content_type, parse_items, Rejection, MAX_BODY_BYTES, MAX_FIELD_BYTES, MAX_ITEMS,
 };
@@ -34,33 +34,25 @@ static STORE_ERRORS: LogLimiter = LogLimiter::per_second();
 pub enum ServeError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("database {0}: the Postgres store is not available yet; use a directory")]
-    PostgresUnsupported(String),
     #[error("the worker's HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
 
-/// Opens the store `config` names.
-pub fn open_store(config: &DistinctConfig) -> Result<Store, ServeError> {
-    match &config.database {
-        Database::Sqlite(root) => {
-            let options = StoreOptions {
-                fsync: config.fsync,
-                ..StoreOptions::default()
-            };
-            Ok(Store::Sqlite(SqliteStore::open(root, options)?))
-        }
-        Database::Postgres(url) => Err(ServeError::PostgresUnsupported(redact(url))),
-    }
-}
+/// Tables of the Postgres store: `distinct_items`, `distinct_counts`.
+pub const TABLE_PREFIX: &str = "distinct";
 
-/// A URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***{}", &url[..scheme], &url[at..])
-        }
-        _ => url.to_string(),
+/// Opens the store `config` names.
+pub async fn open_store(config: &DistinctConfig) -> Result<Store, ServeError> {
+    let options = StoreOptions {
+        fsync: config.fsync,
+        ..StoreOptions::default()
+    };
+    match &config.database {
+        Database::Sqlite(root) => Ok(Store::Sqlite(SqliteStore::open(root, options)?)),
+        // Postgres commits durably by its own settings; `fsync` is for the SQLite files.
+        Database::Postgres(url) => Ok(Store::Postgres(
+            PostgresStore::open(url, TABLE_PREFIX, options).await?,
+        )),
     }
 }
 
@@ -71,7 +63,7 @@ pub async fn run(
     config: &DistinctConfig,
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
-    let store = open_store(config)?;
+    let store = open_store(config).await?;
     register_metrics();
     let served =
         weir_runtime::http::serve(listener, router(store.clone()), shutdown.token.clone()).await;
@@ -211,16 +203,5 @@ async fn readyz(State(store): State<Store>) -> Response {
     match store.count("readyz").await {
         Ok(_) => (StatusCode::OK, "ready").into_response(),
         Err(err) => unavailable(err),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_kept_out_of_messages() {
-        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://***@h/db");
-        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
     }
 }

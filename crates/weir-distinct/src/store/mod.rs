@@ -1,14 +1,16 @@
-//! The shard stores: each tenant's items live in one shard, and only the process holding a
+//! The shard stores (SQLite files, or Postgres tables): each tenant's items live in one shard, and only the process holding a
 //! shard's lock writes it, so whether an item is new is decided in one place.
 //!
 //! A write commits the rows and the per-tenant counts in one transaction before it returns,
 //! so an acknowledged item is durable and already counted; reading a count is one
 //! primary-key lookup.
 
+pub mod postgres;
 pub mod sqlite;
 
 use crate::shard::{group_by_shard, Item};
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,8 @@ pub enum StoreError {
     },
     #[error("shard {0}'s writer has stopped")]
     WriterGone(u16),
+    #[error("postgres: {0}")]
+    Postgres(String),
     #[error("database {path}: {message}")]
     Database { path: String, message: String },
     #[error("a blocking store task failed: {0}")]
@@ -60,6 +64,7 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
+    Postgres(PostgresStore),
 }
 
 impl Store {
@@ -67,18 +72,24 @@ impl Store {
     /// the same items again (a retry after any failure) is always safe. On an error some
     /// shards may have committed; the caller answers non-2xx and a retry completes the rest.
     pub async fn insert(&self, items: Vec<Item>) -> Result<(), StoreError> {
-        match self {
-            Store::Sqlite(store) => {
-                let groups = group_by_shard(items, store.options().shards);
-                let writes = groups
-                    .into_iter()
-                    .map(|(shard, items)| store.insert_shard(shard, items));
-                // Shards commit in parallel, each on its own writer thread.
-                for result in futures::future::join_all(writes).await {
-                    result?;
-                }
-                Ok(())
+        let groups = group_by_shard(items, self.options().shards);
+        let writes = groups.into_iter().map(|(shard, items)| async move {
+            match self {
+                Store::Sqlite(store) => store.insert_shard(shard, items).await,
+                Store::Postgres(store) => store.insert_shard(shard, items).await,
             }
+        });
+        // Shards commit in parallel, each on its own writer.
+        for result in futures::future::join_all(writes).await {
+            result?;
+        }
+        Ok(())
+    }
+
+    pub fn options(&self) -> StoreOptions {
+        match self {
+            Store::Sqlite(store) => store.options(),
+            Store::Postgres(store) => store.options(),
         }
     }
 
@@ -86,6 +97,7 @@ impl Store {
     pub async fn count(&self, tenant: &str) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(store) => store.count(tenant).await,
+            Store::Postgres(store) => store.count(tenant).await,
         }
     }
 
@@ -93,6 +105,7 @@ impl Store {
     pub async fn close(self) {
         match self {
             Store::Sqlite(store) => store.close().await,
+            Store::Postgres(store) => store.close().await,
         }
     }
 }
