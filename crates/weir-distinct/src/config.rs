@@ -331,6 +331,34 @@ fn environment(env: impl Fn(&str) -> Option<String>) -> Dict {
         .collect()
 }
 
+/// Flags of `weir distinct worker` (and later the coordinator): each overrides its key.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct Flags {
+    /// The YAML config file (the seed's `config.yaml` keys).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// A directory for the SQLite shards, or a postgres:// URL.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// Seconds: the largest delay before an acknowledged item shows in the count.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_persist: Option<f64>,
+    /// Sync every SQLite commit to disk (survives power loss, not only process death).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fsync: Option<bool>,
+}
+
+impl Flags {
+    /// The validated config: defaults < `--config` < environment < these flags.
+    pub fn load(&self) -> Result<DistinctConfig, ConfigError> {
+        load(self.config.as_deref(), self)
+    }
+}
+
 /// What a reload changes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReloadPlan {

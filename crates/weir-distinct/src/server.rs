@@ -56,17 +56,27 @@ pub async fn open_store(config: &DistinctConfig) -> Result<Store, ServeError> {
     }
 }
 
-/// Serves the worker API on `listener` until `shutdown` is cancelled, then lets in-flight
-/// requests finish (each is answered after its commit) and closes the store.
+/// Opens the store, then [`serve`]s.
 pub async fn run(
     listener: TcpListener,
     config: &DistinctConfig,
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
     let store = open_store(config).await?;
+    serve(listener, store, shutdown).await
+}
+
+/// Serves the worker API on `listener` until `shutdown` is cancelled, then lets in-flight
+/// requests finish (each is answered after its commit) and closes the store.
+pub async fn serve(
+    listener: TcpListener,
+    store: Store,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    // The router installs the Prometheus recorder; counters made before it would be no-ops.
+    let app = router(store.clone());
     register_metrics();
-    let served =
-        weir_runtime::http::serve(listener, router(store.clone()), shutdown.token.clone()).await;
+    let served = weir_runtime::http::serve(listener, app, shutdown.token.clone()).await;
     store.close().await;
     Ok(served?)
 }

@@ -168,3 +168,22 @@ async fn health_and_readiness_answer() {
     );
     worker.stop().await;
 }
+
+/// Every status series exists from the start (other tests in this process share the
+/// global recorder, so only presence is checked, not values).
+#[tokio::test]
+async fn metrics_count_requests_by_status_from_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start(config(dir.path())).await;
+    assert_eq!(post_items(worker.addr, "[").await.status, 400);
+    let metrics = request(worker.addr, "GET", "/metrics", &[], b"").await.body;
+    for status in [200, 400, 413, 415, 503] {
+        let series = format!(r#"weir_distinct_requests_total{{status="{status}"}}"#);
+        assert!(metrics.contains(&series), "{series} missing from {metrics}");
+    }
+    assert!(
+        metrics.contains("weir_distinct_items_accepted_total"),
+        "{metrics}"
+    );
+    worker.stop().await;
+}

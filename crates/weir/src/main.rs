@@ -4,7 +4,9 @@
 //! - `up.rs`: `weir up`, every service at once with embedded defaults.
 //! - `relay.rs`: `weir relay serve|check`.
 //! - `increments.rs`: `weir increments serve|api|worker|bench`.
+//! - `distinct.rs`: `weir distinct worker`.
 
+mod distinct;
 mod increments;
 mod relay;
 mod up;
@@ -55,6 +57,9 @@ enum Command {
     /// The increments service, its workers and its load tool.
     #[command(subcommand)]
     Increments(increments::IncrementsCommand),
+    /// The distinct service: exact distinct items per tenant.
+    #[command(subcommand)]
+    Distinct(distinct::DistinctCommand),
 }
 
 fn main() -> ExitCode {
@@ -102,5 +107,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(args, shutdown).await,
         Command::Relay(command) => relay::run(command, shutdown).await,
         Command::Increments(command) => increments::run(command, shutdown).await,
+        Command::Distinct(command) => distinct::run(command, shutdown).await,
     }
 }
