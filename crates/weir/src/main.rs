@@ -5,7 +5,9 @@
 //! - `relay.rs`: `weir relay serve|check`.
 //! - `increments.rs`: `weir increments serve|api|worker|bench`.
 //! - `top/`: `weir top`, a live view of the services' metrics.
+//! - `distinct.rs`: `weir distinct worker`.
 
+mod distinct;
 mod increments;
 mod relay;
 mod top;
@@ -59,6 +61,9 @@ enum Command {
     Increments(increments::IncrementsCommand),
     /// A live view of running services, read from their metrics pages.
     Top(top::TopArgs),
+    /// The distinct service: exact distinct items per tenant.
+    #[command(subcommand)]
+    Distinct(distinct::DistinctCommand),
 }
 
 fn main() -> ExitCode {
@@ -112,5 +117,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Relay(command) => relay::run(command, shutdown).await,
         Command::Increments(command) => increments::run(command, shutdown).await,
         Command::Top(args) => top::run(args, shutdown).await,
+        Command::Distinct(command) => distinct::run(command, shutdown).await,
     }
 }

@@ -1,0 +1,219 @@
+//! The worker's HTTP API:
+//! - `POST /items`: a JSON array of `{"id", "tenant"}`; `200 {"accepted": n}` once all n
+//!   items are durable and counted (n counts duplicates too: they were accepted, and count
+//!   once). 400/413/415 with `{"error", "field"}` for a refused body, of which nothing is
+//!   stored; 503 with `Retry-After` when a shard cannot be written (owned by another worker,
+//!   or the disk failed), after which resending the same items is safe.
+//! - `GET /items/{tenant}/count`: `{"count": N}`, one lookup.
+//! - `/healthz` (the process answers), `/readyz` (the store can be read), `/metrics`.
+
+use std::sync::OnceLock;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use serde_json::json;
+use tokio::net::TcpListener;
+use weir_runtime::http::ApiError;
+use weir_runtime::logs::{escape, LogLimiter};
+use weir_runtime::Shutdown;
+
+use crate::config::{Database, DistinctConfig};
+use crate::store::{PostgresStore, SqliteStore, Store, StoreError, StoreOptions};
+use crate::validate::{
+    is_json_content_type, parse_items, Rejection, MAX_BODY_BYTES, MAX_FIELD_BYTES, MAX_ITEMS,
+};
+
+static STORE_ERRORS: LogLimiter = LogLimiter::per_second();
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the worker's HTTP server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// Tables of the Postgres store: `distinct_items`, `distinct_counts`.
+pub const TABLE_PREFIX: &str = "distinct";
+
+/// Opens the store `config` names.
+pub async fn open_store(config: &DistinctConfig) -> Result<Store, ServeError> {
+    let options = StoreOptions {
+        fsync: config.fsync,
+        ..StoreOptions::default()
+    };
+    match &config.database {
+        Database::Sqlite(root) => Ok(Store::Sqlite(SqliteStore::open(root, options)?)),
+        // Postgres commits durably by its own settings; `fsync` is for the SQLite files.
+        Database::Postgres(url) => Ok(Store::Postgres(
+            PostgresStore::open(url, TABLE_PREFIX, options).await?,
+        )),
+    }
+}
+
+/// Opens the store, then [`serve`]s.
+pub async fn run(
+    listener: TcpListener,
+    config: &DistinctConfig,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    let store = open_store(config).await?;
+    serve(listener, store, shutdown).await
+}
+
+/// Serves the worker API on `listener` until `shutdown` is cancelled, then lets in-flight
+/// requests finish (each is answered after its commit) and closes the store.
+pub async fn serve(
+    listener: TcpListener,
+    store: Store,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    // The router installs the Prometheus recorder; counters made before it would be no-ops.
+    let app = router(store.clone());
+    register_metrics();
+    // The runtime's header, idle and body timeouts and connection cap, as on every listener.
+    let limits = weir_runtime::http::ListenerLimits::default();
+    let served = weir_runtime::http::serve(listener, app, limits, shutdown.token.clone()).await;
+    store.close().await;
+    Ok(served?)
+}
+
+/// The worker's routes over `store`.
+pub fn router(store: Store) -> Router {
+    Router::new()
+        .route("/items", post(post_items))
+        .route("/items/{tenant}/count", get(count))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(store)
+        .merge(weir_runtime::http::metrics_router())
+}
+
+const STATUSES: [u16; 5] = [200, 400, 413, 415, 503];
+
+/// Every counter at zero from the start, so a dashboard sees the series before traffic.
+pub fn register_metrics() {
+    let _ = counters();
+    metrics::counter!("weir_distinct_items_accepted_total").absolute(0);
+}
+
+fn counters() -> &'static [(u16, metrics::Counter)] {
+    static COUNTERS: OnceLock<Vec<(u16, metrics::Counter)>> = OnceLock::new();
+    COUNTERS.get_or_init(|| {
+        STATUSES
+            .iter()
+            .map(|code| {
+                let counter =
+                    metrics::counter!("weir_distinct_requests_total", "status" => code.to_string());
+                (*code, counter)
+            })
+            .collect()
+    })
+}
+
+async fn post_items(State(store): State<Store>, headers: HeaderMap, body: Body) -> Response {
+    let response = accept(&store, &headers, body).await;
+    let status = response.status().as_u16();
+    if let Some((_, counter)) = counters().iter().find(|(code, _)| *code == status) {
+        counter.increment(1);
+    }
+    response
+}
+
+async fn accept(store: &Store, headers: &HeaderMap, body: Body) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if !is_json_content_type(content_type) {
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type must be application/json",
+        )
+        .into_response();
+    }
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body must be at most {MAX_BODY_BYTES} bytes"),
+        )
+        .into_response()
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    let bytes = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(err) => {
+            return ApiError::bad_request(format!("cannot read the body: {err}")).into_response()
+        }
+    };
+    let items = match parse_items(&bytes) {
+        Ok(items) => items,
+        Err(Rejection::TooManyItems(n)) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("at most {MAX_ITEMS} items per request, got {n}"),
+            )
+            .with_field("items")
+            .into_response()
+        }
+        Err(Rejection::Invalid { error, field }) => {
+            let mut error = ApiError::bad_request(error);
+            error.field = field;
+            return error.into_response();
+        }
+    };
+    let accepted = items.len();
+    match store.insert(items).await {
+        Ok(()) => {
+            metrics::counter!("weir_distinct_items_accepted_total").increment(accepted as u64);
+            Json(json!({ "accepted": accepted })).into_response()
+        }
+        Err(err) => unavailable(err),
+    }
+}
+
+fn unavailable(err: StoreError) -> Response {
+    weir_runtime::warn_limited!(STORE_ERRORS, error = %escape(err.to_string().as_bytes()), "items refused");
+    let mut response =
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, err.to_string()).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+async fn count(State(store): State<Store>, Path(tenant): Path<String>) -> Response {
+    if tenant.is_empty() || tenant.len() > MAX_FIELD_BYTES {
+        return ApiError::bad_request(format!(
+            "must be a non-empty tenant of at most {MAX_FIELD_BYTES} bytes"
+        ))
+        .with_field("tenant")
+        .into_response();
+    }
+    match store.count(&tenant).await {
+        Ok(count) => Json(json!({ "count": count })).into_response(),
+        Err(err) => unavailable(err),
+    }
+}
+
+async fn readyz(State(store): State<Store>) -> Response {
+    // Any tenant's count reads a shard file: proof the store can be read.
+    match store.count("readyz").await {
+        Ok(_) => (StatusCode::OK, "ready").into_response(),
+        Err(err) => unavailable(err),
+    }
+}

@@ -1,0 +1,159 @@
+//! What the integration tests share: a raw HTTP/1.1 client (so malformed requests can be
+//! sent as they are) and a worker started on port 0.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use weir_distinct::config::{Database, DistinctConfig, RawConfig};
+use weir_runtime::Shutdown;
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|err| panic!("{err}: {}", self.body))
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Sends one request with `Connection: close` and reads the whole answer.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    try_request(addr, method, path, headers, body)
+        .await
+        .expect("an answer")
+}
+
+/// As [`request`], but `None` when the server is gone before it answers.
+pub async fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<Reply> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !headers
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+    {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.ok()?;
+    // The server may answer (413) and close before reading a large body.
+    let _ = stream.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())?;
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Some(Reply {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+pub async fn post_items(addr: SocketAddr, body: &str) -> Reply {
+    request(
+        addr,
+        "POST",
+        "/items",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .await
+}
+
+pub async fn try_post_items(addr: SocketAddr, body: &str) -> Option<Reply> {
+    try_request(
+        addr,
+        "POST",
+        "/items",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+    )
+    .await
+}
+
+pub async fn count(addr: SocketAddr, tenant: &str) -> u64 {
+    let reply = request(addr, "GET", &format!("/items/{tenant}/count"), &[], b"").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json()["count"].as_u64().expect("a count")
+}
+
+pub fn items_json(pairs: &[(String, String)]) -> String {
+    let items: Vec<serde_json::Value> = pairs
+        .iter()
+        .map(|(tenant, id)| serde_json::json!({"id": id, "tenant": tenant}))
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
+pub fn config(database: &std::path::Path) -> DistinctConfig {
+    let mut config = RawConfig::default()
+        .validate("test")
+        .expect("defaults are valid");
+    config.database = Database::Sqlite(database.to_path_buf());
+    config
+}
+
+/// A worker on port 0; cancel `shutdown.token` and await the handle to stop it.
+pub struct Worker {
+    pub addr: SocketAddr,
+    pub shutdown: Shutdown,
+    pub done: tokio::task::JoinHandle<Result<(), weir_distinct::server::ServeError>>,
+}
+
+impl Worker {
+    pub async fn start(config: DistinctConfig) -> Worker {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = Shutdown::new();
+        let token = shutdown.clone();
+        let done =
+            tokio::spawn(async move { weir_distinct::server::run(listener, &config, token).await });
+        Worker {
+            addr,
+            shutdown,
+            done,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.token.cancel();
+        self.done.await.expect("join").expect("worker ran");
+    }
+}

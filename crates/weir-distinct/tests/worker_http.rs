@@ -1,0 +1,189 @@
+//! The worker's HTTP API over real connections.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use common::{config, count, items_json, post_items, request, Worker};
+
+fn pair(tenant: &str, id: &str) -> (String, String) {
+    (tenant.to_string(), id.to_string())
+}
+
+#[tokio::test]
+async fn posted_items_are_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start(config(dir.path())).await;
+    let body = items_json(&[
+        pair("t1", "1"),
+        pair("t2", "2"),
+        pair("t3", "2"),
+        pair("t1", "4"),
+    ]);
+    let reply = post_items(worker.addr, &body).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json(), serde_json::json!({"accepted": 4}));
+    assert_eq!(post_items(worker.addr, &body).await.status, 200);
+    assert_eq!(count(worker.addr, "t1").await, 2);
+    assert_eq!(count(worker.addr, "t2").await, 1);
+    assert_eq!(count(worker.addr, "nobody").await, 0);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn refused_bodies_say_why_and_count_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start(config(dir.path())).await;
+    // The first item is valid: a refusal must not store it.
+    let bad = r#"[{"id":"1","tenant":"r"},{"id":"","tenant":"r"}]"#;
+    let reply = post_items(worker.addr, bad).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["field"], "[1].id");
+
+    let reply = request(
+        worker.addr,
+        "POST",
+        "/items",
+        &[("Content-Type", "text/plain")],
+        b"[]",
+    )
+    .await;
+    assert_eq!(reply.status, 415);
+    assert!(reply.json()["error"].is_string());
+
+    let one = r#"{"id":"1","tenant":"r"}"#;
+    let many = format!("[{}]", vec![one; 10_001].join(","));
+    let reply = post_items(worker.addr, &many).await;
+    assert_eq!(reply.status, 413);
+    assert_eq!(reply.json()["field"], "items");
+
+    let huge = vec![b' '; 9 * 1024 * 1024];
+    let reply = request(
+        worker.addr,
+        "POST",
+        "/items",
+        &[("Content-Type", "application/json")],
+        &huge,
+    )
+    .await;
+    assert_eq!(reply.status, 413);
+
+    let long = "x".repeat(257);
+    let reply = request(
+        worker.addr,
+        "GET",
+        &format!("/items/{long}/count"),
+        &[],
+        b"",
+    )
+    .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["field"], "tenant");
+
+    assert_eq!(count(worker.addr, "r").await, 0);
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_overlapping_posts_are_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start(config(dir.path())).await;
+    let mut expected: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut tasks = Vec::new();
+    for client in 0..8 {
+        let mut bodies = Vec::new();
+        for batch in 0..10 {
+            let pairs: Vec<(String, String)> = (0..100)
+                .map(|n| {
+                    let tenant = format!("c{}", (client * 7 + batch * 3 + n) % 11);
+                    let id = format!("{}", (n * 13 + batch) % 97);
+                    (tenant, id)
+                })
+                .collect();
+            for (tenant, id) in &pairs {
+                expected
+                    .entry(tenant.clone())
+                    .or_default()
+                    .insert(id.clone());
+            }
+            bodies.push(items_json(&pairs));
+        }
+        let addr = worker.addr;
+        tasks.push(tokio::spawn(async move {
+            for body in bodies {
+                let reply = post_items(addr, &body).await;
+                assert_eq!(reply.status, 200, "{}", reply.body);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for (tenant, ids) in &expected {
+        assert_eq!(
+            count(worker.addr, tenant).await,
+            ids.len() as u64,
+            "{tenant}"
+        );
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_shard_owned_by_another_worker_is_a_503_to_retry_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = Worker::start(config(dir.path())).await;
+    let other = Worker::start(config(dir.path())).await;
+    let body = items_json(&[pair("owned", "1")]);
+    assert_eq!(post_items(owner.addr, &body).await.status, 200);
+
+    let reply = post_items(other.addr, &items_json(&[pair("owned", "2")])).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    // Any worker reads any shard.
+    assert_eq!(count(other.addr, "owned").await, 1);
+
+    owner.stop().await;
+    let reply = post_items(other.addr, &items_json(&[pair("owned", "2")])).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(count(other.addr, "owned").await, 2);
+    other.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start(config(dir.path())).await;
+    assert_eq!(
+        request(worker.addr, "GET", "/healthz", &[], b"")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        request(worker.addr, "GET", "/readyz", &[], b"")
+            .await
+            .status,
+        200
+    );
+    worker.stop().await;
+}
+
+/// Every status series exists from the start (other tests in this process share the
+/// global recorder, so only presence is checked, not values).
+#[tokio::test]
+async fn metrics_count_requests_by_status_from_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start(config(dir.path())).await;
+    assert_eq!(post_items(worker.addr, "[").await.status, 400);
+    let metrics = request(worker.addr, "GET", "/metrics", &[], b"").await.body;
+    for status in [200, 400, 413, 415, 503] {
+        let series = format!(r#"weir_distinct_requests_total{{status="{status}"}}"#);
+        assert!(metrics.contains(&series), "{series} missing from {metrics}");
+    }
+    assert!(
+        metrics.contains("weir_distinct_items_accepted_total"),
+        "{metrics}"
+    );
+    worker.stop().await;
+}
