@@ -4,8 +4,10 @@
 //! - `up.rs`: `weir up`, every service at once with embedded defaults.
 //! - `relay.rs`: `weir relay serve|check`.
 //! - `increments.rs`: `weir increments serve|api|worker|bench`.
+//! - `kv.rs`: `weir kv serve|client|bench`.
 
 mod increments;
+mod kv;
 mod relay;
 mod up;
 
@@ -46,6 +48,9 @@ enum Command {
     /// The increments service, its workers and its load tool.
     #[command(subcommand)]
     Increments(increments::IncrementsCommand),
+    /// The insertion-ordered store served over RabbitMQ, its client and its load tool.
+    #[command(subcommand)]
+    Kv(kv::KvCommand),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +80,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     shutdown.cancel_on_signal();
     let metrics_addr = match (&cli.command, cli.metrics_addr) {
         (Command::Up(_), None) => Some(up::DEFAULT_METRICS_ADDR),
+        // kv serve adds /healthz and /readyz to the same listener, so it binds its own.
+        (Command::Kv(kv::KvCommand::Serve(_)), _) => None,
         (_, addr) => addr,
     };
     if let Some(addr) = metrics_addr {
@@ -93,5 +100,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Up(args) => up::run(args, shutdown).await,
         Command::Relay(command) => relay::run(command, shutdown).await,
         Command::Increments(command) => increments::run(command, shutdown).await,
+        Command::Kv(command) => kv::run(command, shutdown, cli.metrics_addr).await,
     }
 }
