@@ -8,6 +8,13 @@
 //! operation. Being the only consumer is what makes delivery order the order of application:
 //! a second server on the same queue is refused by the broker (exclusive consume).
 //!
+//! AMQP does not answer acknowledgements, so an ack that was sent may still be lost with the
+//! connection (or with the process) and its requests redelivered. The writes of a batch are
+//! therefore kept as unacknowledged, in memory and in the journal, until a later request on
+//! the same channel has been answered: the broker handles a channel's frames in order, so that
+//! answer proves it has the acks. This confirmation is made whenever the queue is idle and
+//! every few batches under load.
+//!
 //! When the broker goes away the loop reconnects with capped exponential backoff, never
 //! spinning; the broker redelivers what was not acknowledged and the engine recognises the
 //! copies it already applied.
@@ -86,6 +93,8 @@ pub struct Running {
     output: Option<BufWriter<File>>,
     health: Arc<KvHealth>,
     token: CancellationToken,
+    /// The last write covered by an ack that was sent but is not yet known to the broker.
+    ack_unconfirmed: Option<u64>,
     _data_dir: Option<weir_runtime::datadir::DataDirLock>,
 }
 
@@ -171,6 +180,7 @@ pub fn start(config: KvConfig, shutdown: &Shutdown) -> Result<Running, KvError> 
         output,
         health,
         token: shutdown.token.clone(),
+        ack_unconfirmed: None,
         _data_dir: data_dir,
     };
     running.publish_sizes();
@@ -191,6 +201,9 @@ impl Running {
                 Ok(()) => break,
                 Err(SessionError::Fatal(err)) => return Err(err),
                 Err(err) => {
+                    // Whether the broker got the last acks is unknown: their writes stay
+                    // unacknowledged and are matched against the redeliveries.
+                    self.ack_unconfirmed = None;
                     self.set_connected(false);
                     metrics::counter!("weir_kv_reconnects_total").increment(1);
                     weir_runtime::warn_limited!(BROKER_ERRORS, %err, retry_in_ms = backoff.as_millis() as u64, "kv lost the broker; reconnecting");
@@ -247,12 +260,20 @@ impl Running {
                 FieldTable::default(),
             )
             .await?;
+        self.engine.new_session();
         self.set_connected(true);
         tracing::info!(queue = %self.config.queue, "kv consuming");
-        loop {
-            let first = tokio::select! {
-                next = consumer.next() => next,
-                _ = self.token.cancelled() => break,
+        while !self.token.is_cancelled() {
+            let first = match consumer.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    // Idle: the round trip of the confirmation costs no throughput here.
+                    self.confirm_acks(&channel).await?;
+                    tokio::select! {
+                        next = consumer.next() => next,
+                        _ = self.token.cancelled() => break,
+                    }
+                }
             };
             let first = first.ok_or(SessionError::ConsumerClosed)??;
             let mut batch = vec![first];
@@ -277,6 +298,7 @@ impl Running {
             }
         }
         // Stop deliveries, then close: what was not acknowledged goes back to the queue.
+        self.confirm_acks(&channel).await?;
         let _ = channel
             .basic_cancel("weir-kv".into(), BasicCancelOptions::default())
             .await;
@@ -352,13 +374,32 @@ impl Running {
                 .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
         }
-        let acked = self.engine.last_op();
-        self.engine.acked_through(acked);
+        self.ack_unconfirmed = Some(self.engine.last_op());
+        metrics::histogram!("weir_kv_batch_seconds").record(started.elapsed().as_secs_f64());
+        self.publish_sizes();
+        // Under steady load the queue is never idle: confirm every few batches, which bounds
+        // the writes kept for matching and lets snapshots happen.
+        if self.engine.unacked_len() >= 4 * usize::from(self.config.prefetch) {
+            self.confirm_acks(channel).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the broker has the acks sent so far (see the module docs); only then are
+    /// their writes forgotten as unacknowledged, in memory and in the journal.
+    async fn confirm_acks(&mut self, channel: &Channel) -> Result<(), SessionError> {
+        let Some(acked) = self.ack_unconfirmed else {
+            return Ok(());
+        };
+        // Any request with an answer would do; this one changes nothing.
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await?;
+        self.ack_unconfirmed = None;
+        let acked = self.engine.acked_through(acked);
         if let Some(journal) = &mut self.journal {
             journal.append_acked(acked);
         }
-        metrics::histogram!("weir_kv_batch_seconds").record(started.elapsed().as_secs_f64());
-        self.publish_sizes();
         self.snapshot_if_due().await?;
         Ok(())
     }
@@ -390,14 +431,15 @@ impl Running {
     }
 
     /// Once the journal is large, writes a snapshot (the file work off the async threads) and
-    /// restarts the journal. Runs right after an acknowledgement, so nothing is unacknowledged
-    /// and the acknowledged mark is the snapshot's own.
+    /// restarts the journal. Runs right after acks are confirmed, so nothing is
+    /// unacknowledged and the acknowledged mark is the snapshot's own.
     async fn snapshot_if_due(&mut self) -> Result<(), KvError> {
         let Some(journal) = &mut self.journal else {
             return Ok(());
         };
         metrics::gauge!("weir_kv_journal_bytes").set(journal.len() as f64);
-        if journal.len() < self.config.snapshot_after_bytes {
+        // A write still awaiting its redelivered copy must stay in the journal.
+        if journal.len() < self.config.snapshot_after_bytes || self.engine.unacked_len() > 0 {
             return Ok(());
         }
         journal.commit(true)?;
