@@ -61,6 +61,15 @@ impl Requester {
             ConnectionProperties::default().with_connection_name("weir-kv-client".into());
         let connection = Connection::connect(amqp_url, properties).await?;
         let channel = connection.create_channel().await?;
+        // Declared as the server declares it, so requests sent before the server's first
+        // start wait in the queue instead of being dropped by the broker as unroutable.
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(queue.into(), durable, FieldTable::default())
+            .await?;
         let reply_to: ShortString = match reply_queue {
             ReplyQueue::Direct => DIRECT_REPLY_TO.into(),
             ReplyQueue::Private => {
