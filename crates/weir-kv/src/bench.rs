@@ -369,23 +369,24 @@ async fn bare_drain(
                 break;
             }
         }
-        for delivery in &batch {
-            if let (true, Some(reply_to)) = (setting.replies(), delivery.properties.reply_to()) {
+        if setting.replies() {
+            // Pipelined as the server does it.
+            let publishes = batch.iter().filter_map(|delivery| {
+                let reply_to = delivery.properties.reply_to().clone()?;
                 let mut properties =
                     BasicProperties::default().with_content_type("application/json".into());
                 if let Some(id) = delivery.properties.correlation_id() {
                     properties = properties.with_correlation_id(id.clone());
                 }
-                channel
-                    .basic_publish(
-                        "".into(),
-                        reply_to.clone(),
-                        BasicPublishOptions::default(),
-                        br#"{"ok":true}"#,
-                        properties,
-                    )
-                    .await?;
-            }
+                Some(channel.basic_publish(
+                    "".into(),
+                    reply_to,
+                    BasicPublishOptions::default(),
+                    br#"{"ok":true}"#,
+                    properties,
+                ))
+            });
+            futures::future::try_join_all(publishes).await?;
         }
         if let (true, Some(last)) = (setting.persistent(), batch.last()) {
             channel

@@ -348,27 +348,35 @@ impl Running {
         if let Some(output) = &mut self.output {
             output.flush().map_err(|source| self.output_error(source))?;
         }
-        for (delivery, (reply, dead_letter)) in batch.iter().zip(outgoing) {
+        // Queued together and awaited once (awaiting each costs a wake-up of the connection's
+        // I/O loop per message); all are written before the ack is queued, so a request is
+        // never acknowledged ahead of its reply or dead letter.
+        let dead_letter_queue: ShortString = self.config.dead_letter_queue().into();
+        let mut publishes = Vec::with_capacity(batch.len());
+        let mut dead_letters = 0u64;
+        for (delivery, (reply, dead_letter)) in batch.iter().zip(&outgoing) {
             if let Some(reason) = dead_letter {
-                self.dead_letter(channel, delivery, &reason).await?;
+                dead_letters += 1;
+                let properties = dead_letter_properties(delivery, reason);
+                publishes.push((dead_letter_queue.clone(), &delivery.data[..], properties));
             }
             if let Some(reply_to) = delivery.properties.reply_to() {
-                let mut properties =
-                    BasicProperties::default().with_content_type("application/json".into());
-                if let Some(id) = delivery.properties.correlation_id() {
-                    properties = properties.with_correlation_id(id.clone());
-                }
-                channel
-                    .basic_publish(
-                        "".into(),
-                        reply_to.clone(),
-                        BasicPublishOptions::default(),
-                        &reply,
-                        properties,
-                    )
-                    .await?;
+                publishes.push((reply_to.clone(), &reply[..], reply_properties(delivery)));
             }
         }
+        futures::future::try_join_all(publishes.into_iter().map(
+            |(routing_key, body, properties)| {
+                channel.basic_publish(
+                    "".into(),
+                    routing_key,
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+            },
+        ))
+        .await?;
+        metrics::counter!("weir_kv_dead_letters_total").increment(dead_letters);
         if let Some(last) = batch.last() {
             channel
                 .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
@@ -401,32 +409,6 @@ impl Running {
             journal.append_acked(acked);
         }
         self.snapshot_if_due().await?;
-        Ok(())
-    }
-
-    async fn dead_letter(
-        &self,
-        channel: &Channel,
-        delivery: &Delivery,
-        reason: &str,
-    ) -> Result<(), SessionError> {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert("x-weir-reason".into(), AMQPValue::LongString(reason.into()));
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
-        channel
-            .basic_publish(
-                "".into(),
-                self.config.dead_letter_queue().into(),
-                BasicPublishOptions::default(),
-                &delivery.data,
-                properties,
-            )
-            .await?;
-        metrics::counter!("weir_kv_dead_letters_total").increment(1);
         Ok(())
     }
 
@@ -469,6 +451,25 @@ impl Running {
             source,
         })
     }
+}
+
+fn reply_properties(request: &Delivery) -> BasicProperties {
+    let properties = BasicProperties::default().with_content_type("application/json".into());
+    match request.properties.correlation_id() {
+        Some(id) => properties.with_correlation_id(id.clone()),
+        None => properties,
+    }
+}
+
+/// The request's own properties, persistent, with the reason in `x-weir-reason`.
+fn dead_letter_properties(request: &Delivery, reason: &str) -> BasicProperties {
+    let mut headers = request.properties.headers().clone().unwrap_or_default();
+    headers.insert("x-weir-reason".into(), AMQPValue::LongString(reason.into()));
+    request
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
 }
 
 fn write_output_line(output: &mut impl std::io::Write, write: &Write) -> std::io::Result<()> {
