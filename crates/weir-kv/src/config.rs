@@ -109,6 +109,36 @@ impl KvConfig {
     pub fn reconnect_max(&self) -> Duration {
         Duration::from_millis(self.reconnect_max_ms)
     }
+
+    /// One line for start-up output and the `weir up` banner; the password is left out.
+    pub fn describe(&self) -> String {
+        let storage = match self.durability {
+            Durability::None => "none, in memory".to_string(),
+            Durability::Log => format!("log, data dir {}", self.data_dir.display()),
+            Durability::Fsync => format!("fsync, data dir {}", self.data_dir.display()),
+        };
+        format!(
+            "kv: consuming {} on {} ({storage})",
+            self.queue,
+            without_password(&self.amqp_url)
+        )
+    }
+}
+
+/// `amqp://user:secret@host/vhost` as `amqp://user@host/vhost`, so it can be printed.
+pub fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            format!("{scheme}://{user}@{host}{path}")
+        }
+        None => url.to_string(),
+    }
 }
 
 pub const ENV_KEYS: &[&str] = &["AMQP_URL", "QUEUE_NAME"];
@@ -192,6 +222,28 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.starts_with(key), "{key}: {err}");
         }
+    }
+
+    #[test]
+    fn printed_urls_leave_the_password_out() {
+        assert_eq!(
+            without_password("amqp://guest:s3cret@127.0.0.1:5672/%2f"),
+            "amqp://guest@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(without_password("amqps://u:p@host"), "amqps://u@host");
+        assert_eq!(
+            without_password("amqp://127.0.0.1:5672/%2f"),
+            "amqp://127.0.0.1:5672/%2f"
+        );
+        let config = KvConfig {
+            amqp_url: "amqp://guest:s3cret@localhost/%2f".into(),
+            ..KvConfig::default()
+        };
+        assert!(
+            !config.describe().contains("s3cret"),
+            "{}",
+            config.describe()
+        );
     }
 
     #[test]

@@ -71,9 +71,20 @@ impl Engine {
         self.last_op
     }
 
-    /// Every write up to `op` was acknowledged to the broker.
-    pub fn acked_through(&mut self, op: u64) {
-        self.unacked.acked_through(op);
+    /// Writes applied and not yet known to be acknowledged.
+    pub fn unacked_len(&self) -> usize {
+        self.unacked.len()
+    }
+
+    /// A new broker session: unacknowledged writes may all be redelivered again.
+    pub fn new_session(&mut self) {
+        self.unacked.new_session();
+    }
+
+    /// Every delivery handled so far, up to write `op`, was acknowledged to the broker.
+    /// Returns the op through which every write is acknowledged (what the journal may mark).
+    pub fn acked_through(&mut self, op: u64) -> u64 {
+        self.unacked.acked_through(op)
     }
 
     pub fn handle(&mut self, incoming: Incoming<'_>) -> Handled {
@@ -227,7 +238,8 @@ mod tests {
         let body = br#"{"action":"add","key":"A","value":"a"}"#;
         let first = engine.handle(incoming(body, false));
         engine.handle(incoming(br#"{"action":"remove","key":"A"}"#, false));
-        // The connection dropped before the ack: both come back, flagged.
+        // The connection dropped before the ack: both come back, flagged, in a new session.
+        engine.new_session();
         let copy = engine.handle(incoming(body, true));
         assert_eq!(copy.outcome, Outcome::Duplicate);
         assert_eq!(copy.reply, first.reply);

@@ -11,8 +11,13 @@
 //! - [`journal`]: the data directory, a snapshot plus an append-only journal of writes.
 //! - [`server`]: the broker loop: consume, apply in order, log, reply, acknowledge.
 //!
+//! Tools: [`client`] (request-reply over the broker, `weir kv client`) and [`bench`] (the load
+//! tool, `weir kv bench`).
+//!
 //! [`config`] holds the settings, validated at start.
 
+pub mod bench;
+pub mod client;
 pub mod config;
 pub mod dedupe;
 pub mod engine;

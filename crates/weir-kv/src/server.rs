@@ -8,6 +8,13 @@
 //! operation. Being the only consumer is what makes delivery order the order of application:
 //! a second server on the same queue is refused by the broker (exclusive consume).
 //!
+//! AMQP does not answer acknowledgements, so an ack that was sent may still be lost with the
+//! connection (or with the process) and its requests redelivered. The writes of a batch are
+//! therefore kept as unacknowledged, in memory and in the journal, until a later request on
+//! the same channel has been answered: the broker handles a channel's frames in order, so that
+//! answer proves it has the acks. This confirmation is made whenever the queue is idle and
+//! every few batches under load.
+//!
 //! When the broker goes away the loop reconnects with capped exponential backoff, never
 //! spinning; the broker redelivers what was not acknowledged and the engine recognises the
 //! copies it already applied.
@@ -86,6 +93,8 @@ pub struct Running {
     output: Option<BufWriter<File>>,
     health: Arc<KvHealth>,
     token: CancellationToken,
+    /// The last write covered by an ack that was sent but is not yet known to the broker.
+    ack_unconfirmed: Option<u64>,
     _data_dir: Option<weir_runtime::datadir::DataDirLock>,
 }
 
@@ -171,6 +180,7 @@ pub fn start(config: KvConfig, shutdown: &Shutdown) -> Result<Running, KvError> 
         output,
         health,
         token: shutdown.token.clone(),
+        ack_unconfirmed: None,
         _data_dir: data_dir,
     };
     running.publish_sizes();
@@ -191,6 +201,9 @@ impl Running {
                 Ok(()) => break,
                 Err(SessionError::Fatal(err)) => return Err(err),
                 Err(err) => {
+                    // Whether the broker got the last acks is unknown: their writes stay
+                    // unacknowledged and are matched against the redeliveries.
+                    self.ack_unconfirmed = None;
                     self.set_connected(false);
                     metrics::counter!("weir_kv_reconnects_total").increment(1);
                     weir_runtime::warn_limited!(BROKER_ERRORS, %err, retry_in_ms = backoff.as_millis() as u64, "kv lost the broker; reconnecting");
@@ -247,12 +260,20 @@ impl Running {
                 FieldTable::default(),
             )
             .await?;
+        self.engine.new_session();
         self.set_connected(true);
         tracing::info!(queue = %self.config.queue, "kv consuming");
-        loop {
-            let first = tokio::select! {
-                next = consumer.next() => next,
-                _ = self.token.cancelled() => break,
+        while !self.token.is_cancelled() {
+            let first = match consumer.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    // Idle: the round trip of the confirmation costs no throughput here.
+                    self.confirm_acks(&channel).await?;
+                    tokio::select! {
+                        next = consumer.next() => next,
+                        _ = self.token.cancelled() => break,
+                    }
+                }
             };
             let first = first.ok_or(SessionError::ConsumerClosed)??;
             let mut batch = vec![first];
@@ -277,6 +298,7 @@ impl Running {
             }
         }
         // Stop deliveries, then close: what was not acknowledged goes back to the queue.
+        self.confirm_acks(&channel).await?;
         let _ = channel
             .basic_cancel("weir-kv".into(), BasicCancelOptions::default())
             .await;
@@ -326,78 +348,80 @@ impl Running {
         if let Some(output) = &mut self.output {
             output.flush().map_err(|source| self.output_error(source))?;
         }
-        for (delivery, (reply, dead_letter)) in batch.iter().zip(outgoing) {
+        // Queued together and awaited once (awaiting each costs a wake-up of the connection's
+        // I/O loop per message); all are written before the ack is queued, so a request is
+        // never acknowledged ahead of its reply or dead letter.
+        let dead_letter_queue: ShortString = self.config.dead_letter_queue().into();
+        let mut publishes = Vec::with_capacity(batch.len());
+        let mut dead_letters = 0u64;
+        for (delivery, (reply, dead_letter)) in batch.iter().zip(&outgoing) {
             if let Some(reason) = dead_letter {
-                self.dead_letter(channel, delivery, &reason).await?;
+                dead_letters += 1;
+                let properties = dead_letter_properties(delivery, reason);
+                publishes.push((dead_letter_queue.clone(), &delivery.data[..], properties));
             }
             if let Some(reply_to) = delivery.properties.reply_to() {
-                let mut properties =
-                    BasicProperties::default().with_content_type("application/json".into());
-                if let Some(id) = delivery.properties.correlation_id() {
-                    properties = properties.with_correlation_id(id.clone());
-                }
-                channel
-                    .basic_publish(
-                        "".into(),
-                        reply_to.clone(),
-                        BasicPublishOptions::default(),
-                        &reply,
-                        properties,
-                    )
-                    .await?;
+                publishes.push((reply_to.clone(), &reply[..], reply_properties(delivery)));
             }
         }
+        futures::future::try_join_all(publishes.into_iter().map(
+            |(routing_key, body, properties)| {
+                channel.basic_publish(
+                    "".into(),
+                    routing_key,
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+            },
+        ))
+        .await?;
+        metrics::counter!("weir_kv_dead_letters_total").increment(dead_letters);
         if let Some(last) = batch.last() {
             channel
                 .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
         }
-        let acked = self.engine.last_op();
-        self.engine.acked_through(acked);
+        self.ack_unconfirmed = Some(self.engine.last_op());
+        metrics::histogram!("weir_kv_batch_seconds").record(started.elapsed().as_secs_f64());
+        self.publish_sizes();
+        // Under steady load the queue is never idle: confirm every few batches, which bounds
+        // the writes kept for matching and lets snapshots happen.
+        if self.engine.unacked_len() >= 4 * usize::from(self.config.prefetch) {
+            self.confirm_acks(channel).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure the broker has the acks sent so far (see the module docs); only then are
+    /// their writes forgotten as unacknowledged, in memory and in the journal.
+    async fn confirm_acks(&mut self, channel: &Channel) -> Result<(), SessionError> {
+        let Some(acked) = self.ack_unconfirmed else {
+            return Ok(());
+        };
+        // Any request with an answer would do; this one changes nothing.
+        channel
+            .basic_qos(self.config.prefetch, BasicQosOptions::default())
+            .await?;
+        self.ack_unconfirmed = None;
+        let acked = self.engine.acked_through(acked);
         if let Some(journal) = &mut self.journal {
             journal.append_acked(acked);
         }
-        metrics::histogram!("weir_kv_batch_seconds").record(started.elapsed().as_secs_f64());
-        self.publish_sizes();
         self.snapshot_if_due().await?;
         Ok(())
     }
 
-    async fn dead_letter(
-        &self,
-        channel: &Channel,
-        delivery: &Delivery,
-        reason: &str,
-    ) -> Result<(), SessionError> {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert("x-weir-reason".into(), AMQPValue::LongString(reason.into()));
-        let properties = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
-        channel
-            .basic_publish(
-                "".into(),
-                self.config.dead_letter_queue().into(),
-                BasicPublishOptions::default(),
-                &delivery.data,
-                properties,
-            )
-            .await?;
-        metrics::counter!("weir_kv_dead_letters_total").increment(1);
-        Ok(())
-    }
-
     /// Once the journal is large, writes a snapshot (the file work off the async threads) and
-    /// restarts the journal. Runs right after an acknowledgement, so nothing is unacknowledged
-    /// and the acknowledged mark is the snapshot's own.
+    /// restarts the journal. Runs right after acks are confirmed, so nothing is
+    /// unacknowledged and the acknowledged mark is the snapshot's own.
     async fn snapshot_if_due(&mut self) -> Result<(), KvError> {
         let Some(journal) = &mut self.journal else {
             return Ok(());
         };
         metrics::gauge!("weir_kv_journal_bytes").set(journal.len() as f64);
-        if journal.len() < self.config.snapshot_after_bytes {
+        // A write still awaiting its redelivered copy must stay in the journal.
+        if journal.len() < self.config.snapshot_after_bytes || self.engine.unacked_len() > 0 {
             return Ok(());
         }
         journal.commit(true)?;
@@ -427,6 +451,25 @@ impl Running {
             source,
         })
     }
+}
+
+fn reply_properties(request: &Delivery) -> BasicProperties {
+    let properties = BasicProperties::default().with_content_type("application/json".into());
+    match request.properties.correlation_id() {
+        Some(id) => properties.with_correlation_id(id.clone()),
+        None => properties,
+    }
+}
+
+/// The request's own properties, persistent, with the reason in `x-weir-reason`.
+fn dead_letter_properties(request: &Delivery, reason: &str) -> BasicProperties {
+    let mut headers = request.properties.headers().clone().unwrap_or_default();
+    headers.insert("x-weir-reason".into(), AMQPValue::LongString(reason.into()));
+    request
+        .properties
+        .clone()
+        .with_headers(headers)
+        .with_delivery_mode(2)
 }
 
 fn write_output_line(output: &mut impl std::io::Write, write: &Write) -> std::io::Result<()> {

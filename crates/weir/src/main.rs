@@ -6,9 +6,11 @@
 //! - `increments.rs`: `weir increments serve|api|worker|bench`.
 //! - `top/`: `weir top`, a live view of the services' metrics.
 //! - `distinct.rs`: `weir distinct worker`.
+//! - `kv.rs`: `weir kv serve|client|bench`.
 
 mod distinct;
 mod increments;
+mod kv;
 mod relay;
 mod top;
 mod up;
@@ -64,6 +66,9 @@ enum Command {
     /// The distinct service: exact distinct items per tenant.
     #[command(subcommand)]
     Distinct(distinct::DistinctCommand),
+    /// The insertion-ordered store served over RabbitMQ, its client and its load tool.
+    #[command(subcommand)]
+    Kv(kv::KvCommand),
 }
 
 fn main() -> ExitCode {
@@ -96,6 +101,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         // A viewer serves nothing: with WEIR_METRICS_ADDR exported for `weir up`, binding it
         // here would fail or take the address `weir top` is about to read.
         (Command::Top(_), _) => None,
+        // kv serve adds /healthz and /readyz to the same listener, so it binds its own.
+        (Command::Kv(kv::KvCommand::Serve(_)), _) => None,
         (_, addr) => addr,
     };
     if let Some(addr) = metrics_addr {
@@ -118,5 +125,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Increments(command) => increments::run(command, shutdown).await,
         Command::Top(args) => top::run(args, shutdown).await,
         Command::Distinct(command) => distinct::run(command, shutdown).await,
+        Command::Kv(command) => kv::run(command, shutdown, cli.metrics_addr).await,
     }
 }

@@ -88,7 +88,8 @@ async fn start_all(shutdown: &Shutdown) -> anyhow::Result<Vec<Service>> {
     let increments = crate::increments::up(shutdown)
         .await
         .context("increments cannot start")?;
-    Ok(vec![relay, increments])
+    let kv = crate::kv::up(shutdown).await.context("kv cannot start")?;
+    Ok(vec![relay, increments, kv])
 }
 
 /// Waits for the shutdown signal, or for a service to stop before it: that one is returned

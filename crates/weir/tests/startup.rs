@@ -17,6 +17,8 @@ fn run_weir(dir: &std::path::Path, args: &[&str]) -> Output {
         .env_remove("REDIS_URL")
         .env("eventListenerPort", "0")
         .env("clientListenerPort", "0")
+        // kv must not need (or touch) a real broker to start: point it at a closed port.
+        .env("AMQP_URL", "amqp://127.0.0.1:1/%2f")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -124,6 +126,8 @@ fn weir_up_fails_naming_the_service_that_cannot_start() {
         .env_remove("REDIS_URL")
         .env("eventListenerPort", "0")
         .env("clientListenerPort", "0")
+        // kv must not need (or touch) a real broker to start: point it at a closed port.
+        .env("AMQP_URL", "amqp://127.0.0.1:1/%2f")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

@@ -1,0 +1,93 @@
+//! Faults under load against the real RabbitMQ: `kill -9` of `weir kv serve` with a data
+//! dir, and the server's broker connection cut (through a proxy, so no one else's
+//! connection is touched). Clients publish whole scripts pipelined; afterwards every request
+//! has been answered and each client's keys are exactly what its writes, applied once each
+//! and in order, leave. A write applied twice shows in the order of the keys (see
+//! `scripted_write`).
+
+mod kv_common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kv_common::*;
+
+const CLIENTS: usize = 4;
+const STEPS: usize = 4_000;
+
+async fn start_scripts(
+    url: &str,
+    queue: &str,
+    replied: &Arc<AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut scripts = Vec::new();
+    for client in 0..CLIENTS {
+        scripts.push(
+            run_script(
+                url.to_string(),
+                queue.to_string(),
+                client,
+                STEPS,
+                replied.clone(),
+            )
+            .await,
+        );
+    }
+    scripts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_under_load_loses_nothing_acknowledged_and_applies_nothing_twice() {
+    let Some(url) = amqp_url().await else { return };
+    let queue = TestQueue::new(&url, "kill9");
+    queue.declare().await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let dir = data_dir.path().to_str().unwrap().to_string();
+    let mut server = Server::start(&url, &queue.name, &["--data-dir", &dir]).await;
+    let replied = Arc::new(AtomicUsize::new(0));
+    let scripts = start_scripts(&url, &queue.name, &replied).await;
+
+    for kill_at in [CLIENTS * STEPS / 4, CLIENTS * STEPS / 2] {
+        wait_for("replies before the kill", Duration::from_secs(60), || {
+            replied.load(Ordering::Relaxed) >= kill_at
+        })
+        .await;
+        server.kill9();
+        let _ = server.child.wait().await;
+        server = Server::start(&url, &queue.name, &["--data-dir", &dir]).await;
+    }
+    for script in scripts {
+        script.await.unwrap();
+    }
+    assert_scripts_applied_once(&url, &queue.name, CLIENTS, STEPS).await;
+
+    // And the restarted store is the same again from disk alone.
+    server.kill9();
+    let _ = server.child.wait().await;
+    let _server = Server::start(&url, &queue.name, &["--data-dir", &dir]).await;
+    assert_scripts_applied_once(&url, &queue.name, CLIENTS, STEPS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_broker_connection_under_load_loses_nothing_and_applies_nothing_twice() {
+    let Some(url) = amqp_url().await else { return };
+    let queue = TestQueue::new(&url, "cut");
+    queue.declare().await;
+    let proxy = Proxy::start(&url).await;
+    let _server = Server::start(&proxy.url, &queue.name, &["--durability", "none"]).await;
+    let replied = Arc::new(AtomicUsize::new(0));
+    let scripts = start_scripts(&url, &queue.name, &replied).await;
+
+    for cut_at in [CLIENTS * STEPS / 4, CLIENTS * STEPS / 2] {
+        wait_for("replies before the cut", Duration::from_secs(60), || {
+            replied.load(Ordering::Relaxed) >= cut_at
+        })
+        .await;
+        proxy.cut();
+    }
+    for script in scripts {
+        script.await.unwrap();
+    }
+    assert_scripts_applied_once(&url, &queue.name, CLIENTS, STEPS).await;
+}
