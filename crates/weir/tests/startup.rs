@@ -130,6 +130,7 @@ fn weir_up_fails_naming_the_service_that_cannot_start() {
         .env("AMQP_URL", "amqp://127.0.0.1:1/%2f")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn weir up");
     let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
@@ -137,6 +138,22 @@ fn weir_up_fails_naming_the_service_that_cannot_start() {
         .map_while(Result::ok)
         .find(|line| line.contains("weir is up"));
     assert!(banner.is_some(), "weir up never announced itself");
+    // kv, with no broker, logs its reconnection: a log line written to a pipe, which must
+    // carry no colour codes (they are for terminals).
+    let stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let found = std::io::BufRead::lines(stderr)
+            .map_while(Result::ok)
+            .find(|line| line.contains("reconnecting"));
+        let _ = line_tx.send(found);
+    });
+    let warning = line_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("kv logged its reconnection")
+        .expect("a reconnection line");
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(!warning.contains('\u{1b}'), "colour codes in a pipe: {warning:?}");
     // SAFETY: kill(2) on a child we spawned and have not reaped.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = child.wait().expect("weir up exits");
