@@ -17,6 +17,7 @@ fi
 
 bin=${WEIR_BIN:-target/debug/weir}
 [ -x "$bin" ] || cargo build -p weir
+bin=$(realpath "$bin")
 port=${METRICS_PORT:-19181}
 services=("$@")
 [ ${#services[@]} -gt 0 ] || services=(relay)
@@ -35,7 +36,7 @@ start() {
     relay)
       # The relay's own ports are picked by the system: only its metrics are read here.
       (cd "$workdir" && eventListenerPort=0 clientListenerPort=0 \
-        exec "$OLDPWD/$bin" relay serve --metrics-addr "$addr") \
+        exec "$bin" relay serve --metrics-addr "$addr") \
         >"$workdir/$service.out" 2>"$workdir/$service.log" &
       ;;
     increments)

@@ -75,6 +75,14 @@ wait_for_rate() {
   return 1
 }
 
+# Other groups (the runtime's weir_http_* listener metrics) may come first: tab to the relay.
+for _ in $(seq 1 50); do
+  tmux capture-pane -p -t "$session" | grep -q '┌ relay' && break
+  tmux send-keys -t "$session" Tab
+  sleep 0.2
+done
+tmux capture-pane -p -t "$session" | grep -q '┌ relay' || fail "no relay tab"
+
 wait_for_rate '[ "$rate" = 0 ]' 15 >/dev/null || fail "no zero event rate before the load"
 
 "$bin" relay check --total-events "$events" \

@@ -129,6 +129,18 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// Registers the listener metrics at zero, so dashboards and alerts see them before the
 /// first event.
 fn register_metrics() {
+    metrics::describe_gauge!(
+        "weir_http_connections_open",
+        "HTTP connections open now, over every listener of this process."
+    );
+    metrics::describe_counter!(
+        "weir_http_connections_refused_total",
+        "HTTP connections closed at once because the connection cap was reached."
+    );
+    metrics::describe_counter!(
+        "weir_http_timeouts_total",
+        "HTTP connections closed by a timeout, by phase (header, idle, body, write)."
+    );
     metrics::gauge!("weir_http_connections_open").set(0.0);
     metrics::counter!("weir_http_connections_refused_total").absolute(0);
     for phase in ["header", "idle", "body", "write"] {
