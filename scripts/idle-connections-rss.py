@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Opens N idle keep-alive connections to a fresh `weir increments serve` (each after one
 answered request, so every connection really reached the server), closes them, and prints
-the server's VmRSS before, while held, and after they closed.
+the server's VmRSS before, while held, and 3 s and 15 s after they closed.
 
 usage: scripts/idle-connections-rss.py [WEIR_BIN] [N]   (default target/release/weir, 5000)
 """
@@ -83,9 +83,13 @@ def main():
                 sock.close()
             time.sleep(3)
             after = rss_kib(server.pid)
+            # The allocator hands freed memory back on its own schedule (jemalloc: a 10 s
+            # decay), so look again once that has passed.
+            time.sleep(12)
+            later = rss_kib(server.pid)
             print(f"{count} idle keep-alives: VmRSS before {before / 1024:.1f} MiB, "
-                  f"holding {holding / 1024:.1f} MiB, after closing {after / 1024:.1f} MiB "
-                  f"(+{(after - before) / 1024:.1f} MiB left behind)")
+                  f"holding {holding / 1024:.1f} MiB, 3 s after closing {after / 1024:.1f} MiB, "
+                  f"15 s after {later / 1024:.1f} MiB (+{(later - before) / 1024:.1f} MiB left behind)")
         finally:
             server.terminate()
             server.wait(timeout=30)
