@@ -153,7 +153,10 @@ fn weir_up_fails_naming_the_service_that_cannot_start() {
         .expect("kv logged its reconnection")
         .expect("a reconnection line");
     assert!(warning.contains("WARN"), "{warning}");
-    assert!(!warning.contains('\u{1b}'), "colour codes in a pipe: {warning:?}");
+    assert!(
+        !warning.contains('\u{1b}'),
+        "colour codes in a pipe: {warning:?}"
+    );
     // SAFETY: kill(2) on a child we spawned and have not reaped.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
     let status = child.wait().expect("weir up exits");
