@@ -2,28 +2,33 @@
 //! start and why, before announcing anything.
 
 use std::net::TcpListener;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
-/// Runs `weir args...` in `dir` with the engines' variables cleared and the relay on
-/// ephemeral ports, killing it if it has not exited within 60 s.
-fn run_weir(dir: &std::path::Path, args: &[&str]) -> Output {
-    let mut child = Command::new(WEIR)
+/// Starts `weir args...` in `dir` with the engines' variables cleared, the relay on
+/// ephemeral ports, kv pointed at a closed port (starting must not need, or touch, a real
+/// broker), and stdout and stderr piped.
+fn spawn_weir(dir: &std::path::Path, args: &[&str]) -> Child {
+    Command::new(WEIR)
         .args(args)
         .current_dir(dir)
         .env_remove("DATABASE_URL")
         .env_remove("REDIS_URL")
         .env("eventListenerPort", "0")
         .env("clientListenerPort", "0")
-        // kv must not need (or touch) a real broker to start: point it at a closed port.
         .env("AMQP_URL", "amqp://127.0.0.1:1/%2f")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn weir");
+        .expect("spawn weir")
+}
+
+/// Runs `weir args...` as [`spawn_weir`] does, killing it if it has not exited within 60 s.
+fn run_weir(dir: &std::path::Path, args: &[&str]) -> Output {
+    let mut child = spawn_weir(dir, args);
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().expect("poll weir").is_none() {
         if Instant::now() > deadline {
@@ -119,20 +124,7 @@ fn weir_up_fails_naming_the_service_that_cannot_start() {
     drop(taken);
 
     // With nothing in the way it comes up, and a SIGTERM drains it to a clean exit.
-    let mut child = Command::new(WEIR)
-        .args(metrics)
-        .current_dir(dir.path())
-        .env_remove("DATABASE_URL")
-        .env_remove("REDIS_URL")
-        .env("eventListenerPort", "0")
-        .env("clientListenerPort", "0")
-        // kv must not need (or touch) a real broker to start: point it at a closed port.
-        .env("AMQP_URL", "amqp://127.0.0.1:1/%2f")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn weir up");
+    let mut child = spawn_weir(dir.path(), &metrics);
     let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let banner = std::io::BufRead::lines(stdout)
         .map_while(Result::ok)
