@@ -134,7 +134,7 @@ pub async fn run(flags: BenchFlags, token: CancellationToken) -> Result<bool, Be
         )
         .await;
     }
-    let staleness = scrape(&authority, "increments_staleness_max_seconds").await;
+    let staleness = scrape(&authority, "weir_increments_staleness_max_seconds").await;
     if let Some(staleness) = &staleness {
         println!("largest staleness the service measured: {staleness} s");
     }
