@@ -42,7 +42,7 @@ pub fn parse_key(raw: &[u8]) -> Result<String, BadKey> {
             "the Idempotency-Key header must be at most {MAX_KEY_BYTES} characters"
         )));
     }
-    if !key.bytes().all(|b| (0x20..0x7f).contains(&b)) || key.starts_with(' ') {
+    if !key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return Err(BadKey(
             "the Idempotency-Key header must be visible ASCII characters".into(),
         ));
