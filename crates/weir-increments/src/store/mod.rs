@@ -155,7 +155,9 @@ impl Store {
                 .await?,
             )),
             None => Ok(Store::Sqlite(
-                sqlite::SqliteStore::open(&config.sqlite_path(), tables).await?,
+                sqlite::SqliteStore::open(&config.sqlite_path(), tables)
+                    .await?
+                    .with_keyed_fsync(config.fsync),
             )),
         }
     }

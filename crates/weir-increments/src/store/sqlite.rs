@@ -21,6 +21,8 @@ pub struct SqliteStore {
     path: PathBuf,
     /// This process's row in the flushes table.
     writer: Arc<str>,
+    /// Keyed commits wait for the disk (else for the OS, like the embedded log's 202s).
+    keyed_fsync: bool,
 }
 
 impl SqliteStore {
@@ -55,7 +57,16 @@ impl SqliteStore {
             tables: Arc::new(tables),
             path: path.to_path_buf(),
             writer: Arc::from(Uuid::new_v4().to_string()),
+            keyed_fsync: true,
         })
+    }
+
+    /// Whether a keyed request's commit waits for the disk. Without `fsync` a 202 of the
+    /// embedded log survives a process crash, not a power loss; keyed commits then promise
+    /// the same, and skip the sync that would otherwise be paid per group.
+    pub fn with_keyed_fsync(mut self, fsync: bool) -> Self {
+        self.keyed_fsync = fsync;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -199,50 +210,18 @@ impl SqliteStore {
         now_ms: i64,
     ) -> Result<Vec<Recorded>, StoreError> {
         let writer = self.writer.clone();
+        let fsync = self.keyed_fsync;
         self.with(move |conn, t| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            record_commit(&tx, t, &writer, now_ms)?;
-            let mut out = Vec::with_capacity(batch.len());
-            {
-                let mut insert_key = tx.prepare_cached(&format!(
-                    "INSERT OR IGNORE INTO {} (key, fingerprint, created_ms) VALUES (?1, ?2, ?3)",
-                    t.keys
-                ))?;
-                let mut stored = tx.prepare_cached(&format!(
-                    "SELECT fingerprint FROM {} WHERE key = ?1",
-                    t.keys
-                ))?;
-                let mut total =
-                    tx.prepare_cached(&format!("SELECT total FROM {} WHERE key = ?1", t.counts))?;
-                for keyed in &batch {
-                    if insert_key.execute(params![keyed.key, keyed.fingerprint, now_ms])? == 0 {
-                        let fingerprint: String =
-                            stored.query_row([&keyed.key], |row| row.get(0))?;
-                        out.push(Recorded::Existing(fingerprint));
-                        continue;
-                    }
-                    let key = keyed.increment.key;
-                    let base: i64 = total
-                        .query_row([key.to_string()], |row| row.get(0))
-                        .optional()?
-                        .unwrap_or(0);
-                    let plan = match base.checked_add(keyed.increment.value) {
-                        Some(_) => Plan {
-                            applied: 1,
-                            deltas: vec![(key, keyed.increment.value)],
-                            ..Plan::default()
-                        },
-                        None => Plan {
-                            dead: vec![keyed_dead_letter(keyed, base, now_ms)],
-                            ..Plan::default()
-                        },
-                    };
-                    apply(&tx, t, KEYED_SOURCE, &plan, now_ms)?;
-                    out.push(Recorded::Applied);
-                }
+            if !fsync {
+                // WAL + NORMAL: the commit is in the OS's hands, safe from a process crash.
+                // Set back to FULL before the flushes' commits, which must reach the disk.
+                conn.execute_batch("PRAGMA synchronous = NORMAL")?;
             }
-            tx.commit()?;
-            Ok(out)
+            let result = apply_keyed_batch(conn, t, &writer, &batch, now_ms);
+            if !fsync {
+                conn.execute_batch("PRAGMA synchronous = FULL")?;
+            }
+            result
         })
         .await
     }
@@ -394,6 +373,58 @@ fn apply(
         ])?;
     }
     Ok(())
+}
+
+/// One transaction: each key recorded, each new key's increment added (see `apply_keyed`).
+fn apply_keyed_batch(
+    conn: &mut Connection,
+    t: &Tables,
+    writer: &str,
+    batch: &[KeyedIncrement],
+    now_ms: i64,
+) -> Result<Vec<Recorded>, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    record_commit(&tx, t, writer, now_ms)?;
+    let mut out = Vec::with_capacity(batch.len());
+    {
+        let mut insert_key = tx.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO {} (key, fingerprint, created_ms) VALUES (?1, ?2, ?3)",
+            t.keys
+        ))?;
+        let mut stored = tx.prepare_cached(&format!(
+            "SELECT fingerprint FROM {} WHERE key = ?1",
+            t.keys
+        ))?;
+        let mut total =
+            tx.prepare_cached(&format!("SELECT total FROM {} WHERE key = ?1", t.counts))?;
+        for keyed in batch {
+            if insert_key.execute(params![keyed.key, keyed.fingerprint, now_ms])? == 0 {
+                let fingerprint: String = stored.query_row([&keyed.key], |row| row.get(0))?;
+                out.push(Recorded::Existing(fingerprint));
+                continue;
+            }
+            let key = keyed.increment.key;
+            let base: i64 = total
+                .query_row([key.to_string()], |row| row.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let plan = match base.checked_add(keyed.increment.value) {
+                Some(_) => Plan {
+                    applied: 1,
+                    deltas: vec![(key, keyed.increment.value)],
+                    ..Plan::default()
+                },
+                None => Plan {
+                    dead: vec![keyed_dead_letter(keyed, base, now_ms)],
+                    ..Plan::default()
+                },
+            };
+            apply(&tx, t, KEYED_SOURCE, &plan, now_ms)?;
+            out.push(Recorded::Applied);
+        }
+    }
+    tx.commit()?;
+    Ok(out)
 }
 
 /// Notes this writer's commit time, read by `/readyz` of processes that do not flush.
