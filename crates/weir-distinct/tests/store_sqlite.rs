@@ -61,6 +61,7 @@ async fn concurrent_duplicate_heavy_inserts_count_each_pair_once() {
     for task in tasks {
         task.await.unwrap();
     }
+    store.flush().await.unwrap();
     assert!(expected.values().map(HashSet::len).sum::<usize>() < 16 * 20 * 250 / 2);
     for (tenant, ids) in &expected {
         assert_eq!(
@@ -91,6 +92,7 @@ async fn a_restart_keeps_counts_and_reposting_adds_nothing() {
     assert_eq!(store.count("b").await.unwrap(), 1);
     store.insert(batch).await.unwrap();
     store.insert(vec![item("a", "3")]).await.unwrap();
+    store.flush().await.unwrap();
     assert_eq!(store.count("a").await.unwrap(), 3);
     assert_eq!(store.count("b").await.unwrap(), 1);
     store.close().await;
@@ -102,6 +104,7 @@ async fn a_second_writer_of_a_shard_is_refused_but_can_read() {
     let first = open(dir.path());
     let second = open(dir.path());
     first.insert(vec![item("shared", "1")]).await.unwrap();
+    first.flush().await.unwrap();
 
     let err = second.insert(vec![item("shared", "2")]).await.unwrap_err();
     let shard = shard_of("shared", StoreOptions::default().shards);
@@ -114,6 +117,7 @@ async fn a_second_writer_of_a_shard_is_refused_but_can_read() {
     // Released with its owner: the second store takes the shard over.
     first.close().await;
     second.insert(vec![item("shared", "2")]).await.unwrap();
+    second.flush().await.unwrap();
     assert_eq!(second.count("shared").await.unwrap(), 2);
     second.close().await;
 }
