@@ -101,8 +101,33 @@ const STATUSES: [u16; 5] = [200, 400, 413, 415, 503];
 
 /// Every counter at zero from the start, so a dashboard sees the series before traffic.
 pub fn register_metrics() {
+    metrics::describe_counter!(
+        "weir_distinct_requests_total",
+        "POST /items requests answered, by HTTP status"
+    );
+    metrics::describe_counter!(
+        "weir_distinct_items_accepted_total",
+        "Items acknowledged (durable), duplicates included"
+    );
+    metrics::describe_counter!(
+        "weir_distinct_items_folded_total",
+        "Acknowledged items folded from the shard logs into the index (and so counted)"
+    );
+    metrics::describe_counter!(
+        "weir_distinct_folds_total",
+        "Folds of a shard's logged items into its index, by status"
+    );
+    metrics::describe_gauge!(
+        "weir_distinct_pending_bytes",
+        "Bytes of acknowledged items logged and not yet folded into the index"
+    );
     let _ = counters();
     metrics::counter!("weir_distinct_items_accepted_total").absolute(0);
+    metrics::counter!("weir_distinct_items_folded_total").absolute(0);
+    for status in ["ok", "error"] {
+        metrics::counter!("weir_distinct_folds_total", "status" => status).absolute(0);
+    }
+    metrics::gauge!("weir_distinct_pending_bytes").set(0.0);
 }
 
 fn counters() -> &'static [(u16, metrics::Counter)] {

@@ -181,10 +181,15 @@ async fn metrics_count_requests_by_status_from_zero() {
         let series = format!(r#"weir_distinct_requests_total{{status="{status}"}}"#);
         assert!(metrics.contains(&series), "{series} missing from {metrics}");
     }
-    assert!(
-        metrics.contains("weir_distinct_items_accepted_total"),
-        "{metrics}"
-    );
+    for series in [
+        "weir_distinct_items_accepted_total",
+        "weir_distinct_items_folded_total",
+        r#"weir_distinct_folds_total{status="error"}"#,
+        "weir_distinct_pending_bytes",
+        "# HELP weir_distinct_requests_total",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from {metrics}");
+    }
     worker.stop().await;
 }
 
