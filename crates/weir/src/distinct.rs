@@ -19,10 +19,22 @@ pub enum DistinctCommand {
         #[arg(long, default_value = "127.0.0.1:5001")]
         listen: SocketAddr,
     },
+    /// Load against a coordinator (started here, or `--url`), then check every count.
+    Bench(weir_distinct::bench::BenchFlags),
 }
 
 pub async fn run(command: DistinctCommand, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
-    let DistinctCommand::Worker { flags, listen } = command;
+    let (flags, listen) = match command {
+        DistinctCommand::Worker { flags, listen } => (flags, listen),
+        DistinctCommand::Bench(flags) => {
+            let passed = weir_distinct::bench::run(flags, shutdown.token.clone()).await?;
+            return Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+    };
     let config = flags.load()?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
