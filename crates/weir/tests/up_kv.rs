@@ -9,12 +9,11 @@
 
 mod kv_common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kv_common::{amqp_url, requester, TestQueue, REPLY_TIMEOUT, WEIR};
+use kv_common::{amqp_url, http_get, requester, TestQueue, REPLY_TIMEOUT, WEIR};
 
 const INCREMENTS_PORT: u16 = 3333;
 
@@ -77,18 +76,6 @@ fn start_up(dir: &std::path::Path, amqp_url: &str, queue: &str) -> Up {
         .find(|line| line.contains("weir is up"));
     assert!(banner.is_some(), "weir up never announced itself");
     up
-}
-
-/// `GET path` over plain HTTP/1.0: the status line and the body.
-fn http_get(addr: &str, path: &str) -> std::io::Result<(String, String)> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.lines().next().unwrap_or_default().to_string();
-    Ok((status, body.to_string()))
 }
 
 /// The value of an unlabelled sample on a metrics page.

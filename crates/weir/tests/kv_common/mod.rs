@@ -404,14 +404,21 @@ pub fn assert_output_lists_each_write_once(path: &std::path::Path, clients: usiz
         .lines()
         .map(|line| serde_json::from_str(line).expect("each line is JSON"))
         .collect();
-    let ops: Vec<u64> = lines.iter().map(|l| l["op"].as_u64().expect("op")).collect();
+    let ops: Vec<u64> = lines
+        .iter()
+        .map(|l| l["op"].as_u64().expect("op"))
+        .collect();
     let expected: Vec<u64> = (1..=(clients * steps) as u64).collect();
     if ops != expected {
         let mut seen = std::collections::HashMap::new();
         for op in &ops {
             *seen.entry(*op).or_insert(0) += 1;
         }
-        let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).map(|(op, _)| op).collect();
+        let repeated: Vec<_> = seen
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(op, _)| op)
+            .collect();
         panic!(
             "{} lines for {} writes; first repeated ops {:?}",
             ops.len(),
@@ -432,10 +439,26 @@ pub fn assert_output_lists_each_write_once(path: &std::path::Path, clients: usiz
                 write
             })
             .collect();
-        let script: Vec<serde_json::Value> =
-            (0..steps).map(|step| scripted_write(client, step)).collect();
+        let script: Vec<serde_json::Value> = (0..steps)
+            .map(|step| scripted_write(client, step))
+            .collect();
         assert_eq!(written, script, "client {client}'s output lines");
     }
+}
+
+/// `GET path` over plain HTTP/1.0: the status line and the body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(String, String)> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    std::io::Write::write_fmt(
+        &mut stream,
+        format_args!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )?;
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    Ok((status, body.to_string()))
 }
 
 /// A server whose log lines (stderr) the test reads.
