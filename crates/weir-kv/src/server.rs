@@ -143,7 +143,11 @@ pub fn start(config: KvConfig, shutdown: &Shutdown) -> Result<Running, KvError> 
     let (data_dir, journal, engine) = if config.durability == Durability::None {
         // No journal to number writes from: continue the file's numbering.
         let last_op = output.as_ref().map_or(0, Output::last_op);
-        (None, None, Engine::new(Default::default(), last_op, Vec::new()))
+        (
+            None,
+            None,
+            Engine::new(Default::default(), last_op, Vec::new()),
+        )
     } else {
         let lock = weir_runtime::datadir::lock(&config.data_dir, "--data-dir")?;
         let tail_after = output.as_ref().map(Output::last_op);
@@ -439,7 +443,6 @@ impl Running {
         metrics::gauge!("weir_kv_store_keys").set(store.len() as f64);
         metrics::gauge!("weir_kv_store_bytes").set(store.payload_bytes() as f64);
     }
-
 }
 
 fn reply_properties(request: &Delivery) -> BasicProperties {
@@ -468,7 +471,10 @@ fn reconcile_output(output: &mut Output, recovered: &Recovered) -> Result<(), Kv
         return Ok(output.cut_after(recovered.last_op)?);
     }
     let wanted = output.last_op() + 1;
-    let available = recovered.tail.first().map_or(recovered.last_op + 1, |w| w.op);
+    let available = recovered
+        .tail
+        .first()
+        .map_or(recovered.last_op + 1, |w| w.op);
     if available > wanted && recovered.last_op >= wanted {
         tracing::warn!(
             from = wanted,

@@ -162,8 +162,7 @@ impl Store {
     /// the operation rather than a growth that a clone's exact capacity would force).
     pub fn reserve(&mut self, additional: usize) {
         self.slots.reserve(additional);
-        self.index
-            .reserve(additional, |at| widen(at.hash));
+        self.index.reserve(additional, |at| widen(at.hash));
     }
 
     fn hash(&self, key: &str) -> u32 {
