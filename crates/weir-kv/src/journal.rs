@@ -68,6 +68,11 @@ pub struct Recovered {
     /// Writes applied but not known to be acknowledged, oldest first: the broker may deliver
     /// their requests again.
     pub unacked: Vec<Write>,
+    /// The operation the snapshot holds the store as of (0 without one).
+    pub snapshot_op: u64,
+    /// The journal's writes past the `tail_after` given to [`Journal::open`], oldest first
+    /// (what `--output` may lack).
+    pub tail: Vec<Write>,
 }
 
 pub struct Journal {
@@ -78,12 +83,19 @@ pub struct Journal {
 
 impl Journal {
     /// Loads the snapshot and replays the journal. With `repair`, a damaged file is moved
-    /// aside and what came before the damage is kept; without it, damage is an error.
-    pub fn open(dir: &Path, repair: bool) -> Result<(Journal, Recovered), JournalError> {
+    /// aside and what came before the damage is kept; without it, damage is an error. With
+    /// `tail_after`, the writes past that operation are returned too.
+    pub fn open(
+        dir: &Path,
+        repair: bool,
+        tail_after: Option<u64>,
+    ) -> Result<(Journal, Recovered), JournalError> {
         let mut recovered = Recovered {
             store: Store::new(),
             last_op: 0,
             unacked: Vec::new(),
+            snapshot_op: 0,
+            tail: Vec::new(),
         };
         let snapshot_path = dir.join(SNAPSHOT);
         let mut snapshot_op = 0;
@@ -94,12 +106,19 @@ impl Journal {
             recordlog::cut_torn_tail(&snapshot_path, &scan)?;
         }
         recovered.last_op = snapshot_op;
+        recovered.snapshot_op = snapshot_op;
         let journal_path = dir.join(JOURNAL);
         let mut acked_through = snapshot_op;
         let mut valid_len = 0;
         if journal_path.exists() {
             let scan = read_with_repair(&journal_path, repair, |payload| {
-                replay(payload, snapshot_op, &mut recovered, &mut acked_through)
+                replay(
+                    payload,
+                    snapshot_op,
+                    tail_after,
+                    &mut recovered,
+                    &mut acked_through,
+                )
             })?;
             recordlog::cut_torn_tail(&journal_path, &scan)?;
             valid_len = scan.valid_len;
@@ -334,6 +353,7 @@ pub fn decode_write(payload: &[u8]) -> Result<Option<Write>, String> {
 fn replay(
     payload: &[u8],
     snapshot_op: u64,
+    tail_after: Option<u64>,
     recovered: &mut Recovered,
     acked_through: &mut u64,
 ) -> Result<(), String> {
@@ -360,6 +380,9 @@ fn replay(
         }
     }
     recovered.last_op = write.op;
+    if tail_after.is_some_and(|after| write.op > after) {
+        recovered.tail.push(write.clone());
+    }
     recovered.unacked.push(write);
     Ok(())
 }
@@ -412,7 +435,7 @@ mod tests {
     fn writes_survive_a_reopen_with_the_unacknowledged_ones_named() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (mut journal, recovered) = Journal::open(dir.path(), false).unwrap();
+            let (mut journal, recovered) = Journal::open(dir.path(), false, None).unwrap();
             assert!(recovered.store.is_empty());
             journal.append(&add(1, "A", "a"));
             journal.append(&add(2, "B", "b"));
@@ -421,19 +444,24 @@ mod tests {
             journal.append(&add(4, "C", "c"));
             journal.commit(false).unwrap();
         }
-        let (_, recovered) = Journal::open(dir.path(), false).unwrap();
+        let (_, recovered) = Journal::open(dir.path(), false, None).unwrap();
         assert_eq!(
             items(&recovered.store),
             [("B".into(), "b".into()), ("C".into(), "c".into())]
         );
         assert_eq!(recovered.last_op, 4);
         assert_eq!(recovered.unacked, [remove(3, "A"), add(4, "C", "c")]);
+        assert!(recovered.tail.is_empty(), "no tail asked for");
+        // What an output file that ends at op 1 lacks, acknowledged or not.
+        let (_, recovered) = Journal::open(dir.path(), false, Some(1)).unwrap();
+        let tail: Vec<u64> = recovered.tail.iter().map(|w| w.op).collect();
+        assert_eq!(tail, [2, 3, 4]);
     }
 
     #[test]
     fn a_snapshot_replaces_the_journal_and_a_crash_between_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut journal, _) = Journal::open(dir.path(), false).unwrap();
+        let (mut journal, _) = Journal::open(dir.path(), false, None).unwrap();
         let mut store = Store::new();
         for (op, key) in [(1, "A"), (2, "B"), (3, "C")] {
             journal.append(&add(op, key, "v"));
@@ -444,14 +472,14 @@ mod tests {
         let encoded = Journal::encode_snapshot(&store, 3);
         Journal::install_snapshot(dir.path(), &encoded).unwrap();
         // Crash here: the journal still holds ops 1..3, which the snapshot covers.
-        let (mut journal, recovered) = Journal::open(dir.path(), false).unwrap();
+        let (mut journal, recovered) = Journal::open(dir.path(), false, None).unwrap();
         assert_eq!(recovered.store.len(), 3);
         assert_eq!(recovered.last_op, 3);
         assert!(recovered.unacked.is_empty());
         journal.reset().unwrap();
         journal.append(&add(4, "D", "v"));
         journal.commit(false).unwrap();
-        let (_, recovered) = Journal::open(dir.path(), false).unwrap();
+        let (_, recovered) = Journal::open(dir.path(), false, None).unwrap();
         let keys: Vec<_> = recovered.store.iter().map(|(k, _)| k.to_string()).collect();
         assert_eq!(keys, ["A", "B", "C", "D"]);
         assert_eq!(recovered.unacked, [add(4, "D", "v")]);
@@ -461,7 +489,7 @@ mod tests {
     fn damage_refuses_to_open_and_repair_keeps_what_came_before() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (mut journal, _) = Journal::open(dir.path(), false).unwrap();
+            let (mut journal, _) = Journal::open(dir.path(), false, None).unwrap();
             for op in 1..=10 {
                 journal.append(&add(op, &format!("k{op}"), "v"));
             }
@@ -472,13 +500,13 @@ mod tests {
         let middle = bytes.len() / 2;
         bytes[middle] ^= 0xff;
         std::fs::write(&path, &bytes).unwrap();
-        let err = Journal::open(dir.path(), false)
+        let err = Journal::open(dir.path(), false, None)
             .err()
             .expect("damage refused");
         assert!(err.to_string().contains("damaged record at byte"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "left untouched");
 
-        let (_, recovered) = Journal::open(dir.path(), true).unwrap();
+        let (_, recovered) = Journal::open(dir.path(), true, None).unwrap();
         let kept = recovered.store.len();
         assert!((1..10).contains(&kept), "kept {kept} of 10");
         let aside: Vec<_> = std::fs::read_dir(dir.path())

@@ -9,6 +9,7 @@
 //!
 //! I/O at the edges:
 //! - [`journal`]: the data directory, a snapshot plus an append-only journal of writes.
+//! - [`output`]: `--output FILE`, one JSON line per write, reconciled with the journal.
 //! - [`server`]: the broker loop: consume, apply in order, log, reply, acknowledge.
 //!
 //! Tools: [`client`] (request-reply over the broker, `weir kv client`) and [`bench`] (the load
@@ -22,6 +23,7 @@ pub mod config;
 pub mod dedupe;
 pub mod engine;
 pub mod journal;
+pub mod output;
 pub mod protocol;
 pub mod server;
 pub mod store;

@@ -19,9 +19,6 @@
 //! spinning; the broker redelivers what was not acknowledged and the engine recognises the
 //! copies it already applied.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write as _};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +41,8 @@ use weir_runtime::Shutdown;
 
 use crate::config::{Durability, KvConfig};
 use crate::engine::{Engine, Incoming, Outcome};
-use crate::journal::{Journal, JournalError, Write, WriteKind};
+use crate::journal::{Journal, JournalError, Recovered};
+use crate::output::{Output, OutputError};
 
 static BROKER_ERRORS: LogLimiter = LogLimiter::per_second();
 static MALFORMED: LogLimiter = LogLimiter::per_second();
@@ -55,11 +53,8 @@ pub enum KvError {
     DataDir(#[from] weir_runtime::datadir::DataDirError),
     #[error(transparent)]
     Journal(#[from] JournalError),
-    #[error("--output {path}: {source}")]
-    Output {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Output(#[from] OutputError),
     #[error("the snapshot task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -90,7 +85,7 @@ pub struct Running {
     config: KvConfig,
     engine: Engine,
     journal: Option<Journal>,
-    output: Option<BufWriter<File>>,
+    output: Option<Output>,
     health: Arc<KvHealth>,
     token: CancellationToken,
     /// The last write covered by an ack that was sent but is not yet known to the broker.
@@ -144,11 +139,22 @@ pub fn register_metrics() {
 /// Locks the data directory, loads the snapshot and journal, and opens `--output`.
 pub fn start(config: KvConfig, shutdown: &Shutdown) -> Result<Running, KvError> {
     register_metrics();
+    let mut output = config.output.as_deref().map(Output::open).transpose()?;
     let (data_dir, journal, engine) = if config.durability == Durability::None {
-        (None, None, Engine::default())
+        // No journal to number writes from: continue the file's numbering.
+        let last_op = output.as_ref().map_or(0, Output::last_op);
+        (
+            None,
+            None,
+            Engine::new(Default::default(), last_op, Vec::new()),
+        )
     } else {
         let lock = weir_runtime::datadir::lock(&config.data_dir, "--data-dir")?;
-        let (journal, recovered) = Journal::open(&config.data_dir, config.repair)?;
+        let tail_after = output.as_ref().map(Output::last_op);
+        let (journal, recovered) = Journal::open(&config.data_dir, config.repair, tail_after)?;
+        if let Some(output) = &mut output {
+            reconcile_output(output, &recovered)?;
+        }
         tracing::info!(
             keys = recovered.store.len(),
             last_op = recovered.last_op,
@@ -157,19 +163,6 @@ pub fn start(config: KvConfig, shutdown: &Shutdown) -> Result<Running, KvError> 
         );
         let engine = Engine::new(recovered.store, recovered.last_op, recovered.unacked);
         (Some(lock), Some(journal), engine)
-    };
-    let output = match &config.output {
-        Some(path) => Some(BufWriter::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| KvError::Output {
-                    path: path.clone(),
-                    source,
-                })?,
-        )),
-        None => None,
     };
     let health = Arc::new(KvHealth::default());
     health.store_loaded.store(true, Ordering::Relaxed);
@@ -331,8 +324,10 @@ impl Running {
                 if let Some(journal) = &mut self.journal {
                     journal.append(write);
                 }
+                // Queued only: the lines are written after the journal commit, so the file
+                // never holds a write the journal may lose (see `output`).
                 if let Some(output) = &mut self.output {
-                    write_output_line(output, write).map_err(|source| self.output_error(source))?;
+                    output.push(write);
                 }
             }
             if let Some(reason) = &handled.dead_letter {
@@ -346,7 +341,7 @@ impl Running {
                 .map_err(KvError::from)?;
         }
         if let Some(output) = &mut self.output {
-            output.flush().map_err(|source| self.output_error(source))?;
+            output.flush().map_err(KvError::from)?;
         }
         // Queued together and awaited once (awaiting each costs a wake-up of the connection's
         // I/O loop per message); all are written before the ack is queued, so a request is
@@ -425,6 +420,10 @@ impl Running {
             return Ok(());
         }
         journal.commit(true)?;
+        // The journal is about to forget these writes: the output file must not need them.
+        if let Some(output) = &mut self.output {
+            output.sync()?;
+        }
         let encoded = Journal::encode_snapshot(&self.engine.store, self.engine.last_op());
         let dir = self.config.data_dir.clone();
         tokio::task::spawn_blocking(move || Journal::install_snapshot(&dir, &encoded)).await??;
@@ -443,13 +442,6 @@ impl Running {
             .store(store.len() as u64, Ordering::Relaxed);
         metrics::gauge!("weir_kv_store_keys").set(store.len() as f64);
         metrics::gauge!("weir_kv_store_bytes").set(store.payload_bytes() as f64);
-    }
-
-    fn output_error(&self, source: std::io::Error) -> SessionError {
-        SessionError::Fatal(KvError::Output {
-            path: self.config.output.clone().unwrap_or_default(),
-            source,
-        })
     }
 }
 
@@ -472,17 +464,28 @@ fn dead_letter_properties(request: &Delivery, reason: &str) -> BasicProperties {
         .with_delivery_mode(2)
 }
 
-fn write_output_line(output: &mut impl std::io::Write, write: &Write) -> std::io::Result<()> {
-    let line = match &write.kind {
-        WriteKind::Add { key, value } => serde_json::json!({
-            "op": write.op, "action": "add", "key": key, "value": value, "replaced": write.outcome,
-        }),
-        WriteKind::Remove { key } => serde_json::json!({
-            "op": write.op, "action": "remove", "key": key, "removed": write.outcome,
-        }),
-    };
-    serde_json::to_writer(&mut *output, &line)?;
-    output.write_all(b"\n")
+/// Brings `--output` in line with the journal (see `output`): lines past it cut, the
+/// journal's writes the file lacks appended.
+fn reconcile_output(output: &mut Output, recovered: &Recovered) -> Result<(), KvError> {
+    if output.last_op() > recovered.last_op {
+        return Ok(output.cut_after(recovered.last_op)?);
+    }
+    let wanted = output.last_op() + 1;
+    let available = recovered
+        .tail
+        .first()
+        .map_or(recovered.last_op + 1, |w| w.op);
+    if available > wanted && recovered.last_op >= wanted {
+        tracing::warn!(
+            from = wanted,
+            through = available - 1,
+            "kv --output lacks writes that only the snapshot holds; it continues after them"
+        );
+    }
+    for write in &recovered.tail {
+        output.push(write);
+    }
+    Ok(output.flush()?)
 }
 
 /// `/healthz` and `/readyz` (broker connected and store loaded), for the metrics listener.

@@ -48,6 +48,11 @@ async fn serve(
 ) -> anyhow::Result<ExitCode> {
     let config = flags.load()?;
     let description = config.describe();
+    if metrics_addr.is_some() {
+        // The recorder goes in before start registers every metric at zero; installed
+        // later, those registrations are lost and a metric appears only once it changes.
+        weir_runtime::telemetry::prometheus();
+    }
     let running = weir_kv::server::start(config, &shutdown)?;
     if let Some(addr) = metrics_addr {
         let listener = weir_runtime::http::bind(addr)

@@ -44,7 +44,12 @@ async fn a_kill_9_under_load_loses_nothing_acknowledged_and_applies_nothing_twic
     queue.declare().await;
     let data_dir = tempfile::tempdir().unwrap();
     let dir = data_dir.path().to_str().unwrap().to_string();
-    let mut server = Server::start(&url, &queue.name, &["--data-dir", &dir]).await;
+    // Outside the data dir, as a user would put it.
+    let output_dir = tempfile::tempdir().unwrap();
+    let output = output_dir.path().join("output.jsonl");
+    let output_path = output.to_str().unwrap().to_string();
+    let args = ["--data-dir", &dir, "--output", &output_path];
+    let mut server = Server::start(&url, &queue.name, &args).await;
     let replied = Arc::new(AtomicUsize::new(0));
     let scripts = start_scripts(&url, &queue.name, &replied).await;
 
@@ -55,7 +60,7 @@ async fn a_kill_9_under_load_loses_nothing_acknowledged_and_applies_nothing_twic
         .await;
         server.kill9();
         let _ = server.child.wait().await;
-        server = Server::start(&url, &queue.name, &["--data-dir", &dir]).await;
+        server = Server::start(&url, &queue.name, &args).await;
     }
     for script in scripts {
         script.await.unwrap();
@@ -65,8 +70,10 @@ async fn a_kill_9_under_load_loses_nothing_acknowledged_and_applies_nothing_twic
     // And the restarted store is the same again from disk alone.
     server.kill9();
     let _ = server.child.wait().await;
-    let _server = Server::start(&url, &queue.name, &["--data-dir", &dir]).await;
+    let _server = Server::start(&url, &queue.name, &args).await;
     assert_scripts_applied_once(&url, &queue.name, CLIENTS, STEPS).await;
+    // The output file, reconciled with the journal at each start, lists every write once.
+    assert_output_lists_each_write_once(&output, CLIENTS, STEPS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -273,3 +273,46 @@ async fn a_second_server_on_the_same_queue_is_refused_and_takes_over_when_the_fi
     }
     client.close().await;
 }
+
+#[tokio::test]
+async fn every_metric_is_served_at_zero_from_the_start_and_readyz_follows_the_broker() {
+    let Some(url) = amqp_url().await else { return };
+    let queue = TestQueue::new(&url, "metrics");
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .to_string();
+    let _server = Server::start(
+        &url,
+        &queue.name,
+        &["--durability", "none", "--metrics-addr", &addr],
+    )
+    .await;
+    let (status, page) = http_get(&addr, "/metrics").expect("metrics answer");
+    assert!(status.contains(" 200"), "{status}");
+    for sample in [
+        r#"weir_kv_requests_total{action="add",outcome="applied"} 0"#,
+        r#"weir_kv_requests_total{action="malformed",outcome="malformed"} 0"#,
+        "weir_kv_dead_letters_total 0",
+        "weir_kv_reconnects_total 0",
+    ] {
+        assert!(
+            page.lines().any(|line| line == sample),
+            "no {sample:?} in\n{page}"
+        );
+    }
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), page.as_bytes()).unwrap();
+    assert!(
+        promtool.wait().unwrap().success(),
+        "promtool check metrics:\n{page}"
+    );
+    wait_for("ready", Duration::from_secs(30), || {
+        http_get(&addr, "/readyz").is_ok_and(|(status, _)| status.contains(" 200"))
+    })
+    .await;
+}

@@ -396,6 +396,71 @@ pub async fn assert_scripts_applied_once(url: &str, queue: &str, clients: usize,
     reader.close().await;
 }
 
+/// The `--output` file holds one line per write, numbered 1, 2, 3... without a gap or a
+/// repeat, and each client's lines are its script's writes in order, each once.
+pub fn assert_output_lists_each_write_once(path: &std::path::Path, clients: usize, steps: usize) {
+    let text = std::fs::read_to_string(path).expect("read the output file");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+        .collect();
+    let ops: Vec<u64> = lines
+        .iter()
+        .map(|l| l["op"].as_u64().expect("op"))
+        .collect();
+    let expected: Vec<u64> = (1..=(clients * steps) as u64).collect();
+    if ops != expected {
+        let mut seen = std::collections::HashMap::new();
+        for op in &ops {
+            *seen.entry(*op).or_insert(0) += 1;
+        }
+        let repeated: Vec<_> = seen
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(op, _)| op)
+            .collect();
+        panic!(
+            "{} lines for {} writes; first repeated ops {:?}",
+            ops.len(),
+            expected.len(),
+            &repeated[..repeated.len().min(10)]
+        );
+    }
+    for client in 0..clients {
+        let prefix = format!("{client}-");
+        let written: Vec<serde_json::Value> = lines
+            .iter()
+            .filter(|l| l["key"].as_str().is_some_and(|k| k.starts_with(&prefix)))
+            .map(|l| {
+                let mut write = serde_json::json!({"action": l["action"], "key": l["key"]});
+                if l["action"] == "add" {
+                    write["value"] = l["value"].clone();
+                }
+                write
+            })
+            .collect();
+        let script: Vec<serde_json::Value> = (0..steps)
+            .map(|step| scripted_write(client, step))
+            .collect();
+        assert_eq!(written, script, "client {client}'s output lines");
+    }
+}
+
+/// `GET path` over plain HTTP/1.0: the status line and the body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(String, String)> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    std::io::Write::write_fmt(
+        &mut stream,
+        format_args!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )?;
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default().to_string();
+    Ok((status, body.to_string()))
+}
+
 /// A server whose log lines (stderr) the test reads.
 pub struct LoggingServer {
     pub server: Server,
