@@ -87,7 +87,10 @@ impl Cluster {
             if health["alive"].as_u64() == Some(n as u64) {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "never {n} alive: {health}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never {n} alive: {health}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -136,12 +139,8 @@ async fn concurrent_duplicate_heavy_posts_count_each_pair_once() {
     let mut posts = Vec::new();
     for round in 0..16 {
         // Every request repeats a third of the others' items, and itself.
-        let mut batch: Vec<(String, String)> = all
-            .iter()
-            .skip(round * 50)
-            .take(400)
-            .cloned()
-            .collect();
+        let mut batch: Vec<(String, String)> =
+            all.iter().skip(round * 50).take(400).cloned().collect();
         batch.extend(all.iter().step_by(3).take(100).cloned());
         batch.extend(batch.clone().into_iter().take(50));
         let body = items_json(&batch);
@@ -190,21 +189,35 @@ async fn refused_bodies_are_answered_by_the_coordinator_and_forward_nothing() {
         cluster.addr,
         "POST",
         "/items",
-        &[("Content-Type", "application/json"), ("Content-Length", "9000000")],
+        &[
+            ("Content-Type", "application/json"),
+            ("Content-Length", "9000000"),
+        ],
         b"",
     )
     .await;
     assert_eq!(reply.status, 413);
     let long = "x".repeat(257);
-    let reply = request(cluster.addr, "GET", &format!("/items/{long}/count"), &[], b"").await;
+    let reply = request(
+        cluster.addr,
+        "GET",
+        &format!("/items/{long}/count"),
+        &[],
+        b"",
+    )
+    .await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["field"], "tenant");
     assert_eq!(count(cluster.addr, "r").await, 0);
-    let metrics = request(cluster.addr, "GET", "/metrics", &[], b"").await.body;
+    let metrics = request(cluster.addr, "GET", "/metrics", &[], b"")
+        .await
+        .body;
     for reason in ["invalid", "media_type", "too_many_items", "too_large"] {
         let line = format!("weir_distinct_coordinator_rejected_total{{reason=\"{reason}\"}} ");
         assert!(
-            metrics.lines().any(|l| l.starts_with(&line) && !l.ends_with(" 0")),
+            metrics
+                .lines()
+                .any(|l| l.starts_with(&line) && !l.ends_with(" 0")),
             "{reason} not counted:\n{metrics}"
         );
     }
@@ -228,7 +241,9 @@ async fn with_no_worker_alive_a_post_is_a_503_with_retry_after_and_not_ready() {
     let health = cluster.health().await;
     let workers = health["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 2);
-    assert!(workers.iter().all(|w| w["alive"] == false && w["error"].is_string()));
+    assert!(workers
+        .iter()
+        .all(|w| w["alive"] == false && w["error"].is_string()));
     cluster.stop().await;
 }
 
@@ -238,7 +253,10 @@ async fn a_worker_that_stops_is_routed_around_and_counts_stay_exact() {
     let all = pairs(64, 20);
     let (first, second) = all.split_at(all.len() / 2);
     for chunk in first.chunks(100) {
-        assert_eq!(post_items(cluster.addr, &items_json(chunk)).await.status, 200);
+        assert_eq!(
+            post_items(cluster.addr, &items_json(chunk)).await.status,
+            200
+        );
     }
     // Its shards' locks go with it; the coordinator finds out by a refused connection or
     // its next health check, and sends those shards to their next choice.
@@ -254,7 +272,14 @@ async fn a_worker_that_stops_is_routed_around_and_counts_stay_exact() {
     let health = cluster.health().await;
     assert_eq!(health["workers"].as_array().unwrap().len(), 3);
     assert_eq!(
-        cluster.coordinator.pool.table().workers.iter().filter(|w| w.is_alive()).count(),
+        cluster
+            .coordinator
+            .pool
+            .table()
+            .workers
+            .iter()
+            .filter(|w| w.is_alive())
+            .count(),
         2
     );
     cluster.stop().await;
@@ -272,7 +297,10 @@ async fn every_documented_route_answers_a_documented_status() {
         for (method, operation) in methods.as_object().unwrap() {
             let concrete = path.replace("{tenant}", "t1");
             let (headers, body): (&[(&str, &str)], &[u8]) = if method == "post" {
-                (&[("Content-Type", "application/json")], br#"[{"id":"1","tenant":"t1"}]"#)
+                (
+                    &[("Content-Type", "application/json")],
+                    br#"[{"id":"1","tenant":"t1"}]"#,
+                )
             } else {
                 (&[], b"")
             };
@@ -299,7 +327,9 @@ async fn every_documented_route_answers_a_documented_status() {
 #[tokio::test]
 async fn every_metric_exists_at_start_with_help_text() {
     let cluster = cluster(1, 0, Duration::from_secs(10)).await;
-    let page = request(cluster.addr, "GET", "/metrics", &[], b"").await.body;
+    let page = request(cluster.addr, "GET", "/metrics", &[], b"")
+        .await
+        .body;
     for name in [
         "weir_distinct_coordinator_items_received_total",
         "weir_distinct_coordinator_items_accepted_total",
@@ -310,8 +340,14 @@ async fn every_metric_exists_at_start_with_help_text() {
         "weir_distinct_coordinator_worker_restarts_total",
         "weir_distinct_coordinator_request_duration_seconds",
     ] {
-        assert!(page.contains(&format!("# HELP {name} ")), "{name} has no help:\n{page}");
+        assert!(
+            page.contains(&format!("# HELP {name} ")),
+            "{name} has no help:\n{page}"
+        );
     }
-    assert!(page.contains("weir_distinct_coordinator_workers_alive 1"), "{page}");
+    assert!(
+        page.contains("weir_distinct_coordinator_workers_alive 1"),
+        "{page}"
+    );
     cluster.stop().await;
 }

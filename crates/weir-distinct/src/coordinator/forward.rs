@@ -236,7 +236,10 @@ impl Forwarder {
                     }
                     Err(failure) => {
                         self.mark(&worker, &failure);
-                        shards.into_iter().map(|s| (s, Some(worker.clone()))).collect()
+                        shards
+                            .into_iter()
+                            .map(|s| (s, Some(worker.clone())))
+                            .collect()
                     }
                 }
             }
@@ -254,8 +257,9 @@ impl Forwarder {
                     .place(shard, failed, deadline, |worker| {
                         let body = body.clone();
                         async move {
-                            let request = post(&worker, body)
-                                .ok_or_else(|| Failure::Failed("cannot build the request".into()))?;
+                            let request = post(&worker, body).ok_or_else(|| {
+                                Failure::Failed("cannot build the request".into())
+                            })?;
                             attempt(&self.client, &worker, request, self.timeout(deadline)).await
                         }
                     })

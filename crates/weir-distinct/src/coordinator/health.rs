@@ -16,7 +16,12 @@ use super::pool::{Pool, Worker};
 const DOWN_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Checks `worker` every `interval` until its `stop` token is cancelled.
-pub async fn check_loop(client: HttpClient, pool: Arc<Pool>, worker: Arc<Worker>, interval: Duration) {
+pub async fn check_loop(
+    client: HttpClient,
+    pool: Arc<Pool>,
+    worker: Arc<Worker>,
+    interval: Duration,
+) {
     let timeout = interval.min(Duration::from_secs(1));
     loop {
         let verdict = check(&client, &worker, timeout).await;
@@ -63,5 +68,10 @@ async fn check(client: &HttpClient, worker: &Worker, timeout: Duration) -> Resul
     };
     tokio::time::timeout(timeout, exchange)
         .await
-        .unwrap_or_else(|_| Err(format!("no health answer within {} ms", timeout.as_millis())))
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no health answer within {} ms",
+                timeout.as_millis()
+            ))
+        })
 }

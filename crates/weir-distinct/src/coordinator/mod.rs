@@ -363,7 +363,10 @@ pub async fn serve(
     coordinator: Arc<Coordinator>,
     shutdown: Shutdown,
 ) -> Result<(), CoordinatorError> {
-    let reloads = tokio::spawn(reload::reload_loop(coordinator.clone(), shutdown.token.clone()));
+    let reloads = tokio::spawn(reload::reload_loop(
+        coordinator.clone(),
+        shutdown.token.clone(),
+    ));
     let app = server::router(coordinator.clone());
     let limits = weir_runtime::http::ListenerLimits::default();
     let served = weir_runtime::http::serve(listener, app, limits, shutdown.token.clone()).await;

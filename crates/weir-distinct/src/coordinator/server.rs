@@ -173,11 +173,7 @@ async fn count(
     } else {
         let shard = shard_of(&tenant, SHARDS);
         match coordinator.forwarder.count(&tenant, shard).await {
-            Ok(body) => (
-                [(header::CONTENT_TYPE, "application/json")],
-                body,
-            )
-                .into_response(),
+            Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
             Err(error) => {
                 weir_runtime::warn_limited!(UNPLACED, error = %escape(error.as_bytes()), "no worker answered a count");
                 unavailable(format!("no worker answered: {error}"))

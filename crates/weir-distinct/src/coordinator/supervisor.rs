@@ -64,7 +64,13 @@ pub fn log_path(dir: &Path, worker: &WorkerAddr) -> PathBuf {
     let host: String = worker
         .host
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     dir.join(format!("worker-{host}-{}.log", worker.port))
 }
@@ -146,8 +152,13 @@ fn command(program: &WorkerProgram, args: &[String], log: &Path) -> std::io::Res
         // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid, _exit.
         unsafe {
             command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0)
-                    != 0
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
                 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -257,7 +268,16 @@ mod tests {
         let worker = WorkerAddr::parse("localhost:5003").unwrap();
         assert_eq!(
             worker_args(&config, &worker),
-            ["--listen", "127.0.0.1:5003", "--database", "/data/d", "--worker-persist", "0.5", "--fsync", "false"]
+            [
+                "--listen",
+                "127.0.0.1:5003",
+                "--database",
+                "/data/d",
+                "--worker-persist",
+                "0.5",
+                "--fsync",
+                "false"
+            ]
         );
         assert_eq!(
             log_path(Path::new("/l"), &WorkerAddr::parse("[::1]:5001").unwrap()),
