@@ -351,3 +351,65 @@ async fn every_metric_exists_at_start_with_help_text() {
     );
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn a_shard_held_by_another_worker_is_found_and_remembered() {
+    use weir_distinct::coordinator::routing::preference;
+    use weir_distinct::shard::{shard_of, SHARDS};
+    let cluster = cluster(2, 0, Duration::from_secs(10)).await;
+    let names: Vec<String> = cluster
+        .coordinator
+        .pool
+        .table()
+        .workers
+        .iter()
+        .map(|w| w.name.clone())
+        .collect();
+    let first_choice = |tenant: &str| preference(shard_of(tenant, SHARDS), &names)[0];
+    // Tenants whose shards prefer the first worker, one of which the second takes first.
+    let tenants: Vec<String> = (0..)
+        .map(|i| format!("held-{i}"))
+        .filter(|t| first_choice(t) == 0)
+        .take(5)
+        .collect();
+    let second = cluster.workers[1].as_ref().unwrap().addr;
+    let direct = items_json(&[(tenants[0].clone(), "0".into())]);
+    assert_eq!(post_items(second, &direct).await.status, 200);
+    let retries = |page: &str| -> u64 {
+        page.lines()
+            .find(|l| l.starts_with("weir_distinct_coordinator_forward_retries_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = retries(
+        &request(cluster.addr, "GET", "/metrics", &[], b"")
+            .await
+            .body,
+    );
+    let batch: Vec<(String, String)> = tenants
+        .iter()
+        .flat_map(|t| (0..3).map(move |i| (t.clone(), i.to_string())))
+        .collect();
+    let reply = post_items(cluster.addr, &items_json(&batch)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let after = retries(
+        &request(cluster.addr, "GET", "/metrics", &[], b"")
+            .await
+            .body,
+    );
+    assert!(after > before, "the busy shard was not retried elsewhere");
+    // Now known to live on the second worker: sent there first, no retry.
+    let more = items_json(&[(tenants[0].clone(), "9".into())]);
+    assert_eq!(post_items(cluster.addr, &more).await.status, 200);
+    let last = retries(
+        &request(cluster.addr, "GET", "/metrics", &[], b"")
+            .await
+            .body,
+    );
+    assert_eq!(last, after);
+    assert_eq!(count(cluster.addr, &tenants[0]).await, 4);
+    for tenant in &tenants[1..] {
+        assert_eq!(count(cluster.addr, tenant).await, 3);
+    }
+    cluster.stop().await;
+}

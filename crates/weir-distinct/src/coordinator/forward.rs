@@ -72,7 +72,9 @@ pub fn client(options: &ForwardOptions) -> HttpClient {
 enum Failure {
     /// The worker is not there: routing skips it until a health check finds it again.
     Unreachable(String),
-    /// It answered something other than 2xx, or too late.
+    /// It answered, but not 2xx (a 503 for a shard another worker holds, say).
+    Answered(String),
+    /// Anything else: too late, cut off.
     Failed(String),
 }
 
@@ -107,7 +109,7 @@ async fn attempt(
         if status.is_success() {
             Ok(body)
         } else {
-            Err(Failure::Failed(format!(
+            Err(Failure::Answered(format!(
                 "answered {status}: {}",
                 String::from_utf8_lossy(&body[..body.len().min(200)])
             )))
@@ -198,7 +200,7 @@ impl Forwarder {
                 }
                 error.clone()
             }
-            Failure::Failed(error) => error.clone(),
+            Failure::Answered(error) | Failure::Failed(error) => error.clone(),
         }
     }
 
@@ -236,10 +238,12 @@ impl Forwarder {
                     }
                     Err(failure) => {
                         self.mark(&worker, &failure);
-                        shards
-                            .into_iter()
-                            .map(|s| (s, Some(worker.clone())))
-                            .collect()
+                        // A worker that answered refused the request whole for one of its
+                        // shards (a worker commits shard by shard), so the others are
+                        // tried on it again first; one that did not answer is skipped.
+                        let again = shards.len() > 1 && matches!(failure, Failure::Answered(_));
+                        let skip = (!again).then(|| worker.clone());
+                        shards.into_iter().map(|s| (s, skip.clone())).collect()
                     }
                 }
             }
