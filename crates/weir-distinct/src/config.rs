@@ -227,6 +227,15 @@ impl RawConfig {
         for text in &self.workers {
             let worker = WorkerAddr::parse(text.trim())
                 .map_err(|msg| ConfigError::invalid("workers", msg))?;
+            if worker.is_local(hostname) && worker.port == self.port {
+                return Err(ConfigError::invalid(
+                    "workers",
+                    format!(
+                        "{text:?} is on this host at the coordinator's own port {}",
+                        self.port
+                    ),
+                ));
+            }
             if !seen.insert(worker.identity(hostname)) {
                 return Err(ConfigError::invalid(
                     "workers",
@@ -569,6 +578,7 @@ mod tests {
             ("database: 'mysql://x'", "database"),
             ("worker_logs: ' '", "worker_logs"),
             ("health_check: 0", "health_check"),
+            ("workers: ['localhost:5000']", "workers"),
         ];
         for (body, key) in cases {
             let err = from_yaml(body).unwrap_err();
