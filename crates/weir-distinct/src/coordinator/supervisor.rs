@@ -146,6 +146,11 @@ fn command(program: &WorkerProgram, args: &[String], log: &Path) -> std::io::Res
         .env_remove("WEIR_METRICS_ADDR")
         .process_group(0)
         .kill_on_drop(true);
+    // The child runs on the flags above alone: the coordinator's environment was layered
+    // into them already, and a key meant for the coordinator (its port) is not the child's.
+    for key in crate::config::KEYS {
+        command.env_remove(format!("WEIR_DISTINCT_{}", key.to_ascii_uppercase()));
+    }
     #[cfg(target_os = "linux")]
     {
         let parent = std::process::id() as libc::pid_t;
