@@ -61,6 +61,7 @@ pub fn document() -> Value {
                         "local": {"type": "boolean", "description": "on this host, so run by this coordinator"},
                         "pid": {"type": ["integer", "null"]},
                         "restarts": {"type": "integer"},
+                        "shards": {"type": "integer", "description": "shards it last committed for this coordinator (it holds their locks)"},
                         "error": {"type": ["string", "null"], "description": "why it was last found down"}
                     }
                 },

@@ -129,6 +129,18 @@ async fn the_seed_sanity_scenario_counts_exactly() {
     let odd = r#"[{"id":"1","tenant":"a b/c?d"}]"#;
     assert_eq!(post_items(cluster.addr, odd).await.status, 200);
     assert_eq!(count(cluster.addr, "a%20b%2Fc%3Fd").await, 1);
+    // Each shard written is held by exactly one worker.
+    let shards: HashSet<u16> = ["t1", "t2", "t3", "a b/c?d"]
+        .iter()
+        .map(|t| weir_distinct::shard::shard_of(t, weir_distinct::shard::SHARDS))
+        .collect();
+    let held: u64 = cluster.health().await["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["shards"].as_u64().unwrap())
+        .sum();
+    assert_eq!(held, shards.len() as u64);
     cluster.stop().await;
 }
 

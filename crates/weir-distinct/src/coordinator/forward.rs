@@ -258,7 +258,7 @@ impl Forwarder {
             let body = items_body(&groups[&shard].iter().collect::<Vec<_>>());
             async move {
                 let outcome = self
-                    .place(shard, failed, deadline, |worker| {
+                    .place(shard, failed, deadline, true, |worker| {
                         let body = body.clone();
                         async move {
                             let request = post(&worker, body).ok_or_else(|| {
@@ -293,7 +293,8 @@ impl Forwarder {
     pub async fn count(&self, tenant: &str, shard: u16) -> Result<Bytes, String> {
         let deadline = Instant::now() + self.options.deadline;
         let path = format!("/items/{}/count", encode_segment(tenant));
-        self.place(shard, None, deadline, |worker| {
+        // A read takes no lock: whoever answers is not the shard's owner for that.
+        self.place(shard, None, deadline, false, |worker| {
             let path = path.clone();
             async move {
                 let request = Request::builder()
@@ -316,12 +317,14 @@ impl Forwarder {
 
     /// Tries `send` on `shard`'s candidates in order, skipping those that already failed
     /// this round (`failed` did before the first), then starts a new round after a backoff,
-    /// until one succeeds or the deadline passes.
+    /// until one succeeds or the deadline passes. A write that succeeds (`settles`) makes
+    /// its worker the shard's known owner.
     async fn place<F, Fut>(
         &self,
         shard: u16,
         failed: Option<Arc<Worker>>,
         deadline: Instant,
+        settles: bool,
         send: F,
     ) -> Result<Bytes, String>
     where
@@ -344,7 +347,9 @@ impl Forwarder {
                     }
                     match send(worker.clone()).await {
                         Ok(body) => {
-                            self.pool.settle(shard, &worker);
+                            if settles {
+                                self.pool.settle(shard, &worker);
+                            }
                             return Ok(body);
                         }
                         Err(failure) => {

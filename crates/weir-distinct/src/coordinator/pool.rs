@@ -176,6 +176,18 @@ impl Pool {
         }
     }
 
+    /// How many shards `worker` last committed, as far as this coordinator has seen.
+    pub fn shards_of(&self, worker: &Arc<Worker>) -> usize {
+        self.owners
+            .iter()
+            .filter(|slot| {
+                slot.lock()
+                    .ok()
+                    .is_some_and(|owner| owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, worker)))
+            })
+            .count()
+    }
+
     /// Sets the alive gauge from the current table.
     pub fn publish_alive(&self) {
         let alive = self.table().workers.iter().filter(|w| w.is_alive()).count();
@@ -206,6 +218,7 @@ mod tests {
         let last = order[3].clone();
         pool.settle(7, &last);
         assert!(Arc::ptr_eq(&pool.candidates(7)[0], &last));
+        assert_eq!(pool.shards_of(&last), 1);
         last.set_alive(false, Some("gone".into()));
         let order = pool.candidates(7);
         assert_eq!(order.len(), 3);

@@ -186,7 +186,15 @@ async fn count(
 
 async fn health(State(coordinator): State<Arc<Coordinator>>) -> Response {
     let table = coordinator.pool.table();
-    let workers: Vec<_> = table.workers.iter().map(|w| w.report()).collect();
+    let workers: Vec<_> = table
+        .workers
+        .iter()
+        .map(|w| {
+            let mut report = w.report();
+            report["shards"] = json!(coordinator.pool.shards_of(w));
+            report
+        })
+        .collect();
     let alive = table.workers.iter().filter(|w| w.is_alive()).count();
     Json(json!({
         "service": "distinct coordinator",
