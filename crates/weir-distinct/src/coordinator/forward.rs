@@ -248,9 +248,12 @@ impl Forwarder {
                 }
             }
         });
+        let failed: Vec<(u16, Option<Arc<Worker>>)> =
+            join_all(first_pass).await.into_iter().flatten().collect();
+        metrics::counter!(FORWARD_RETRIES).increment(failed.len() as u64);
         let mut retry: Vec<(u16, Option<Arc<Worker>>)> =
             unrouted.into_iter().map(|shard| (shard, None)).collect();
-        retry.extend(join_all(first_pass).await.into_iter().flatten());
+        retry.extend(failed);
         if retry.is_empty() {
             return Ok(());
         }
@@ -334,6 +337,7 @@ impl Forwarder {
         let mut tried: Vec<Arc<Worker>> = failed.into_iter().collect();
         let mut backoff = Backoff::new(Duration::from_millis(25), Duration::from_millis(500));
         let mut last_error = String::from("no worker is alive");
+        let mut attempts = 0u64;
         loop {
             let next = self
                 .pool
@@ -342,9 +346,11 @@ impl Forwarder {
                 .find(|w| !tried.iter().any(|t| Arc::ptr_eq(t, w)));
             match next {
                 Some(worker) => {
-                    if !tried.is_empty() {
+                    // The first attempt here is counted by the caller if it is a resend.
+                    if attempts > 0 {
                         metrics::counter!(FORWARD_RETRIES).increment(1);
                     }
+                    attempts += 1;
                     match send(worker.clone()).await {
                         Ok(body) => {
                             if settles {
