@@ -43,4 +43,4 @@ VERIFY=--verify run redis-postgres 3403 "$WEIR" increments serve --bind-address 
 "$WEIR" --metrics-addr 127.0.0.1:9191 increments worker --queue "$REDIS" --database "$PG" --stream "$S2" --table-prefix "$S2" >"$DATA/worker.log" 2>&1 &
 VERIFY=--verify run api-plus-worker 3404 "$WEIR" increments api --bind-address 127.0.0.1 --port 3404 --database "$PG" --table-prefix "$S2" \
   --queue "$REDIS" --stream "$S2"
-echo "worker: $(curl -s 127.0.0.1:9191/metrics | grep '^increments_staleness_max_seconds')"
+echo "worker: $(curl -s 127.0.0.1:9191/metrics | grep '^weir_increments_staleness_max_seconds')"

@@ -1,7 +1,7 @@
 //! The worker's HTTP API:
 //! - `POST /items`: a JSON array of `{"id", "tenant"}`; `200 {"accepted": n}` once all n
-//!   items are durable and counted (n counts duplicates too: they were accepted, and count
-//!   once). 400/413/415 with `{"error", "field"}` for a refused body, of which nothing is
+//!   items are durable (n counts duplicates too: they were accepted, and count once); they
+//!   show in the counts within `worker_persist`. 400/413/415 with `{"error", "field"}` for a refused body, of which nothing is
 //!   stored; 503 with `Retry-After` when a shard cannot be written (owned by another worker,
 //!   or the disk failed), after which resending the same items is safe.
 //! - `GET /items/{tenant}/count`: `{"count": N}`, one lookup.
@@ -25,7 +25,7 @@ use weir_runtime::Shutdown;
 use crate::config::{Database, DistinctConfig};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError, StoreOptions};
 use crate::validate::{
-    is_json_content_type, parse_items, Rejection, MAX_BODY_BYTES, MAX_FIELD_BYTES, MAX_ITEMS,
+    is_json_content_type, parse_batch, Rejection, MAX_BODY_BYTES, MAX_FIELD_BYTES, MAX_ITEMS,
 };
 
 static STORE_ERRORS: LogLimiter = LogLimiter::per_second();
@@ -45,6 +45,9 @@ pub const TABLE_PREFIX: &str = "distinct";
 pub async fn open_store(config: &DistinctConfig) -> Result<Store, ServeError> {
     let options = StoreOptions {
         fsync: config.fsync,
+        // Folding takes time too: starting it at half the allowed delay keeps the count
+        // within `worker_persist` of the acknowledgement.
+        fold_after: config.worker_persist / 2,
         ..StoreOptions::default()
     };
     match &config.database {
@@ -98,8 +101,33 @@ const STATUSES: [u16; 5] = [200, 400, 413, 415, 503];
 
 /// Every counter at zero from the start, so a dashboard sees the series before traffic.
 pub fn register_metrics() {
+    metrics::describe_counter!(
+        "weir_distinct_requests_total",
+        "POST /items requests answered, by HTTP status"
+    );
+    metrics::describe_counter!(
+        "weir_distinct_items_accepted_total",
+        "Items acknowledged (durable), duplicates included"
+    );
+    metrics::describe_counter!(
+        "weir_distinct_items_folded_total",
+        "Acknowledged items folded from the shard logs into the index (and so counted)"
+    );
+    metrics::describe_counter!(
+        "weir_distinct_folds_total",
+        "Folds of a shard's logged items into its index, by status"
+    );
+    metrics::describe_gauge!(
+        "weir_distinct_pending_bytes",
+        "Bytes of acknowledged items logged and not yet folded into the index"
+    );
     let _ = counters();
     metrics::counter!("weir_distinct_items_accepted_total").absolute(0);
+    metrics::counter!("weir_distinct_items_folded_total").absolute(0);
+    for status in ["ok", "error"] {
+        metrics::counter!("weir_distinct_folds_total", "status" => status).absolute(0);
+    }
+    metrics::gauge!("weir_distinct_pending_bytes").set(0.0);
 }
 
 fn counters() -> &'static [(u16, metrics::Counter)] {
@@ -160,8 +188,8 @@ async fn accept(store: &Store, headers: &HeaderMap, body: Body) -> Response {
             return ApiError::bad_request(format!("cannot read the body: {err}")).into_response()
         }
     };
-    let items = match parse_items(&bytes) {
-        Ok(items) => items,
+    let batch = match parse_batch(&bytes, store.options().shards) {
+        Ok(batch) => batch,
         Err(Rejection::TooManyItems(n)) => {
             return ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -176,8 +204,8 @@ async fn accept(store: &Store, headers: &HeaderMap, body: Body) -> Response {
             return error.into_response();
         }
     };
-    let accepted = items.len();
-    match store.insert(items).await {
+    let accepted = batch.items;
+    match store.insert_batch(batch).await {
         Ok(()) => {
             metrics::counter!("weir_distinct_items_accepted_total").increment(accepted as u64);
             Json(json!({ "accepted": accepted })).into_response()

@@ -11,7 +11,7 @@ use std::fmt;
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-use crate::shard::Item;
+use crate::shard::{Batch, Item};
 
 /// Items per request: bounds the work and memory one request can cause.
 pub const MAX_ITEMS: usize = 10_000;
@@ -63,6 +63,28 @@ struct Plain<'a> {
     id: Cow<'a, str>,
     #[serde(borrow)]
     tenant: Cow<'a, str>,
+}
+
+/// Parses and validates one body straight into its items encoded per shard: fields are
+/// borrowed from the body (copied once, into the encoding), so a valid body costs no
+/// allocation per item. Duplicates are kept: the store drops them.
+pub fn parse_batch(body: &[u8], shards: u16) -> Result<Batch, Rejection> {
+    if let Ok(plain) = serde_json::from_slice::<Vec<Plain>>(body) {
+        if plain.len() > MAX_ITEMS {
+            return Err(Rejection::TooManyItems(plain.len()));
+        }
+        if plain
+            .iter()
+            .all(|p| acceptable(&p.id) && acceptable(&p.tenant))
+        {
+            let mut batch = Batch::new(shards);
+            for p in &plain {
+                batch.push(&p.tenant, &p.id);
+            }
+            return Ok(batch);
+        }
+    }
+    explain(body).map(|items| Batch::from_items(&items, shards))
 }
 
 /// Parses and validates one body into its items (duplicates kept: the store drops them).
@@ -335,6 +357,22 @@ mod tests {
         assert!(is_json_content_type(Some("Application/JSON")));
         assert!(!is_json_content_type(Some("text/plain")));
         assert!(!is_json_content_type(None));
+    }
+
+    #[test]
+    fn a_batch_holds_what_parse_items_returns() {
+        let body =
+            br#"[{"id":"1","tenant":"t1"},{"tenant":"t2","id":"\u00e9"},{"id":"1","tenant":"t1"}]"#;
+        let items = parse_items(body).unwrap();
+        assert_eq!(
+            parse_batch(body, 64).unwrap(),
+            Batch::from_items(&items, 64)
+        );
+        assert_eq!(parse_batch(b"[]", 64).unwrap().items, 0);
+        assert!(matches!(
+            parse_batch(br#"[{"id":"","tenant":"t"}]"#, 64),
+            Err(Rejection::Invalid { .. })
+        ));
     }
 
     proptest! {

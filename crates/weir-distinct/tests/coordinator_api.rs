@@ -104,6 +104,24 @@ impl Cluster {
     }
 }
 
+/// Waits until `tenant`'s count is `want`: a worker counts an acknowledged item within
+/// `worker_persist`. A count above `want` fails at once (counts never go down).
+async fn settled(addr: SocketAddr, tenant: &str, want: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = count(addr, tenant).await;
+        assert!(now <= want, "{tenant}: {now} > {want}");
+        if now == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tenant}: {now}, never {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn pairs(tenants: usize, ids: usize) -> Vec<(String, String)> {
     (0..tenants)
         .flat_map(|t| (0..ids).map(move |i| (format!("tenant-{t}"), format!("item-{i}"))))
@@ -121,14 +139,14 @@ async fn the_seed_sanity_scenario_counts_exactly() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json(), serde_json::json!({"accepted": 4}));
     assert_eq!(post_items(cluster.addr, body).await.status, 200);
-    assert_eq!(count(cluster.addr, "t1").await, 2);
-    assert_eq!(count(cluster.addr, "t2").await, 1);
-    assert_eq!(count(cluster.addr, "t3").await, 1);
-    assert_eq!(count(cluster.addr, "nobody").await, 0);
+    settled(cluster.addr, "t1", 2).await;
+    settled(cluster.addr, "t2", 1).await;
+    settled(cluster.addr, "t3", 1).await;
+    settled(cluster.addr, "nobody", 0).await;
     // A tenant that needs escaping in a path reaches the worker intact.
     let odd = r#"[{"id":"1","tenant":"a b/c?d"}]"#;
     assert_eq!(post_items(cluster.addr, odd).await.status, 200);
-    assert_eq!(count(cluster.addr, "a%20b%2Fc%3Fd").await, 1);
+    settled(cluster.addr, "a%20b%2Fc%3Fd", 1).await;
     // Each shard written is held by exactly one worker.
     let shards: HashSet<u16> = ["t1", "t2", "t3", "a b/c?d"]
         .iter()
@@ -171,7 +189,7 @@ async fn concurrent_duplicate_heavy_posts_count_each_pair_once() {
     for t in 0..50 {
         let tenant = format!("tenant-{t}");
         let want = expected.iter().filter(|(tt, _)| *tt == tenant).count() as u64;
-        assert_eq!(count(cluster.addr, &tenant).await, want, "{tenant}");
+        settled(cluster.addr, &tenant, want).await;
     }
     cluster.stop().await;
 }
@@ -220,7 +238,7 @@ async fn refused_bodies_are_answered_by_the_coordinator_and_forward_nothing() {
     .await;
     assert_eq!(reply.status, 400);
     assert_eq!(reply.json()["field"], "tenant");
-    assert_eq!(count(cluster.addr, "r").await, 0);
+    settled(cluster.addr, "r", 0).await;
     let metrics = request(cluster.addr, "GET", "/metrics", &[], b"")
         .await
         .body;
@@ -279,7 +297,7 @@ async fn a_worker_that_stops_is_routed_around_and_counts_stay_exact() {
     }
     cluster.wait_alive(2).await;
     for t in 0..64 {
-        assert_eq!(count(cluster.addr, &format!("tenant-{t}")).await, 20);
+        settled(cluster.addr, &format!("tenant-{t}"), 20).await;
     }
     let health = cluster.health().await;
     assert_eq!(health["workers"].as_array().unwrap().len(), 3);
@@ -419,9 +437,9 @@ async fn a_shard_held_by_another_worker_is_found_and_remembered() {
             .body,
     );
     assert_eq!(last, after);
-    assert_eq!(count(cluster.addr, &tenants[0]).await, 4);
+    settled(cluster.addr, &tenants[0], 4).await;
     for tenant in &tenants[1..] {
-        assert_eq!(count(cluster.addr, tenant).await, 3);
+        settled(cluster.addr, tenant, 3).await;
     }
     cluster.stop().await;
 }

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{config, count, items_json, post_items, try_post_items, Worker};
+use common::{config, config_persist, count, items_json, post_items, try_post_items, Worker};
 
 const CHILD_DB: &str = "WEIR_DISTINCT_CHILD_DB";
 
@@ -27,7 +27,9 @@ fn child_worker() {
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("ADDR={}", listener.local_addr().unwrap());
-        let config = config(std::path::Path::new(&db));
+        // Nothing is folded before the kill: every acknowledged item is only in the logs,
+        // and the next worker must find it there.
+        let config = config_persist(std::path::Path::new(&db), Duration::from_secs(3600));
         weir_distinct::server::run(listener, &config, weir_runtime::Shutdown::new())
             .await
             .unwrap();

@@ -181,9 +181,33 @@ async fn metrics_count_requests_by_status_from_zero() {
         let series = format!(r#"weir_distinct_requests_total{{status="{status}"}}"#);
         assert!(metrics.contains(&series), "{series} missing from {metrics}");
     }
-    assert!(
-        metrics.contains("weir_distinct_items_accepted_total"),
-        "{metrics}"
+    for series in [
+        "weir_distinct_items_accepted_total",
+        "weir_distinct_items_folded_total",
+        r#"weir_distinct_folds_total{status="error"}"#,
+        "weir_distinct_pending_bytes",
+        "# HELP weir_distinct_requests_total",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from {metrics}");
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn with_worker_persist_items_show_in_the_count_within_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let persist = std::time::Duration::from_millis(200);
+    let worker = Worker::start(common::config_persist(dir.path(), persist)).await;
+    let pairs: Vec<_> = (0..50)
+        .map(|n| pair("slow", &(n % 20).to_string()))
+        .collect();
+    assert_eq!(
+        post_items(worker.addr, &items_json(&pairs)).await.status,
+        200
     );
+    // Generous against a loaded machine; the point is that it arrives, exactly.
+    let counted =
+        common::count_within(worker.addr, "slow", 20, std::time::Duration::from_secs(10)).await;
+    assert_eq!(counted, 20);
     worker.stop().await;
 }

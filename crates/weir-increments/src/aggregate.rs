@@ -169,6 +169,11 @@ impl Fresh {
     }
 }
 
+/// Why an increment was dead-lettered instead of added.
+pub fn overflow_reason(total: i64, value: i64) -> String {
+    format!("total would overflow a signed 64-bit integer ({total} + {value})")
+}
+
 /// Decides a flush: skips what was applied before, and sends to the dead letters any
 /// increment that would push its key's total past `i64::MAX`, without holding back the
 /// other increments of that key or any other key.
@@ -192,9 +197,7 @@ pub fn plan(pending: &Pending, mut fresh: Fresh, base: impl Fn(&Uuid) -> i64) ->
                     id,
                     key: *key,
                     value,
-                    reason: format!(
-                        "total would overflow a signed 64-bit integer ({total} + {value})"
-                    ),
+                    reason: overflow_reason(total, value),
                 }),
             }
         }

@@ -34,6 +34,9 @@ pub struct BenchFlags {
     /// Bearer API key to send.
     #[arg(long)]
     pub api_key: Option<String>,
+    /// Send a fresh `Idempotency-Key` with every request (to measure what keys cost).
+    #[arg(long)]
+    pub idempotency_keys: bool,
     /// After the load, wait until every persisted total equals the acknowledged sum.
     #[arg(long)]
     pub verify: bool,
@@ -134,7 +137,7 @@ pub async fn run(flags: BenchFlags, token: CancellationToken) -> Result<bool, Be
         )
         .await;
     }
-    let staleness = scrape(&authority, "increments_staleness_max_seconds").await;
+    let staleness = scrape(&authority, "weir_increments_staleness_max_seconds").await;
     if let Some(staleness) = &staleness {
         println!("largest staleness the service measured: {staleness} s");
     }
@@ -164,8 +167,18 @@ async fn generate(
         let keys = keys.clone();
         let api_key = flags.api_key.clone();
         let token = token.clone();
+        let keyed = flags.idempotency_keys;
         tasks.push(tokio::spawn(async move {
-            load(conn, &authority, &keys, api_key.as_deref(), until, token).await
+            load(
+                conn,
+                &authority,
+                &keys,
+                api_key.as_deref(),
+                keyed,
+                until,
+                token,
+            )
+            .await
         }));
     }
     let mut total = ConnStats::default();
@@ -187,9 +200,12 @@ async fn load(
     authority: &str,
     keys: &[String],
     api_key: Option<&str>,
+    keyed: bool,
     until: Instant,
     token: CancellationToken,
 ) -> Result<ConnStats, BenchError> {
+    // Unique per run, so keys of an earlier run are never replayed.
+    let run = Uuid::new_v4().simple();
     let stream = TcpStream::connect(authority)
         .await
         .map_err(|err| BenchError::Connect(authority.to_string(), err))?;
@@ -211,6 +227,9 @@ async fn load(
             .header(header::CONTENT_TYPE, "application/json");
         if let Some(key) = api_key {
             request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        if keyed {
+            request = request.header("idempotency-key", format!("bench-{run}-{conn}-{n:x}"));
         }
         let request = request.body(Full::new(Bytes::from(body)))?;
         let sent = Instant::now();

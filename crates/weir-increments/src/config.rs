@@ -47,6 +47,8 @@ pub struct IncrementsConfig {
     /// At most this many dead letters are kept (table rows per stream, stream entries), the
     /// oldest pruned first.
     pub dead_letter_max_rows: NonZeroU64,
+    /// How long an `Idempotency-Key` is remembered (the draft's retention window).
+    pub idempotency_retention_secs: NonZeroU64,
     /// Flush once the oldest unflushed increment is this old.
     pub flush_interval_ms: u64,
     /// The promise: what is persisted is never older than this. Retries back off within it.
@@ -88,6 +90,7 @@ pub struct IncrementsConfig {
 
 /// A week: long enough to notice and replay, short enough that the table stays small.
 const DEAD_LETTER_RETENTION_SECS: NonZeroU64 = NonZeroU64::new(7 * 24 * 3600).unwrap();
+const IDEMPOTENCY_RETENTION_SECS: NonZeroU64 = NonZeroU64::new(24 * 3600).unwrap();
 const DEAD_LETTER_MAX_ROWS: NonZeroU64 = NonZeroU64::new(1_000_000).unwrap();
 
 impl Default for IncrementsConfig {
@@ -107,6 +110,7 @@ impl Default for IncrementsConfig {
             consumer: None,
             dead_letter_stream: None,
             dead_letter_retention_secs: DEAD_LETTER_RETENTION_SECS,
+            idempotency_retention_secs: IDEMPOTENCY_RETENTION_SECS,
             dead_letter_max_rows: DEAD_LETTER_MAX_ROWS,
             flush_interval_ms: 1_000,
             max_staleness_ms: 10_000,
@@ -272,6 +276,10 @@ impl IncrementsConfig {
             max_age: Duration::from_secs(self.dead_letter_retention_secs.get()),
             max_rows: self.dead_letter_max_rows.get(),
         }
+    }
+
+    pub fn idempotency_retention(&self) -> Duration {
+        Duration::from_secs(self.idempotency_retention_secs.get())
     }
 
     pub fn sqlite_path(&self) -> PathBuf {
@@ -471,7 +479,11 @@ mod tests {
     #[test]
     fn a_zero_dead_letter_bound_is_refused_naming_its_key() {
         let dir = tempfile::tempdir().unwrap();
-        for key in ["deadLetterRetentionSecs", "deadLetterMaxRows"] {
+        for key in [
+            "deadLetterRetentionSecs",
+            "deadLetterMaxRows",
+            "idempotencyRetentionSecs",
+        ] {
             let path = dir.path().join("c.json");
             std::fs::write(&path, format!(r#"{{"{key}": 0}}"#)).unwrap();
             let flags = IncrementsFlags {

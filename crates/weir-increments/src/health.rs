@@ -16,12 +16,16 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
+use crate::metric_names::{
+    FLUSH_CONSECUTIVE_FAILURES, FLUSH_FAILING, LAST_FLUSH_TIMESTAMP, OLDEST_UNFLUSHED_AGE,
+};
+
 /// What the worker records and `/readyz` reads.
 #[derive(Debug, Default)]
 pub struct WorkerHealth {
     /// Commit time of the last successful flush (ms since the epoch), 0 before the first.
     pub last_flush_ms: AtomicU64,
-    /// The largest staleness any flush has had, for the `increments_staleness_max_seconds`
+    /// The largest staleness any flush has had, for the `weir_increments_staleness_max_seconds`
     /// gauge.
     pub max_staleness_ms: AtomicU64,
     /// Times the Redis stream or its group was found gone and recreated (see the ERROR log).
@@ -32,24 +36,16 @@ pub struct WorkerHealth {
     last_error: Mutex<Option<String>>,
 }
 
-/// Registers the flush-health metrics at zero, so alerts see them before the first flush.
-pub fn register_metrics() {
-    metrics::gauge!("weir_increments_flush_failing").set(0.0);
-    metrics::gauge!("weir_increments_flush_consecutive_failures").set(0.0);
-    metrics::gauge!("weir_increments_last_flush_timestamp_seconds").set(0.0);
-    metrics::gauge!("weir_increments_oldest_unflushed_age_seconds").set(0.0);
-}
-
 impl WorkerHealth {
     pub fn flush_succeeded(&self, now_ms: u64) {
         self.last_flush_ms.store(now_ms, Ordering::Relaxed);
         self.consecutive_failures.store(0, Ordering::Relaxed);
         self.held_since_ms.store(0, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        metrics::gauge!("weir_increments_flush_failing").set(0.0);
-        metrics::gauge!("weir_increments_flush_consecutive_failures").set(0.0);
-        metrics::gauge!("weir_increments_last_flush_timestamp_seconds").set(now_ms as f64 / 1000.0);
-        metrics::gauge!("weir_increments_oldest_unflushed_age_seconds").set(0.0);
+        metrics::gauge!(FLUSH_FAILING).set(0.0);
+        metrics::gauge!(FLUSH_CONSECUTIVE_FAILURES).set(0.0);
+        metrics::gauge!(LAST_FLUSH_TIMESTAMP).set(now_ms as f64 / 1000.0);
+        metrics::gauge!(OLDEST_UNFLUSHED_AGE).set(0.0);
     }
 
     /// `held_since_ms`: enqueue time of the oldest increment the failed flush holds.
@@ -58,14 +54,14 @@ impl WorkerHealth {
         let held_since = held_since_ms.unwrap_or(0);
         self.held_since_ms.store(held_since, Ordering::Relaxed);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
-        metrics::gauge!("weir_increments_flush_failing").set(1.0);
-        metrics::gauge!("weir_increments_flush_consecutive_failures").set(failures as f64);
+        metrics::gauge!(FLUSH_FAILING).set(1.0);
+        metrics::gauge!(FLUSH_CONSECUTIVE_FAILURES).set(failures as f64);
         let age_ms = if held_since == 0 {
             0
         } else {
             now_ms.saturating_sub(held_since)
         };
-        metrics::gauge!("weir_increments_oldest_unflushed_age_seconds").set(age_ms as f64 / 1000.0);
+        metrics::gauge!(OLDEST_UNFLUSHED_AGE).set(age_ms as f64 / 1000.0);
     }
 
     pub fn snapshot(&self) -> FlushSnapshot {

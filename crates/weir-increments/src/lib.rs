@@ -6,6 +6,7 @@
 //! - [`validate`]: one request body to an [`validate::Increment`] or the exact reason not.
 //! - [`aggregate`]: per-key sums, and the plan of one flush (duplicates skipped, overflows
 //!   dead-lettered) that the stores apply inside their transaction.
+//! - [`idempotency`]: the `Idempotency-Key` header, what counts as a repeat, and the answer.
 //!
 //! I/O at the edges:
 //! - [`server`]: the axum API (auth, rate limit, `/readyz`, `/openapi.json` from [`openapi`]).
@@ -13,6 +14,8 @@
 //!   ([`queue::redis`]).
 //! - [`store`]: SQLite ([`store::sqlite`]) or Postgres ([`store::postgres`]).
 //! - [`worker`]: the read, sum, flush, acknowledge loop.
+//! - [`keyed_writer`]: the embedded mode's keyed requests, group-committed with their keys.
+//! - [`health`]: what `/readyz` reports; [`metric_names`]: every metric, with help text.
 //! - [`bench`]: `weir increments bench`, the load generator and the bare 202 ceiling.
 //!
 //! [`config`] holds the settings; [`run`] starts any [`Role`].
@@ -21,6 +24,9 @@ pub mod aggregate;
 pub mod bench;
 pub mod config;
 pub mod health;
+pub mod idempotency;
+pub mod keyed_writer;
+pub mod metric_names;
 pub mod openapi;
 pub mod proxy;
 pub mod queue;
@@ -103,7 +109,7 @@ pub async fn start(
     shutdown: Shutdown,
 ) -> Result<Running, IncrementsError> {
     config.validate()?;
-    health::register_metrics();
+    metric_names::register();
     let needs_store = role != Role::Api || config.database_url.is_some();
     let uses_data_dir =
         config.redis_url.is_none() || (needs_store && config.database_url.is_none());

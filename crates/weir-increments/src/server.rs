@@ -22,11 +22,17 @@ use weir_runtime::http::ApiError;
 
 use crate::config::IncrementsConfig;
 use crate::health::{flush_status, is_ready, WorkerHealth};
+use crate::idempotency::{decide, fingerprint, parse_key, scoped, BadKey, Decision, InFlight};
+use crate::keyed_writer::KeyedWriter;
+use crate::metric_names::{
+    IDEMPOTENCY_CONFLICTS, IDEMPOTENT_REPLAYS, LAST_COMMIT_TIMESTAMP, QUEUE_DEPTH, REQUESTS,
+};
 use crate::proxy::{client_address, Cidr};
 use crate::queue::embedded::now_ms;
 use crate::queue::{Producer, QueueError};
+use crate::store::KeyedIncrement;
 use crate::store::Store;
-use crate::validate::{is_json_content_type, parse_increment, parse_key_text};
+use crate::validate::{is_json_content_type, parse_increment, parse_key_text, Increment};
 
 pub const BODY_LIMIT: usize = 1024;
 
@@ -46,6 +52,10 @@ pub struct AppState {
     max_queue_depth: u64,
     max_staleness_ms: u64,
     trusted_proxies: Arc<[Cidr]>,
+    in_flight: InFlight,
+    /// The embedded mode's writer of keyed requests (Redis keeps keys beside the stream).
+    keyed: Option<KeyedWriter>,
+    idempotency_retention: Duration,
 }
 
 impl AppState {
@@ -65,8 +75,11 @@ impl AppState {
                 Quota::per_second(rate).allow_burst(burst),
             )))
         });
+        let keyed = match (&producer, &store) {
+            (Producer::Embedded(_), Some(store)) => Some(KeyedWriter::start(store.clone())),
+            _ => None,
+        };
         AppState {
-            producer,
             store,
             worker,
             api_keys: Arc::new(
@@ -80,6 +93,10 @@ impl AppState {
             max_queue_depth: config.max_queue_depth,
             max_staleness_ms: config.max_staleness_ms,
             trusted_proxies: config.trusted_proxies.iter().copied().collect(),
+            in_flight: InFlight::default(),
+            keyed,
+            idempotency_retention: config.idempotency_retention(),
+            producer,
         }
     }
 }
@@ -98,6 +115,7 @@ pub fn router(state: AppState) -> Router {
             }
         });
     }
+    spawn_observer(&state);
     let mut guarded = Router::new()
         .route("/increment", post(increment))
         .route("/counts/{key}", get(count));
@@ -158,23 +176,17 @@ async fn json_errors(response: Response) -> Response {
 fn count_status(status: StatusCode) {
     static COUNTERS: OnceLock<Vec<(u16, metrics::Counter)>> = OnceLock::new();
     let counters = COUNTERS.get_or_init(|| {
-        [202u16, 400, 401, 413, 415, 429, 503]
+        [202u16, 400, 401, 409, 413, 415, 422, 429, 503]
             .into_iter()
             .map(|code| {
                 let label = code.to_string();
-                (
-                    code,
-                    metrics::counter!("increments_requests_total", "status" => label),
-                )
+                (code, metrics::counter!(REQUESTS, "status" => label))
             })
             .collect()
     });
     match counters.iter().find(|(code, _)| *code == status.as_u16()) {
         Some((_, counter)) => counter.increment(1),
-        None => {
-            metrics::counter!("increments_requests_total", "status" => status.as_str().to_owned())
-                .increment(1)
-        }
+        None => metrics::counter!(REQUESTS, "status" => status.as_str().to_owned()).increment(1),
     }
 }
 
@@ -333,6 +345,9 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
             return error.into_response();
         }
     };
+    if let Some(raw) = headers.get(IDEMPOTENCY_KEY) {
+        return accept_keyed(state, headers, raw.as_bytes(), increment).await;
+    }
     if let Some(depth) = state.producer.depth() {
         if depth >= state.max_queue_depth {
             return unavailable(QueueError::Full(depth));
@@ -341,6 +356,107 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
     match state.producer.enqueue(increment).await {
         Ok(()) => StatusCode::ACCEPTED.into_response(),
         Err(err) => unavailable(err),
+    }
+}
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// A request with an `Idempotency-Key`: its key and increment become durable together, or
+/// the key is found and the request answered as a repeat (see [`crate::idempotency`]).
+async fn accept_keyed(
+    state: &AppState,
+    headers: &HeaderMap,
+    raw: &[u8],
+    increment: Increment,
+) -> Response {
+    let key = match parse_key(raw) {
+        Ok(key) => key,
+        Err(BadKey(message)) => {
+            return ApiError::bad_request(message)
+                .with_field("Idempotency-Key")
+                .into_response()
+        }
+    };
+    // The guard has checked the key already; here it only scopes the idempotency key.
+    let api_key = (!state.api_keys.is_empty())
+        .then(|| {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok())
+                .and_then(bearer_token)
+        })
+        .flatten();
+    let key = scoped(&key, api_key);
+    let fingerprint = fingerprint(&increment);
+    let _claim = match state.in_flight.begin(&key, &fingerprint) {
+        Ok(claim) => claim,
+        Err(decision) => return answer_keyed(decision),
+    };
+    let recorded = match (&state.producer, &state.keyed) {
+        (Producer::Redis(producer), _) => producer
+            .enqueue_keyed(&key, &fingerprint, increment, state.idempotency_retention)
+            .await
+            .map_err(|err| err.to_string()),
+        (Producer::Embedded(_), Some(writer)) => writer
+            .apply(KeyedIncrement {
+                key,
+                fingerprint: fingerprint.clone(),
+                increment,
+            })
+            .await
+            .map_err(|err| err.to_string()),
+        (Producer::Embedded(_), None) => Err("this process has no store for keys".to_string()),
+    };
+    match recorded {
+        Ok(recorded) => answer_keyed(decide(&recorded, &fingerprint)),
+        Err(err) => {
+            weir_runtime::warn_limited!(REFUSED_LOG, %err, "keyed increment refused");
+            let mut response = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot record the increment: {err}"),
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+fn answer_keyed(decision: Decision) -> Response {
+    match decision {
+        Decision::Accepted => StatusCode::ACCEPTED.into_response(),
+        Decision::Replayed => {
+            metrics::counter!(IDEMPOTENT_REPLAYS).increment(1);
+            let mut response = StatusCode::ACCEPTED.into_response();
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            response
+        }
+        Decision::InFlight => {
+            metrics::counter!(IDEMPOTENCY_CONFLICTS, "reason" => "in_flight").increment(1);
+            let mut response = ApiError::new(
+                StatusCode::CONFLICT,
+                "a request with this Idempotency-Key is still being processed; retry it",
+            )
+            .with_field("Idempotency-Key")
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+        }
+        Decision::Mismatch => {
+            metrics::counter!(IDEMPOTENCY_CONFLICTS, "reason" => "mismatch").increment(1);
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "this Idempotency-Key was used for a different request",
+            )
+            .with_field("Idempotency-Key")
+            .into_response()
+        }
     }
 }
 
@@ -378,11 +494,7 @@ async fn count(State(state): State<AppState>, Path(key): Path<String>) -> Respon
         )
         .into_response();
     };
-    let last_flush = state
-        .worker
-        .as_ref()
-        .map(|w| w.last_flush_ms.load(Ordering::Relaxed))
-        .filter(|ms| *ms > 0);
+    let last_flush = last_commit_ms(state.worker.as_deref(), Some(store)).await;
     match store.count(key).await {
         Ok(count) => Json(json!({
             "key": key,
@@ -414,6 +526,67 @@ async fn readyz(State(state): State<AppState>) -> Response {
         state.max_staleness_ms,
     )
     .await
+}
+
+/// When totals were last committed: this process's own flushes when it has a worker, else
+/// (an `api` process) what the workers recorded in the database.
+async fn last_commit_ms(worker: Option<&WorkerHealth>, store: Option<&Store>) -> Option<i64> {
+    if let Some(worker) = worker {
+        let ms = worker.last_flush_ms.load(Ordering::Relaxed);
+        return (ms > 0).then_some(ms as i64);
+    }
+    let store = store?;
+    match tokio::time::timeout(Duration::from_secs(1), store.last_commit_ms()).await {
+        Ok(Ok(ms)) => ms,
+        _ => None,
+    }
+}
+
+/// The queue's backlog (the embedded log's unflushed records, or the Redis group's lag plus
+/// pending entries) and the last commit time, also set as gauges.
+async fn observe(
+    producer: &Producer,
+    store: Option<&Store>,
+    worker: Option<&WorkerHealth>,
+) -> (Option<u64>, Option<i64>) {
+    let depth = match producer {
+        Producer::Embedded(producer) => Some(producer.depth()),
+        Producer::Redis(producer) => {
+            match tokio::time::timeout(Duration::from_secs(1), producer.backlog()).await {
+                Ok(Ok(depth)) => depth,
+                _ => None,
+            }
+        }
+    };
+    if let Some(depth) = depth {
+        metrics::gauge!(QUEUE_DEPTH).set(depth as f64);
+    }
+    let last_commit = last_commit_ms(worker, store).await;
+    if let Some(ms) = last_commit {
+        metrics::gauge!(LAST_COMMIT_TIMESTAMP).set(ms as f64 / 1000.0);
+    }
+    (depth, last_commit)
+}
+
+/// Keeps the backlog and last-commit gauges of an `api` process current between probes:
+/// nothing else in such a process would move them.
+fn spawn_observer(state: &AppState) {
+    if state.worker.is_some() {
+        return;
+    }
+    // Ends once the router (every clone of the state) is gone.
+    let serving = state.in_flight.liveness();
+    let (producer, store) = (state.producer.clone(), state.store.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            if !serving.is_alive() {
+                return;
+            }
+            observe(&producer, store.as_ref(), None).await;
+        }
+    });
 }
 
 /// `/healthz`, `/readyz` and `/metrics` for a worker-only process: ready while it can flush.
@@ -465,10 +638,10 @@ async fn readiness(
     };
     let flush = worker.map(|worker| flush_status(&worker.snapshot(), now_ms(), max_staleness_ms));
     let ready = is_ready(queue.as_ref().map(|queue| queue == "ok"), flush.as_ref());
-    let depth = producer.and_then(Producer::depth);
-    if let Some(depth) = depth {
-        metrics::gauge!("increments_queue_depth").set(depth as f64);
-    }
+    let (depth, last_commit) = match producer {
+        Some(producer) => observe(producer, store, worker).await,
+        None => (None, last_commit_ms(worker, store).await),
+    };
     let status = if ready {
         StatusCode::OK
     } else {
@@ -479,6 +652,7 @@ async fn readiness(
         "queue": queue.unwrap_or_else(|| "not used by this process".to_string()),
         "queueDepth": depth,
         "database": database,
+        "lastCommitAtMs": last_commit,
         "flush": flush,
     });
     (status, Json(body)).into_response()

@@ -13,6 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::aggregate::{Aggregator, Item, Pending};
 use crate::config::IncrementsConfig;
+use crate::metric_names::{
+    APPLIED, BATCH_KEYS, BATCH_SIZE, DEAD_LETTERS, DUPLICATES_SKIPPED, FLUSH_FAILURES,
+    FLUSH_SECONDS, IDEMPOTENCY_KEYS_PRUNED, QUEUE_DEPTH, STALENESS_MAX_SECONDS, STALENESS_SECONDS,
+    WORKER_HELD,
+};
 use crate::queue::embedded::now_ms;
 use crate::queue::{Consumer, Next, QueueError};
 use crate::store::{DeadLetterRetention, FlushReport, Store};
@@ -41,6 +46,7 @@ pub struct Worker {
     health: Arc<WorkerHealth>,
     last_prune: Instant,
     dead_letter_retention: DeadLetterRetention,
+    idempotency_retention: Duration,
     /// None until the first prune, which runs at once: a restart after a long stop
     /// prunes what expired meanwhile.
     last_dead_letter_prune: Option<Instant>,
@@ -68,6 +74,7 @@ impl Worker {
             health,
             last_prune: Instant::now(),
             dead_letter_retention: config.dead_letter_retention(),
+            idempotency_retention: config.idempotency_retention(),
             last_dead_letter_prune: None,
             last_touch: Instant::now(),
             last_depth: Instant::now(),
@@ -108,11 +115,11 @@ impl Worker {
             self.health
                 .streams_lost
                 .store(self.consumer.streams_lost(), Ordering::Relaxed);
-            metrics::gauge!("increments_worker_held").set(self.aggregator.len() as f64);
+            metrics::gauge!(WORKER_HELD).set(self.aggregator.len() as f64);
             if self.last_depth.elapsed() >= Duration::from_secs(1) {
                 self.last_depth = Instant::now();
                 if let Ok(depth) = self.consumer.depth().await {
-                    metrics::gauge!("increments_queue_depth").set(depth as f64);
+                    metrics::gauge!(QUEUE_DEPTH).set(depth as f64);
                 }
             }
             if self.until_due().is_zero() || self.aggregator.len() >= self.max_pending {
@@ -208,7 +215,7 @@ impl Worker {
                 Err(err) => {
                     self.health
                         .flush_failed(err.to_string(), pending.oldest_ms, now_ms());
-                    metrics::counter!("increments_flush_failures_total").increment(1);
+                    metrics::counter!(FLUSH_FAILURES).increment(1);
                     tracing::warn!(%err, retry_in_ms = backoff.as_millis() as u64, "flush failed; retrying");
                     if token.is_cancelled() && started.elapsed() > self.shutdown_flush {
                         tracing::error!("giving up the final flush; the queue keeps the increments for the next start");
@@ -231,24 +238,23 @@ impl Worker {
             "flushed"
         );
         self.health.flush_succeeded(now);
-        metrics::histogram!("increments_flush_seconds").record(took.as_secs_f64());
-        metrics::histogram!("increments_batch_size").record(pending.len as f64);
-        metrics::histogram!("increments_batch_keys").record(report.keys as f64);
-        metrics::counter!("increments_applied_total").increment(report.applied as u64);
-        metrics::counter!("increments_duplicates_skipped_total")
-            .increment(report.duplicates as u64);
+        metrics::histogram!(FLUSH_SECONDS).record(took.as_secs_f64());
+        metrics::histogram!(BATCH_SIZE).record(pending.len as f64);
+        metrics::histogram!(BATCH_KEYS).record(report.keys as f64);
+        metrics::counter!(APPLIED).increment(report.applied as u64);
+        metrics::counter!(DUPLICATES_SKIPPED).increment(report.duplicates as u64);
         if let Some(oldest) = pending.oldest_ms {
             let staleness = now.saturating_sub(oldest);
-            metrics::histogram!("increments_staleness_seconds").record(staleness as f64 / 1000.0);
+            metrics::histogram!(STALENESS_SECONDS).record(staleness as f64 / 1000.0);
             let max = self
                 .health
                 .max_staleness_ms
                 .fetch_max(staleness, Ordering::Relaxed)
                 .max(staleness);
-            metrics::gauge!("increments_staleness_max_seconds").set(max as f64 / 1000.0);
+            metrics::gauge!(STALENESS_MAX_SECONDS).set(max as f64 / 1000.0);
         }
         if !report.dead.is_empty() {
-            metrics::counter!("increments_dead_letters_total", "reason" => "overflow")
+            metrics::counter!(DEAD_LETTERS, "reason" => "overflow")
                 .increment(report.dead.len() as u64);
             // A client can send overflowing increments on purpose: one line each would let
             // it fill the disk, so the metric counts them all and the log shows a sample.
@@ -353,6 +359,17 @@ impl Worker {
         }
         if let Err(err) = self.consumer.trim_dead_letters(before_ms, keep).await {
             tracing::warn!(%err, "cannot trim the dead-letter stream");
+        }
+        // Keys of the embedded mode live in the store (Redis expires its own).
+        let keys_before = now.saturating_sub(self.idempotency_retention.as_millis() as u64);
+        match self.store.prune_keys(keys_before as i64).await {
+            Ok(removed) => {
+                metrics::counter!(IDEMPOTENCY_KEYS_PRUNED).increment(removed);
+                if removed > 0 {
+                    tracing::info!(removed, "forgot idempotency keys beyond their retention");
+                }
+            }
+            Err(err) => tracing::warn!(%err, "cannot prune idempotency keys"),
         }
     }
 }

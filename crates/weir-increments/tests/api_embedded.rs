@@ -320,10 +320,10 @@ async fn probes_metrics_and_unknown_routes() {
     let metrics = request(server.addr, "GET", "/metrics", &[], b"").await;
     assert_eq!(metrics.status, 200);
     for name in [
-        "increments_requests_total",
-        "increments_batch_size",
-        "increments_flush_seconds",
-        "increments_staleness_seconds",
+        "weir_increments_requests_total",
+        "weir_increments_batch_size",
+        "weir_increments_flush_seconds",
+        "weir_increments_staleness_seconds",
         "weir_increments_flush_failing",
         "weir_increments_flush_consecutive_failures",
         "weir_increments_last_flush_timestamp_seconds",

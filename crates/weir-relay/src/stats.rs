@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
+use weir_runtime::telemetry::{MetricKind, MetricSpec};
 
 /// Counts gathered while handling one batch, published at once so the hot path touches no
 /// shared memory per event.
@@ -50,16 +51,10 @@ const REORDER_WINDOW: &str = "weir_relay_reorder_window";
 const SOURCES_CONNECTED: &str = "weir_relay_sources_connected";
 const QUEUED_BYTES: &str = "weir_relay_queued_bytes";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MetricKind {
-    Counter,
-    Gauge,
-}
-
 /// Every metric the relay exports, with its help text. All of them are registered at zero when
 /// the relay starts, so that `rate()` and alerts work from the first scrape rather than from
 /// the first occurrence.
-const METRICS: &[(&str, MetricKind, &str)] = &[
+const METRICS: &[MetricSpec] = &[
     (EVENTS_RECEIVED, MetricKind::Counter, "Events read from the event source."),
     (EVENTS_DELIVERED, MetricKind::Counter, "Events released in sequence order and routed to their recipients."),
     (EVENTS_MALFORMED, MetricKind::Counter, "Event lines that could not be parsed and were skipped."),
@@ -76,22 +71,6 @@ const METRICS: &[(&str, MetricKind, &str)] = &[
     (SOURCES_CONNECTED, MetricKind::Gauge, "Event sources connected now (0 or 1)."),
     (QUEUED_BYTES, MetricKind::Gauge, "Bytes handed to user client sessions and not yet written or discarded."),
 ];
-
-/// Describes every relay metric and sets it to zero in the installed recorder.
-fn register_metrics() {
-    for &(name, kind, help) in METRICS {
-        match kind {
-            MetricKind::Counter => {
-                metrics::describe_counter!(name, help);
-                metrics::counter!(name).increment(0);
-            }
-            MetricKind::Gauge => {
-                metrics::describe_gauge!(name, help);
-                metrics::gauge!(name).set(0.0);
-            }
-        }
-    }
-}
 
 #[derive(Debug, Default)]
 pub struct RelayStats {
@@ -117,7 +96,7 @@ pub struct RelayStats {
 impl RelayStats {
     /// `queued_bytes`: the count of bytes handed to client sessions and not yet written.
     pub fn new(queued_bytes: Arc<AtomicUsize>) -> Self {
-        register_metrics();
+        weir_runtime::telemetry::register_metrics(METRICS);
         RelayStats {
             queued_bytes,
             ..Self::default()
@@ -263,6 +242,7 @@ mod tests {
             let kind = match kind {
                 MetricKind::Counter => "counter",
                 MetricKind::Gauge => "gauge",
+                MetricKind::Histogram => "summary",
             };
             assert!(
                 text.contains(&format!("# TYPE {name} {kind}")),

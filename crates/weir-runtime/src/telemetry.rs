@@ -71,3 +71,39 @@ pub fn prometheus() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// What a metric is, for [`register_metrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    /// Rendered as a Prometheus summary (quantiles) by this recorder.
+    Histogram,
+}
+
+/// One metric a service exposes: its name, kind and help text.
+pub type MetricSpec = (&'static str, MetricKind, &'static str);
+
+/// Installs the recorder, gives every metric of `specs` its help text, and creates it at
+/// zero, so `rate()` and alerts work from the first scrape instead of the first occurrence.
+/// Labelled metrics are created without labels' values; pass them pre-labelled where an
+/// outcome should exist at zero.
+pub fn register_metrics(specs: &[MetricSpec]) {
+    let _installed = prometheus();
+    for &(name, kind, help) in specs {
+        match kind {
+            MetricKind::Counter => {
+                metrics::describe_counter!(name, help);
+                metrics::counter!(name).increment(0);
+            }
+            MetricKind::Gauge => {
+                metrics::describe_gauge!(name, help);
+                metrics::gauge!(name).set(0.0);
+            }
+            MetricKind::Histogram => {
+                metrics::describe_histogram!(name, help);
+                let _created = metrics::histogram!(name);
+            }
+        }
+    }
+}

@@ -29,12 +29,22 @@ pub enum DistinctCommand {
         #[command(flatten)]
         flags: CoordinatorFlags,
     },
+    /// Load against a coordinator (started here, or `--url`), then check every count.
+    Bench(weir_distinct::bench::BenchFlags),
 }
 
 pub async fn run(command: DistinctCommand, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
     match command {
         DistinctCommand::Worker { flags, listen } => worker(flags, listen, shutdown).await,
         DistinctCommand::Coordinator { flags } => coordinator(flags, shutdown).await,
+        DistinctCommand::Bench(flags) => {
+            let passed = weir_distinct::bench::run(flags, shutdown.token.clone()).await?;
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 

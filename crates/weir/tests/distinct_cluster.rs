@@ -23,9 +23,9 @@ fn the_seed_sanity_scenario_with_four_worker_processes() {
       {"id":"4", "tenant": "t1"}]"#;
     let (status, answer) = http(coordinator.addr, "POST", "/items", body).unwrap();
     assert_eq!(status, 200, "{answer}");
-    assert_eq!(count(coordinator.addr, "t1"), 2);
-    assert_eq!(count(coordinator.addr, "t2"), 1);
-    assert_eq!(count(coordinator.addr, "t3"), 1);
+    settled(coordinator.addr, "t1", 2);
+    settled(coordinator.addr, "t2", 1);
+    settled(coordinator.addr, "t3", 1);
     // Each worker logs to its own file.
     for port in &ports[1..] {
         let log = dir.path().join(format!("logs/worker-localhost-{port}.log"));
@@ -116,14 +116,14 @@ fn kill_9_of_the_coordinator_takes_its_workers_and_a_restart_comes_up() {
     }
     // Same config, same ports, same store: it comes up, and nothing acknowledged is lost.
     let coordinator = Coordinator::start(dir.path(), ports[0]);
-    assert_eq!(count(coordinator.addr, "a"), 1);
+    settled(coordinator.addr, "a", 1);
     let second = items_json(&[("a".into(), "1".into()), ("a".into(), "2".into())]);
     assert_eq!(
         http(coordinator.addr, "POST", "/items", &second).unwrap().0,
         200
     );
-    assert_eq!(count(coordinator.addr, "a"), 2);
-    assert_eq!(count(coordinator.addr, "b"), 1);
+    settled(coordinator.addr, "a", 2);
+    settled(coordinator.addr, "b", 1);
     assert!(coordinator.stop().success());
 }
 
@@ -218,6 +218,6 @@ fn a_bad_value_stops_the_start_naming_the_key_and_a_reload_keeps_the_last_good_c
         http(coordinator.addr, "POST", "/items", &body).unwrap().0,
         200
     );
-    assert_eq!(count(coordinator.addr, "t"), 1);
+    settled(coordinator.addr, "t", 1);
     assert!(coordinator.stop().success());
 }

@@ -64,10 +64,15 @@ impl Proc {
 
 /// One POST; Some(status) or None if the connection failed (server down or killed).
 async fn post(addr: SocketAddr, key: &str, value: i64) -> Option<u16> {
+    post_with(addr, key, value, "").await
+}
+
+/// One POST carrying `extra_headers` (each ending in CRLF).
+async fn post_with(addr: SocketAddr, key: &str, value: i64, extra_headers: &str) -> Option<u16> {
     let body = format!(r#"{{"key":"{key}","value":{value}}}"#);
     let mut stream = TcpStream::connect(addr).await.ok()?;
     let head = format!(
-        "POST /increment HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST /increment HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\n{extra_headers}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(head.as_bytes()).await.ok()?;
@@ -155,6 +160,83 @@ fn subset_sums_to(values: &[i64], target: i64) -> bool {
         }
     }
     reachable[target]
+}
+
+/// A client that retries each request with its Idempotency-Key until it is answered 202,
+/// whatever happens to the server: its key's total must then be exactly what it sent.
+fn keyed_client(
+    target: Arc<std::sync::Mutex<SocketAddr>>,
+    key: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(i64, u64)> {
+    tokio::spawn(async move {
+        let (mut sent, mut retries) = (0, 0);
+        let mut n = 0i64;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let value = 1 + n % 7;
+            let header = format!("Idempotency-Key: {key}-{n}\r\n");
+            loop {
+                let addr = *target.lock().unwrap();
+                match post_with(addr, &key, value, &header).await {
+                    Some(202) => break,
+                    // Down, or the first attempt still in flight: the same request again.
+                    None | Some(409) | Some(503) => {
+                        retries += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Some(status) => panic!("unexpected status {status}"),
+                }
+            }
+            sent += value;
+        }
+        (sent, retries)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_retries_through_kill_9_count_every_request_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_string();
+    let args = [
+        "increments",
+        "serve",
+        "--bind-address",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--data-dir",
+        &data,
+    ];
+    let mut server = spawn(&args, &[]).await;
+    let target = Arc::new(std::sync::Mutex::new(server.addr.unwrap()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let keys: Vec<String> = (0..8).map(|_| Uuid::new_v4().to_string()).collect();
+    let clients: Vec<_> = keys
+        .iter()
+        .map(|key| keyed_client(target.clone(), key.clone(), stop.clone()))
+        .collect();
+    for _round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        server.kill9().await;
+        server = spawn(&args, &[]).await;
+        *target.lock().unwrap() = server.addr.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total_retries = 0;
+    for (key, handle) in keys.iter().zip(clients) {
+        let (sent, retries) = handle.await.unwrap();
+        total_retries += retries;
+        let exact = Tally {
+            acknowledged: sent,
+            ..Tally::default()
+        };
+        settle(server.addr.unwrap(), key, &exact).await;
+    }
+    eprintln!("keyed: 3 kills, {total_retries} retries; every total is exactly what was sent");
+    assert!(total_retries > 0, "the kills interrupted requests");
+    server.kill9().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

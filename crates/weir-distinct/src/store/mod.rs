@@ -1,14 +1,18 @@
-//! The shard stores (SQLite files, or Postgres tables): each tenant's items live in one shard, and only the process holding a
-//! shard's lock writes it, so whether an item is new is decided in one place.
+//! The shard stores (SQLite files, or Postgres tables): each tenant's items live in one
+//! shard, and only the process holding a shard's lock writes it, so whether an item is new
+//! is decided in one place.
 //!
-//! A write commits the rows and the per-tenant counts in one transaction before it returns,
-//! so an acknowledged item is durable and already counted; reading a count is one
-//! primary-key lookup.
+//! An acknowledged item is durable. SQLite acknowledges once the items are appended to the
+//! shard's log and counts them within `fold_after` (see [`sqlite`]); Postgres commits the
+//! rows and the per-tenant counts in one transaction before it answers. Either way reading
+//! a count is one primary-key lookup.
 
 pub mod postgres;
 pub mod sqlite;
 
-use crate::shard::{group_by_shard, Item};
+use std::time::Duration;
+
+use crate::shard::{decode_items, group_by_shard, Batch, Item};
 
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -22,6 +26,8 @@ pub enum StoreError {
     Sqlite { shard: u16, source: rusqlite::Error },
     #[error("shard {shard}: the commit failed: {message}")]
     Commit { shard: u16, message: String },
+    #[error("shard {shard}'s log: {message}")]
+    Log { shard: u16, message: String },
     #[error("shard {shard}: {source}")]
     Open {
         shard: u16,
@@ -48,6 +54,11 @@ pub struct StoreOptions {
     /// Most items one group commit takes from the requests waiting for a shard: bounds a
     /// transaction's memory and how long it keeps later requests waiting.
     pub max_group_items: usize,
+    /// The longest an acknowledged item waits in a shard's log before it is counted
+    /// (`worker_persist`); zero counts it before the acknowledgement. SQLite only.
+    pub fold_after: Duration,
+    /// Threads folding logged items into the SQLite index.
+    pub folders: usize,
 }
 
 impl Default for StoreOptions {
@@ -56,6 +67,8 @@ impl Default for StoreOptions {
             shards: crate::shard::SHARDS,
             fsync: false,
             max_group_items: 50_000,
+            fold_after: Duration::from_millis(500),
+            folders: 2,
         }
     }
 }
@@ -72,13 +85,46 @@ impl Store {
     /// the same items again (a retry after any failure) is always safe. On an error some
     /// shards may have committed; the caller answers non-2xx and a retry completes the rest.
     pub async fn insert(&self, items: Vec<Item>) -> Result<(), StoreError> {
-        let groups = group_by_shard(items, self.options().shards);
-        let writes = groups.into_iter().map(|(shard, items)| async move {
-            match self {
-                Store::Sqlite(store) => store.insert_shard(shard, items).await,
-                Store::Postgres(store) => store.insert_shard(shard, items).await,
+        match self {
+            Store::Sqlite(store) => {
+                store
+                    .insert_batch(Batch::from_items(&items, self.options().shards))
+                    .await
             }
-        });
+            Store::Postgres(store) => Self::insert_postgres(store, items).await,
+        }
+    }
+
+    /// As [`insert`](Self::insert), for items already encoded per shard (the request path:
+    /// no allocation per item).
+    pub async fn insert_batch(&self, batch: Batch) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.insert_batch(batch).await,
+            Store::Postgres(store) => {
+                let mut pairs = Vec::with_capacity(batch.items);
+                for (shard, bytes) in &batch.groups {
+                    decode_items(bytes, &mut pairs).map_err(|err| StoreError::Log {
+                        shard: *shard,
+                        message: err.to_string(),
+                    })?;
+                }
+                let items = pairs
+                    .into_iter()
+                    .map(|(tenant, id)| Item {
+                        tenant: tenant.to_string(),
+                        id: id.to_string(),
+                    })
+                    .collect();
+                Self::insert_postgres(store, items).await
+            }
+        }
+    }
+
+    async fn insert_postgres(store: &PostgresStore, items: Vec<Item>) -> Result<(), StoreError> {
+        let groups = group_by_shard(items, store.options().shards);
+        let writes = groups
+            .into_iter()
+            .map(|(shard, items)| store.insert_shard(shard, items));
         // Shards commit in parallel, each on its own writer.
         for result in futures::future::join_all(writes).await {
             result?;
@@ -90,6 +136,15 @@ impl Store {
         match self {
             Store::Sqlite(store) => store.options(),
             Store::Postgres(store) => store.options(),
+        }
+    }
+
+    /// Counts every item acknowledged so far (SQLite folds what its logs hold; Postgres
+    /// counts at once).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(store) => store.flush().await,
+            Store::Postgres(_) => Ok(()),
         }
     }
 

@@ -122,12 +122,40 @@ pub fn items_json(pairs: &[(String, String)]) -> String {
     serde_json::Value::Array(items).to_string()
 }
 
+/// A worker's config over `database` with `worker_persist: 0`: items are counted before
+/// they are acknowledged, so a test reads exact counts right after a 200.
 pub fn config(database: &std::path::Path) -> DistinctConfig {
+    config_persist(database, std::time::Duration::ZERO)
+}
+
+pub fn config_persist(
+    database: &std::path::Path,
+    worker_persist: std::time::Duration,
+) -> DistinctConfig {
     let mut config = RawConfig::default()
         .validate("test")
         .expect("defaults are valid");
     config.database = Database::Sqlite(database.to_path_buf());
+    config.worker_persist = worker_persist;
     config
+}
+
+/// Reads `tenant`'s count until it is `expected` (acknowledged items show within
+/// `worker_persist`) or `within` passes; returns the last count read.
+pub async fn count_within(
+    addr: SocketAddr,
+    tenant: &str,
+    expected: u64,
+    within: std::time::Duration,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let counted = count(addr, tenant).await;
+        if counted == expected || tokio::time::Instant::now() >= deadline {
+            return counted;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// A worker on port 0; cancel `shutdown.token` and await the handle to stop it.

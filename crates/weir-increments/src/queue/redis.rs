@@ -26,6 +26,8 @@ use uuid::Uuid;
 use super::{Next, QueueError};
 use crate::aggregate::{DeadLetter, EntryId, Item};
 use crate::config::IncrementsConfig;
+use crate::idempotency::Recorded;
+use crate::metric_names::{DEAD_LETTERS, STREAM_LOST};
 use crate::store::{floor, Store};
 use crate::validate::Increment;
 
@@ -48,14 +50,72 @@ async fn connect(
 pub struct RedisProducer {
     conn: ConnectionManager,
     stream: String,
+    group: String,
+    keyed: std::sync::Arc<redis::Script>,
 }
+
+/// A keyed request in one atomic step: if the key is stored, its fingerprint; else the
+/// entry is appended and the key stored with it (expiring after the retention). Redis runs
+/// a script whole, so no crash or concurrent request can see one without the other.
+const KEYED_XADD: &str = r"
+local existing = redis.call('GET', KEYS[1])
+if existing then return existing end
+redis.call('XADD', KEYS[2], '*', 'k', ARGV[3], 'v', ARGV[4])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+";
 
 impl RedisProducer {
     pub async fn connect(config: &IncrementsConfig, url: &str) -> Result<Self, QueueError> {
         Ok(RedisProducer {
             conn: connect(url, Some(Duration::from_secs(5))).await?,
             stream: config.stream.clone(),
+            group: config.group.clone(),
+            keyed: std::sync::Arc::new(redis::Script::new(KEYED_XADD)),
         })
+    }
+
+    /// Appends a keyed increment unless its key is stored (see [`KEYED_XADD`]). The keys
+    /// live beside the stream (`<stream>:idempotency:<key>`), each expiring after `retention`.
+    pub async fn enqueue_keyed(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        increment: Increment,
+        retention: Duration,
+    ) -> Result<Recorded, QueueError> {
+        let mut conn = self.conn.clone();
+        let existing: Option<String> = self
+            .keyed
+            .key(format!("{}:idempotency:{key}", self.stream))
+            .key(&self.stream)
+            .arg(fingerprint)
+            .arg(retention.as_millis().max(1) as u64)
+            .arg(increment.key.hyphenated().to_string())
+            .arg(increment.value)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(match existing {
+            Some(fingerprint) => Recorded::Existing(fingerprint),
+            None => Recorded::Applied,
+        })
+    }
+
+    /// Entries the workers have not acknowledged yet: the group's lag plus its pending
+    /// entries (`None` before the group exists).
+    pub async fn backlog(&self) -> Result<Option<u64>, QueueError> {
+        let mut conn = self.conn.clone();
+        let groups: StreamInfoGroupsReply = match conn.xinfo_groups(&self.stream).await {
+            Ok(groups) => groups,
+            // No stream yet: nothing was ever accepted.
+            Err(err) if matches!(err.kind(), redis::ErrorKind::Server(_)) => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        Ok(groups
+            .groups
+            .iter()
+            .find(|group| group.name == self.group)
+            .map(|group| (group.lag.unwrap_or(0) + group.pending) as u64))
     }
 
     pub async fn enqueue(&self, increment: Increment) -> Result<(), QueueError> {
@@ -97,9 +157,6 @@ pub struct RedisConsumer {
     streams_lost: u64,
 }
 
-/// Counts the losses of the stream or its group that workers recovered from.
-pub const STREAM_LOST_METRIC: &str = "weir_increments_stream_lost_total";
-
 impl RedisConsumer {
     /// A consumer without a store: the group is created as it is (tests and tools).
     pub async fn connect(config: &IncrementsConfig, url: &str) -> Result<Self, QueueError> {
@@ -118,7 +175,7 @@ impl RedisConsumer {
         // Reads block on the server, so they get their own connection without a timeout
         // shorter than the block.
         let reader = connect(url, Some(Duration::from_secs(30))).await?;
-        metrics::counter!(STREAM_LOST_METRIC).increment(0);
+        metrics::counter!(STREAM_LOST).increment(0);
         let mut consumer = RedisConsumer {
             conn,
             reader,
@@ -217,7 +274,7 @@ impl RedisConsumer {
     /// recreated the stream) is read from the start, so none of it is left behind.
     pub async fn recover_lost_group(&mut self, store: Option<&Store>) -> Result<(), QueueError> {
         self.streams_lost += 1;
-        metrics::counter!(STREAM_LOST_METRIC).increment(1);
+        metrics::counter!(STREAM_LOST).increment(1);
         tracing::error!(
             stream = %self.stream,
             group = %self.group,
@@ -347,8 +404,7 @@ impl RedisConsumer {
             .ignore()
             .query_async(&mut self.conn)
             .await?;
-        metrics::counter!("increments_dead_letters_total", "reason" => reason_label(reason))
-            .increment(1);
+        metrics::counter!(DEAD_LETTERS, "reason" => reason_label(reason)).increment(1);
         tracing::warn!(id = %entry.id, reason, "entry sent to the dead-letter stream");
         Ok(())
     }

@@ -54,6 +54,32 @@ pub struct FlushReport {
     pub dead: Vec<DeadLetter>,
 }
 
+/// One keyed request for [`Store::apply_keyed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedIncrement {
+    /// The scoped key ([`crate::idempotency::scoped`]).
+    pub key: String,
+    pub fingerprint: String,
+    pub increment: crate::validate::Increment,
+}
+
+/// Source of the dead letters of keyed increments (a total past i64), whose id is the time
+/// and the key's CRC-32C: unique per key within its retention.
+pub const KEYED_SOURCE: &str = "idempotency";
+
+/// The dead letter of a keyed increment that would take its total past i64.
+fn keyed_dead_letter(keyed: &KeyedIncrement, total: i64, now_ms: i64) -> DeadLetter {
+    DeadLetter {
+        id: EntryId {
+            ms: u64::try_from(now_ms).unwrap_or(0),
+            seq: u64::from(crc32c::crc32c(keyed.key.as_bytes())),
+        },
+        key: keyed.increment.key,
+        value: keyed.increment.value,
+        reason: crate::aggregate::overflow_reason(total, keyed.increment.value),
+    }
+}
+
 /// How many dead letters a store keeps: whichever bound is hit first prunes the oldest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeadLetterRetention {
@@ -76,6 +102,11 @@ pub struct Tables {
     pub marks: String,
     pub applied: String,
     pub dead: String,
+    /// `Idempotency-Key`s of the embedded mode, with the request each was used for.
+    pub keys: String,
+    /// When each writing process last committed, for `/readyz` of processes that do not
+    /// flush themselves.
+    pub flushes: String,
 }
 
 impl Tables {
@@ -97,6 +128,8 @@ impl Tables {
             marks: format!("{prefix}_marks"),
             applied: format!("{prefix}_applied"),
             dead: format!("{prefix}_dead_letters"),
+            keys: format!("{prefix}_idempotency_keys"),
+            flushes: format!("{prefix}_flushes"),
         })
     }
 }
@@ -122,7 +155,9 @@ impl Store {
                 .await?,
             )),
             None => Ok(Store::Sqlite(
-                sqlite::SqliteStore::open(&config.sqlite_path(), tables).await?,
+                sqlite::SqliteStore::open(&config.sqlite_path(), tables)
+                    .await?
+                    .with_keyed_fsync(config.fsync),
             )),
         }
     }
@@ -198,6 +233,37 @@ impl Store {
                     .prune_dead_letters(source, before_ms, retention.max_rows)
                     .await
             }
+        }
+    }
+
+    /// Records each keyed request's key and, if the key is new, adds its increment to the
+    /// total, in one transaction: the key and its effect become durable together. Returns
+    /// what each request found, in order.
+    pub async fn apply_keyed(
+        &self,
+        batch: Vec<KeyedIncrement>,
+        now_ms: i64,
+    ) -> Result<Vec<crate::idempotency::Recorded>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.apply_keyed(batch, now_ms).await,
+            Store::Postgres(store) => store.apply_keyed(batch, now_ms).await,
+        }
+    }
+
+    /// Forgets keys older than `before_ms`, and the commit times of writers silent since
+    /// then. Returns how many keys went.
+    pub async fn prune_keys(&self, before_ms: i64) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.prune_keys(before_ms).await,
+            Store::Postgres(store) => store.prune_keys(before_ms).await,
+        }
+    }
+
+    /// When any process last committed to this database (ms since the epoch).
+    pub async fn last_commit_ms(&self) -> Result<Option<i64>, StoreError> {
+        match self {
+            Store::Sqlite(store) => store.last_commit_ms().await,
+            Store::Postgres(store) => store.last_commit_ms().await,
         }
     }
 

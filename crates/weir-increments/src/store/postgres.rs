@@ -10,8 +10,12 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-use super::{floor, to_i64, to_u64, Count, Dedupe, FlushReport, StoreError, Tables};
+use super::{
+    floor, keyed_dead_letter, to_i64, to_u64, Count, Dedupe, FlushReport, KeyedIncrement,
+    StoreError, Tables, KEYED_SOURCE,
+};
 use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending};
+use crate::idempotency::Recorded;
 
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -20,6 +24,8 @@ pub struct PostgresStore {
     chunk: usize,
     /// Bound on each lock wait and statement of a flush (zero: none).
     flush_timeout: Duration,
+    /// This process's row in the flushes table (a UUID, so it can be spliced into SQL).
+    writer: Arc<str>,
 }
 
 /// How long a read of one total may take, lock waits included.
@@ -61,6 +67,7 @@ impl PostgresStore {
             tables: Arc::new(tables),
             chunk: chunk.max(1),
             flush_timeout,
+            writer: Arc::from(Uuid::new_v4().to_string()),
         };
         store.migrate().await?;
         Ok(store)
@@ -76,11 +83,16 @@ impl PostgresStore {
                              ADD COLUMN IF NOT EXISTS floor_seq bigint NOT NULL DEFAULT 0;
              CREATE TABLE IF NOT EXISTS {a} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, PRIMARY KEY (source, ms, seq));
              CREATE TABLE IF NOT EXISTS {d} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, key uuid NOT NULL, value bigint NOT NULL, reason text NOT NULL, at_ms bigint NOT NULL, PRIMARY KEY (source, ms, seq));
-             CREATE INDEX IF NOT EXISTS {d}_at ON {d} (source, at_ms);",
+             CREATE INDEX IF NOT EXISTS {d}_at ON {d} (source, at_ms);
+             CREATE TABLE IF NOT EXISTS {k} (key text PRIMARY KEY, fingerprint text NOT NULL, created_ms bigint NOT NULL);
+             CREATE INDEX IF NOT EXISTS {k}_created ON {k} (created_ms);
+             CREATE TABLE IF NOT EXISTS {f} (writer text PRIMARY KEY, committed_ms bigint NOT NULL);",
             c = t.counts,
             m = t.marks,
             a = t.applied,
-            d = t.dead
+            d = t.dead,
+            k = t.keys,
+            f = t.flushes
         );
         // Processes migrating at once race on the catalog and the loser's whole batch rolls
         // back; by its next attempt the winner's objects are there.
@@ -105,7 +117,7 @@ impl PostgresStore {
     ) -> Result<FlushReport, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await?;
-        self.bound_waits(&tx).await?;
+        self.begin_write(&tx, now_ms).await?;
         let fresh = match dedupe {
             Dedupe::Watermark => Fresh::AboveSeq(self.lock_watermark(&tx, source).await?),
             Dedupe::Ids => Fresh::Ids(self.record_new_ids(&tx, source, pending).await?),
@@ -132,19 +144,141 @@ impl PostgresStore {
     /// flushed again by another worker: give up earlier, keep the entries, and retry. A
     /// worker paused mid-transaction (SIGSTOP, a VM freeze) would hold its row locks and
     /// stall every other worker: the server ends its session instead.
-    async fn bound_waits(&self, tx: &Transaction<'_>) -> Result<(), StoreError> {
+    ///
+    /// The same round trip records this writer's commit time (see `/readyz`).
+    async fn begin_write(&self, tx: &Transaction<'_>, now_ms: i64) -> Result<(), StoreError> {
         let lock_ms = self.flush_timeout.as_millis();
+        let mut sql = String::new();
         if lock_ms > 0 {
             // A statement may also be slow without waiting for a lock, but it cannot wait
             // longer than the lock bound plus a margin under the claim threshold.
             let statement_ms = lock_ms * 3 / 2;
-            tx.batch_execute(&format!(
+            sql.push_str(&format!(
                 "SET LOCAL lock_timeout = {lock_ms}; SET LOCAL statement_timeout = {statement_ms};
-                 SET LOCAL idle_in_transaction_session_timeout = {lock_ms}"
+                 SET LOCAL idle_in_transaction_session_timeout = {lock_ms};"
+            ));
+        }
+        sql.push_str(&format!(
+            "INSERT INTO {f} (writer, committed_ms) VALUES ('{w}', {now_ms})
+             ON CONFLICT (writer) DO UPDATE SET committed_ms = EXCLUDED.committed_ms",
+            f = self.tables.flushes,
+            w = self.writer
+        ));
+        tx.batch_execute(&sql).await?;
+        Ok(())
+    }
+
+    /// See [`super::Store::apply_keyed`]. Keys are taken in increment-key order, the order
+    /// in which flushes lock totals, so the two never deadlock.
+    pub async fn apply_keyed(
+        &self,
+        mut batch: Vec<KeyedIncrement>,
+        now_ms: i64,
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].increment.key);
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        self.begin_write(&tx, now_ms).await?;
+        let t = &self.tables;
+        let insert_key = tx
+            .prepare(&format!(
+                "INSERT INTO {} (key, fingerprint, created_ms) VALUES ($1, $2, $3)
+                 ON CONFLICT DO NOTHING",
+                t.keys
             ))
             .await?;
+        let stored = tx
+            .prepare(&format!(
+                "SELECT fingerprint FROM {} WHERE key = $1",
+                t.keys
+            ))
+            .await?;
+        let total = tx
+            .prepare(&format!(
+                "SELECT total FROM {} WHERE key = $1::text::uuid FOR UPDATE",
+                t.counts
+            ))
+            .await?;
+        let mut out = vec![Recorded::Applied; batch.len()];
+        let mut deltas = Vec::new();
+        let mut dead = Vec::new();
+        for i in order {
+            let keyed = &mut batch[i];
+            let inserted = tx
+                .execute(&insert_key, &[&keyed.key, &keyed.fingerprint, &now_ms])
+                .await?;
+            if inserted == 0 {
+                let row = tx.query_one(&stored, &[&keyed.key]).await?;
+                out[i] = Recorded::Existing(row.try_get(0)?);
+                continue;
+            }
+            let key = keyed.increment.key;
+            let base: i64 = match tx.query_opt(&total, &[&key.to_string()]).await? {
+                Some(row) => row.try_get(0)?,
+                None => 0,
+            };
+            // Keys of one batch may repeat (different idempotency keys, same counter):
+            // what earlier requests of the batch add counts toward the overflow check.
+            let pending: i64 = deltas
+                .iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, d): &(Uuid, i64)| *d)
+                .sum();
+            match base
+                .checked_add(pending)
+                .and_then(|b| b.checked_add(keyed.increment.value))
+            {
+                Some(_) => deltas.push((key, keyed.increment.value)),
+                None => dead.push(keyed_dead_letter(
+                    keyed,
+                    base.saturating_add(pending),
+                    now_ms,
+                )),
+            }
         }
-        Ok(())
+        let mut merged: Vec<(Uuid, i64)> = Vec::new();
+        for (key, delta) in deltas {
+            match merged.last_mut() {
+                Some((last, sum)) if *last == key => *sum += delta,
+                _ => merged.push((key, delta)),
+            }
+        }
+        self.add_to_totals(&tx, &merged, now_ms).await?;
+        self.record_dead(&tx, KEYED_SOURCE, &dead, now_ms).await?;
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    pub async fn prune_keys(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let keys = client
+            .execute(
+                &format!("DELETE FROM {} WHERE created_ms < $1", self.tables.keys),
+                &[&before_ms],
+            )
+            .await?;
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE committed_ms < $1",
+                    self.tables.flushes
+                ),
+                &[&before_ms],
+            )
+            .await?;
+        Ok(keys)
+    }
+
+    pub async fn last_commit_ms(&self) -> Result<Option<i64>, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_one(
+                &format!("SELECT max(committed_ms) FROM {}", self.tables.flushes),
+                &[],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
     }
 
     async fn lock_watermark(&self, tx: &Transaction<'_>, source: &str) -> Result<u64, StoreError> {

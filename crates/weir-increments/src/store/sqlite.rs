@@ -7,14 +7,22 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use uuid::Uuid;
 
-use super::{to_i64, to_u64, Count, DeadLetterRetention, Dedupe, FlushReport, StoreError, Tables};
+use super::{
+    keyed_dead_letter, to_i64, to_u64, Count, DeadLetterRetention, Dedupe, FlushReport,
+    KeyedIncrement, StoreError, Tables, KEYED_SOURCE,
+};
 use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending, Plan};
+use crate::idempotency::Recorded;
 
 #[derive(Clone)]
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     tables: Arc<Tables>,
     path: PathBuf,
+    /// This process's row in the flushes table.
+    writer: Arc<str>,
+    /// Keyed commits wait for the disk (else for the OS, like the embedded log's 202s).
+    keyed_fsync: bool,
 }
 
 impl SqliteStore {
@@ -33,17 +41,32 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS {m} (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS {a} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));
              CREATE TABLE IF NOT EXISTS {d} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));
-             CREATE INDEX IF NOT EXISTS {d}_at ON {d} (at_ms);",
+             CREATE INDEX IF NOT EXISTS {d}_at ON {d} (at_ms);
+             CREATE TABLE IF NOT EXISTS {k} (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, created_ms INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS {k}_created ON {k} (created_ms);
+             CREATE TABLE IF NOT EXISTS {f} (writer TEXT PRIMARY KEY, committed_ms INTEGER NOT NULL);",
             c = tables.counts,
             m = tables.marks,
             a = tables.applied,
-            d = tables.dead
+            d = tables.dead,
+            k = tables.keys,
+            f = tables.flushes
         ))?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             tables: Arc::new(tables),
             path: path.to_path_buf(),
+            writer: Arc::from(Uuid::new_v4().to_string()),
+            keyed_fsync: true,
         })
+    }
+
+    /// Whether a keyed request's commit waits for the disk. Without `fsync` a 202 of the
+    /// embedded log survives a process crash, not a power loss; keyed commits then promise
+    /// the same, and skip the sync that would otherwise be paid per group.
+    pub fn with_keyed_fsync(mut self, fsync: bool) -> Self {
+        self.keyed_fsync = fsync;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -76,8 +99,10 @@ impl SqliteStore {
         now_ms: i64,
     ) -> Result<FlushReport, StoreError> {
         let source = source.to_string();
+        let writer = self.writer.clone();
         self.with(move |conn, t| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            record_commit(&tx, t, &writer, now_ms)?;
             let fresh = fresh_entries(&tx, t, &source, dedupe, &pending)?;
             let bases = current_totals(&tx, t, &pending)?;
             let plan = plan(&pending, fresh, |key| bases.get(key).copied().unwrap_or(0));
@@ -174,6 +199,55 @@ impl SqliteStore {
                 [max_rows],
             )?;
             Ok((expired + excess) as u64)
+        })
+        .await
+    }
+
+    /// See [`super::Store::apply_keyed`].
+    pub async fn apply_keyed(
+        &self,
+        batch: Vec<KeyedIncrement>,
+        now_ms: i64,
+    ) -> Result<Vec<Recorded>, StoreError> {
+        let writer = self.writer.clone();
+        let fsync = self.keyed_fsync;
+        self.with(move |conn, t| {
+            if !fsync {
+                // WAL + NORMAL: the commit is in the OS's hands, safe from a process crash.
+                // Set back to FULL before the flushes' commits, which must reach the disk.
+                conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+            }
+            let result = apply_keyed_batch(conn, t, &writer, &batch, now_ms);
+            if !fsync {
+                conn.execute_batch("PRAGMA synchronous = FULL")?;
+            }
+            result
+        })
+        .await
+    }
+
+    pub async fn prune_keys(&self, before_ms: i64) -> Result<u64, StoreError> {
+        self.with(move |conn, t| {
+            let keys = conn.execute(
+                &format!("DELETE FROM {} WHERE created_ms < ?1", t.keys),
+                [before_ms],
+            )?;
+            conn.execute(
+                &format!("DELETE FROM {} WHERE committed_ms < ?1", t.flushes),
+                [before_ms],
+            )?;
+            Ok(keys as u64)
+        })
+        .await
+    }
+
+    pub async fn last_commit_ms(&self) -> Result<Option<i64>, StoreError> {
+        self.with(move |conn, t| {
+            Ok(conn.query_row(
+                &format!("SELECT max(committed_ms) FROM {}", t.flushes),
+                [],
+                |row| row.get(0),
+            )?)
         })
         .await
     }
@@ -298,6 +372,74 @@ fn apply(
             now_ms
         ])?;
     }
+    Ok(())
+}
+
+/// One transaction: each key recorded, each new key's increment added (see `apply_keyed`).
+fn apply_keyed_batch(
+    conn: &mut Connection,
+    t: &Tables,
+    writer: &str,
+    batch: &[KeyedIncrement],
+    now_ms: i64,
+) -> Result<Vec<Recorded>, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    record_commit(&tx, t, writer, now_ms)?;
+    let mut out = Vec::with_capacity(batch.len());
+    {
+        let mut insert_key = tx.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO {} (key, fingerprint, created_ms) VALUES (?1, ?2, ?3)",
+            t.keys
+        ))?;
+        let mut stored = tx.prepare_cached(&format!(
+            "SELECT fingerprint FROM {} WHERE key = ?1",
+            t.keys
+        ))?;
+        let mut total =
+            tx.prepare_cached(&format!("SELECT total FROM {} WHERE key = ?1", t.counts))?;
+        for keyed in batch {
+            if insert_key.execute(params![keyed.key, keyed.fingerprint, now_ms])? == 0 {
+                let fingerprint: String = stored.query_row([&keyed.key], |row| row.get(0))?;
+                out.push(Recorded::Existing(fingerprint));
+                continue;
+            }
+            let key = keyed.increment.key;
+            let base: i64 = total
+                .query_row([key.to_string()], |row| row.get(0))
+                .optional()?
+                .unwrap_or(0);
+            let plan = match base.checked_add(keyed.increment.value) {
+                Some(_) => Plan {
+                    applied: 1,
+                    deltas: vec![(key, keyed.increment.value)],
+                    ..Plan::default()
+                },
+                None => Plan {
+                    dead: vec![keyed_dead_letter(keyed, base, now_ms)],
+                    ..Plan::default()
+                },
+            };
+            apply(&tx, t, KEYED_SOURCE, &plan, now_ms)?;
+            out.push(Recorded::Applied);
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+/// Notes this writer's commit time, read by `/readyz` of processes that do not flush.
+fn record_commit(
+    tx: &Transaction,
+    t: &Tables,
+    writer: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    tx.prepare_cached(&format!(
+        "INSERT INTO {} (writer, committed_ms) VALUES (?1, ?2)
+         ON CONFLICT (writer) DO UPDATE SET committed_ms = excluded.committed_ms",
+        t.flushes
+    ))?
+    .execute(params![writer, now_ms])?;
     Ok(())
 }
 

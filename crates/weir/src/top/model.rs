@@ -1,7 +1,6 @@
 //! From scraped samples to what `weir top` shows: pure functions, no I/O, no clock.
 //!
-//! A service is recognised by its metric prefix, `weir_<service>_`; `increments_` counts as the
-//! service "increments" until its metrics follow the scheme. Several endpoints may expose the
+//! A service is recognised by its metric prefix, `weir_<service>_`. Several endpoints may expose the
 //! same service (N api processes, M workers): their counter rates and gauges are summed, except
 //! gauges in seconds (staleness), where the worst endpoint is what matters, and quantiles, where
 //! the worst endpoint is shown for the same reason.
@@ -91,9 +90,7 @@ pub fn service_of(metric: &str) -> Option<(&str, &str)> {
         }
         return Some((service, what));
     }
-    // Until the increments metrics are renamed to the weir_ scheme.
-    let what = metric.strip_prefix("increments_")?;
-    Some(("increments", what))
+    None
 }
 
 /// The counter whose rate a service's sparkline follows: what the service exists to do.
@@ -507,7 +504,7 @@ mod tests {
         );
         assert_eq!(service_of("weir_kv_store_keys"), Some(("kv", "store_keys")));
         assert_eq!(
-            service_of("increments_requests_total"),
+            service_of("weir_increments_requests_total"),
             Some(("increments", "requests_total"))
         );
         assert_eq!(service_of("weir_relay"), None);
@@ -581,7 +578,7 @@ mod tests {
         model.observe_round(vec![up(
             0.0,
             vec![Series {
-                name: "increments_flush_seconds".to_owned(),
+                name: "weir_increments_flush_seconds".to_owned(),
                 labels: Vec::new(),
                 value: SeriesValue::Summary(vec![
                     (0.0, 0.001),
@@ -628,8 +625,20 @@ mod tests {
     #[test]
     fn labelled_counters_keep_their_labels_and_new_series_count_from_zero() {
         let mut model = Model::new(&urls(1), 60);
-        let ok = |value| counter("increments_requests_total", &[("status", "202")], value);
-        let busy = |value| counter("increments_requests_total", &[("status", "503")], value);
+        let ok = |value| {
+            counter(
+                "weir_increments_requests_total",
+                &[("status", "202")],
+                value,
+            )
+        };
+        let busy = |value| {
+            counter(
+                "weir_increments_requests_total",
+                &[("status", "503")],
+                value,
+            )
+        };
         model.observe_round(vec![up(0.0, vec![ok(10.0)])]);
         model.observe_round(vec![up(1.0, vec![ok(40.0), busy(5.0)])]);
         let view = model.view();
@@ -680,9 +689,9 @@ mod tests {
             up(
                 at,
                 vec![
-                    counter("increments_applied_total", &[], applied),
-                    gauge("increments_queue_depth", depth),
-                    gauge("increments_staleness_max_seconds", staleness),
+                    counter("weir_increments_applied_total", &[], applied),
+                    gauge("weir_increments_queue_depth", depth),
+                    gauge("weir_increments_staleness_max_seconds", staleness),
                 ],
             )
         };

@@ -142,11 +142,11 @@ mod tests {
 weir_relay_events_received_total 42
 # TYPE weir_relay_clients_connected gauge
 weir_relay_clients_connected 3
-# TYPE increments_flush_seconds summary
-increments_flush_seconds{quantile=\"0.5\"} 0.002
-increments_flush_seconds{quantile=\"0.99\"} 0.01
-increments_flush_seconds_sum 1
-increments_flush_seconds_count 300
+# TYPE weir_increments_flush_seconds summary
+weir_increments_flush_seconds{quantile=\"0.5\"} 0.002
+weir_increments_flush_seconds{quantile=\"0.99\"} 0.01
+weir_increments_flush_seconds_sum 1
+weir_increments_flush_seconds_count 300
 # TYPE weir_kv_batch_seconds histogram
 weir_kv_batch_seconds_bucket{le=\"0.1\"} 1
 weir_kv_batch_seconds_bucket{le=\"+Inf\"} 2
@@ -170,7 +170,7 @@ weir_kv_batch_seconds_count 2
             Some(SeriesValue::Gauge(3.0))
         );
         assert_eq!(
-            find("increments_flush_seconds"),
+            find("weir_increments_flush_seconds"),
             Some(SeriesValue::Summary(vec![(0.5, 0.002), (0.99, 0.01)]))
         );
         assert_eq!(
@@ -180,7 +180,7 @@ weir_kv_batch_seconds_count 2
                 (f64::INFINITY, 2.0)
             ]))
         );
-        assert_eq!(find("increments_flush_seconds_count"), None);
+        assert_eq!(find("weir_increments_flush_seconds_count"), None);
     }
 
     #[test]

@@ -313,11 +313,26 @@ impl Load {
     }
 }
 
-/// Every tenant's count equals the distinct pairs posted for it.
+/// Waits until `tenant`'s count is `want`: a worker counts an acknowledged item within
+/// `worker_persist`. A count above `want` fails at once (counts never go down).
+pub fn settled(addr: SocketAddr, tenant: &str, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = count(addr, tenant);
+        assert!(now <= want, "{tenant}: {now} > {want}");
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{tenant}: {now}, never {want}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every tenant's count reaches exactly the distinct pairs posted for it.
 pub fn assert_exact(addr: SocketAddr, posted: &HashSet<(String, String)>, tenants: u64) {
     for t in 0..tenants {
         let tenant = format!("tenant-{t}");
         let want = posted.iter().filter(|(tt, _)| *tt == tenant).count() as u64;
-        assert_eq!(count(addr, &tenant), want, "{tenant}");
+        settled(addr, &tenant, want);
     }
 }

@@ -1,0 +1,82 @@
+//! Every metric the increments service exports, with its help text, registered at zero when
+//! a role starts (see `weir_runtime::telemetry::register_metrics`).
+
+use weir_runtime::telemetry::{MetricKind, MetricSpec};
+
+pub const REQUESTS: &str = "weir_increments_requests_total";
+pub const QUEUE_DEPTH: &str = "weir_increments_queue_depth";
+pub const WORKER_HELD: &str = "weir_increments_worker_held";
+pub const BATCH_SIZE: &str = "weir_increments_batch_size";
+pub const BATCH_KEYS: &str = "weir_increments_batch_keys";
+pub const FLUSH_SECONDS: &str = "weir_increments_flush_seconds";
+pub const STALENESS_SECONDS: &str = "weir_increments_staleness_seconds";
+pub const STALENESS_MAX_SECONDS: &str = "weir_increments_staleness_max_seconds";
+pub const DEAD_LETTERS: &str = "weir_increments_dead_letters_total";
+pub const FLUSH_FAILURES: &str = "weir_increments_flush_failures_total";
+pub const APPLIED: &str = "weir_increments_applied_total";
+pub const DUPLICATES_SKIPPED: &str = "weir_increments_duplicates_skipped_total";
+pub const FLUSH_FAILING: &str = "weir_increments_flush_failing";
+pub const FLUSH_CONSECUTIVE_FAILURES: &str = "weir_increments_flush_consecutive_failures";
+pub const LAST_FLUSH_TIMESTAMP: &str = "weir_increments_last_flush_timestamp_seconds";
+pub const OLDEST_UNFLUSHED_AGE: &str = "weir_increments_oldest_unflushed_age_seconds";
+pub const STREAM_LOST: &str = "weir_increments_stream_lost_total";
+pub const LAST_COMMIT_TIMESTAMP: &str = "weir_increments_last_commit_timestamp_seconds";
+pub const IDEMPOTENT_REPLAYS: &str = "weir_increments_idempotent_replays_total";
+pub const IDEMPOTENCY_CONFLICTS: &str = "weir_increments_idempotency_conflicts_total";
+pub const IDEMPOTENCY_KEYS_PRUNED: &str = "weir_increments_idempotency_keys_pruned_total";
+
+const METRICS: &[MetricSpec] = &[
+    (REQUESTS, MetricKind::Counter, "POST /increment answers, by HTTP status."),
+    (QUEUE_DEPTH, MetricKind::Gauge, "Increments accepted and not yet persisted (embedded log: unflushed records; Redis: the group's lag plus pending entries)."),
+    (WORKER_HELD, MetricKind::Gauge, "Increments this worker holds in memory, waiting for its next flush."),
+    (BATCH_SIZE, MetricKind::Histogram, "Increments per flush."),
+    (BATCH_KEYS, MetricKind::Histogram, "Distinct keys per flush."),
+    (FLUSH_SECONDS, MetricKind::Histogram, "Duration of one flush transaction."),
+    (STALENESS_SECONDS, MetricKind::Histogram, "Age of a flush's oldest increment when it committed: from acceptance (the worker's receive time in Redis mode) to commit."),
+    (STALENESS_MAX_SECONDS, MetricKind::Gauge, "The largest staleness any flush of this process has had."),
+    (DEAD_LETTERS, MetricKind::Counter, "Increments moved to the dead letters, by reason."),
+    (FLUSH_FAILURES, MetricKind::Counter, "Flushes that failed and were retried."),
+    (APPLIED, MetricKind::Counter, "Increments added to the persisted totals."),
+    (DUPLICATES_SKIPPED, MetricKind::Counter, "Redelivered increments recognised as already applied and skipped."),
+    (FLUSH_FAILING, MetricKind::Gauge, "1 while the last flush attempt failed."),
+    (FLUSH_CONSECUTIVE_FAILURES, MetricKind::Gauge, "Flush attempts failed in a row."),
+    (LAST_FLUSH_TIMESTAMP, MetricKind::Gauge, "When this process's last successful flush committed (Unix seconds)."),
+    (OLDEST_UNFLUSHED_AGE, MetricKind::Gauge, "Age of the oldest increment a failing flush holds."),
+    (STREAM_LOST, MetricKind::Counter, "Times the Redis stream or its consumer group was found gone and recreated."),
+    (LAST_COMMIT_TIMESTAMP, MetricKind::Gauge, "When any worker last committed a flush, read from the database (Unix seconds; 0 before the first)."),
+    (IDEMPOTENT_REPLAYS, MetricKind::Counter, "Requests whose Idempotency-Key was already accepted with the same body: answered 202 again, nothing added."),
+    (IDEMPOTENCY_CONFLICTS, MetricKind::Counter, "Requests refused for their Idempotency-Key, by reason: in_flight (409) or mismatch (422)."),
+    (IDEMPOTENCY_KEYS_PRUNED, MetricKind::Counter, "Idempotency keys forgotten after their retention window."),
+];
+
+pub fn register() {
+    weir_runtime::telemetry::register_metrics(METRICS);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_has_help_and_exists_at_start() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, register);
+        let text = handle.render();
+        for &(name, kind, _) in METRICS {
+            assert!(name.starts_with("weir_increments_"), "{name}");
+            assert_eq!(
+                name.ends_with("_total"),
+                kind == MetricKind::Counter,
+                "{name}"
+            );
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no help for {name}:\n{text}"
+            );
+            if kind != MetricKind::Histogram {
+                assert!(text.contains(&format!("\n{name} 0\n")), "{name}:\n{text}");
+            }
+        }
+    }
+}
