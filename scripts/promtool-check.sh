@@ -2,7 +2,7 @@
 # Runs Prometheus' own linter, `promtool check metrics`, on the /metrics page of each named
 # service right after it starts: names, types, help text. Exits non-zero on any complaint.
 #
-#   scripts/promtool-check.sh [SERVICE...]   SERVICE: relay (default), increments, kv, up
+#   scripts/promtool-check.sh [SERVICE...]   SERVICE: relay (default), increments, kv, distinct, up
 #
 # `up` runs `weir up` (every service, on its default ports) in a scratch directory.
 #
@@ -51,12 +51,18 @@ start() {
       "$bin" kv serve --data-dir "$workdir/kv-data" --queue "weir.promtool.$$" \
         --metrics-addr "$addr" >"$workdir/$service.out" 2>"$workdir/$service.log" &
       ;;
+    distinct)
+      # The coordinator, with one worker process of its own on a port next to the metrics'.
+      "$bin" distinct coordinator --port 0 --workers "127.0.0.1:$((port + 1000))" \
+        --database "$workdir/distinct-data" --worker-logs "$workdir/distinct-logs" \
+        --metrics-addr "$addr" >"$workdir/$service.out" 2>"$workdir/$service.log" &
+      ;;
     up)
       (cd "$workdir" && exec "$bin" --metrics-addr "$addr" up) \
         >"$workdir/$service.out" 2>"$workdir/$service.log" &
       ;;
     *)
-      echo "unknown service: $service (relay, increments, kv, up)" >&2
+      echo "unknown service: $service (relay, increments, kv, distinct, up)" >&2
       return 2
       ;;
   esac

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -62,6 +62,8 @@ pub struct RawConfig {
     /// Sync every commit to disk (SQLite `synchronous=FULL`): survives power loss, not only
     /// the death of a process.
     pub fsync: bool,
+    /// Seconds between the coordinator's health checks of each worker.
+    pub health_check: f64,
 }
 
 impl Default for RawConfig {
@@ -76,12 +78,13 @@ impl Default for RawConfig {
             config_check: 5.0,
             port: 5000,
             fsync: false,
+            health_check: 1.0,
         }
     }
 }
 
 /// Keys an environment variable may set, each as `WEIR_DISTINCT_<KEY in capitals>`.
-pub const KEYS: [&str; 7] = [
+pub const KEYS: [&str; 8] = [
     "workers",
     "database",
     "worker_logs",
@@ -89,6 +92,7 @@ pub const KEYS: [&str; 7] = [
     "config_check",
     "port",
     "fsync",
+    "health_check",
 ];
 
 /// Longest `worker_persist` or `config_check`: a typo of minutes for seconds would
@@ -160,8 +164,35 @@ impl WorkerAddr {
         }
     }
 
+    /// Where a local worker listens: its IP as written, loopback for `localhost`, every
+    /// interface for this machine's name (other hosts reach it by that name).
+    pub fn listen_addr(&self) -> SocketAddr {
+        match self.host.parse::<IpAddr>() {
+            Ok(ip) => SocketAddr::new(ip, self.port),
+            Err(_) if self.host == "localhost" => {
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), self.port)
+            }
+            Err(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), self.port),
+        }
+    }
+
+    /// The `host:port` a client on this host connects to. A local worker is reached on
+    /// loopback whatever its name, so that `localhost` resolving to `::1` first, or this
+    /// machine's name to an outside address, cannot miss a worker listening on 127.0.0.1.
+    pub fn connect_authority(&self, hostname: &str) -> String {
+        if !self.is_local(hostname) {
+            return self.to_string();
+        }
+        match self.listen_addr().ip() {
+            IpAddr::V6(ip) if !ip.is_unspecified() => format!("[{ip}]:{}", self.port),
+            IpAddr::V6(_) => format!("[::1]:{}", self.port),
+            IpAddr::V4(ip) if !ip.is_unspecified() => format!("{ip}:{}", self.port),
+            IpAddr::V4(_) => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
     /// Two spellings of one local port (`localhost:5001`, `127.0.0.1:5001`) are one worker.
-    fn identity(&self, hostname: &str) -> (String, u16) {
+    pub fn identity(&self, hostname: &str) -> (String, u16) {
         let host = if self.is_local(hostname) {
             String::new()
         } else {
@@ -184,6 +215,8 @@ pub struct DistinctConfig {
     pub config_check: Duration,
     pub port: u16,
     pub fsync: bool,
+    /// How often the coordinator asks each worker `GET /healthz`.
+    pub health_check: Duration,
 }
 
 impl RawConfig {
@@ -194,6 +227,15 @@ impl RawConfig {
         for text in &self.workers {
             let worker = WorkerAddr::parse(text.trim())
                 .map_err(|msg| ConfigError::invalid("workers", msg))?;
+            if worker.is_local(hostname) && worker.port == self.port {
+                return Err(ConfigError::invalid(
+                    "workers",
+                    format!(
+                        "{text:?} is on this host at the coordinator's own port {}",
+                        self.port
+                    ),
+                ));
+            }
             if !seen.insert(worker.identity(hostname)) {
                 return Err(ConfigError::invalid(
                     "workers",
@@ -213,6 +255,7 @@ impl RawConfig {
             config_check: seconds("config_check", self.config_check, false)?,
             port: self.port,
             fsync: self.fsync,
+            health_check: seconds("health_check", self.health_check, false)?,
         })
     }
 }
@@ -331,7 +374,7 @@ fn environment(env: impl Fn(&str) -> Option<String>) -> Dict {
         .collect()
 }
 
-/// Flags of `weir distinct worker` (and later the coordinator): each overrides its key.
+/// Flags of `weir distinct worker` (the coordinator has these and more): each overrides its key.
 #[derive(Debug, Clone, Default, clap::Args, Serialize)]
 pub struct Flags {
     /// The YAML config file (the seed's `config.yaml` keys).
@@ -356,6 +399,42 @@ impl Flags {
     /// The validated config: defaults < `--config` < environment < these flags.
     pub fn load(&self) -> Result<DistinctConfig, ConfigError> {
         load(self.config.as_deref(), self)
+    }
+}
+
+/// Flags of `weir distinct coordinator`: the worker's, plus the keys only a coordinator reads.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct CoordinatorFlags {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub common: Flags,
+    /// Workers, as host:port separated by commas (replaces the file's list).
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<Vec<String>>,
+    /// The directory of the workers' log files, one per worker.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_logs: Option<String>,
+    /// Seconds between re-reads of the config file (SIGHUP re-reads it at once).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_check: Option<f64>,
+    /// Seconds between health checks of each worker.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<f64>,
+    /// The coordinator's port.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl CoordinatorFlags {
+    /// The validated config: defaults < `--config` < environment < these flags. Run again
+    /// at every reload, so flags and environment keep overriding the file.
+    pub fn load(&self) -> Result<DistinctConfig, ConfigError> {
+        load(self.common.config.as_deref(), self)
     }
 }
 
@@ -498,6 +577,8 @@ mod tests {
             ("database: ''", "database"),
             ("database: 'mysql://x'", "database"),
             ("worker_logs: ' '", "worker_logs"),
+            ("health_check: 0", "health_check"),
+            ("workers: ['localhost:5000']", "workers"),
         ];
         for (body, key) in cases {
             let err = from_yaml(body).unwrap_err();
@@ -549,6 +630,20 @@ mod tests {
         ] {
             assert!(WorkerAddr::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn local_workers_listen_and_are_reached_on_loopback() {
+        let named = WorkerAddr::parse("localhost:5001").unwrap();
+        assert_eq!(named.listen_addr().to_string(), "127.0.0.1:5001");
+        assert_eq!(named.connect_authority("box1"), "127.0.0.1:5001");
+        let this_host = WorkerAddr::parse("box1:5002").unwrap();
+        assert_eq!(this_host.listen_addr().to_string(), "0.0.0.0:5002");
+        assert_eq!(this_host.connect_authority("box1"), "127.0.0.1:5002");
+        let v6 = WorkerAddr::parse("[::1]:5003").unwrap();
+        assert_eq!(v6.connect_authority("box1"), "[::1]:5003");
+        let far = WorkerAddr::parse("far:5004").unwrap();
+        assert_eq!(far.connect_authority("box1"), "far:5004");
     }
 
     fn with_workers(workers: &[&str]) -> DistinctConfig {

@@ -1,12 +1,15 @@
-//! `weir distinct worker`.
+//! `weir distinct worker` and `weir distinct coordinator`, and distinct's part of `weir up`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
-use weir_distinct::config::{Database, Flags};
+use weir_distinct::config::{CoordinatorFlags, Database, DistinctConfig, Flags, RawConfig};
+use weir_distinct::coordinator::supervisor::WorkerProgram;
+use weir_distinct::coordinator::{Coordinator, Settings};
 use weir_runtime::Shutdown;
 
 #[derive(Subcommand)]
@@ -19,35 +22,120 @@ pub enum DistinctCommand {
         #[arg(long, default_value = "127.0.0.1:5001")]
         listen: SocketAddr,
     },
+    /// The coordinator on :5000: routes each tenant's items to one worker, runs the workers
+    /// of this host as child processes, re-reads the config every config_check seconds and
+    /// on SIGHUP.
+    Coordinator {
+        #[command(flatten)]
+        flags: CoordinatorFlags,
+    },
     /// Load against a coordinator (started here, or `--url`), then check every count.
     Bench(weir_distinct::bench::BenchFlags),
 }
 
 pub async fn run(command: DistinctCommand, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
-    let (flags, listen) = match command {
-        DistinctCommand::Worker { flags, listen } => (flags, listen),
+    match command {
+        DistinctCommand::Worker { flags, listen } => worker(flags, listen, shutdown).await,
+        DistinctCommand::Coordinator { flags } => coordinator(flags, shutdown).await,
         DistinctCommand::Bench(flags) => {
             let passed = weir_distinct::bench::run(flags, shutdown.token.clone()).await?;
-            return Ok(if passed {
+            Ok(if passed {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
-            });
+            })
         }
-    };
+    }
+}
+
+async fn worker(flags: Flags, listen: SocketAddr, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
     let config = flags.load()?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
+    let listener = weir_runtime::http::bind(listen)
         .with_context(|| format!("cannot bind the distinct worker to {listen}"))?;
-    let store = match &config.database {
-        Database::Sqlite(root) => format!("SQLite shards in {}", root.display()),
-        Database::Postgres(_) => "Postgres".to_string(),
-    };
     let addr = listener.local_addr()?;
     let opened = weir_distinct::server::open_store(&config).await?;
     // Announced once the store is open and the port bound: scripts wait for this line.
-    println!("distinct worker: POST http://{addr}/items ({store})");
+    println!(
+        "distinct worker: POST http://{addr}/items ({})",
+        describe_store(&config)
+    );
     weir_distinct::server::serve(listener, opened, shutdown.clone()).await?;
     shutdown.drain(Duration::from_secs(10)).await;
     Ok(ExitCode::SUCCESS)
+}
+
+fn describe_store(config: &DistinctConfig) -> String {
+    match &config.database {
+        Database::Sqlite(root) => format!("SQLite shards in {}", root.display()),
+        Database::Postgres(_) => "Postgres".to_string(),
+    }
+}
+
+/// The worker processes run this same binary.
+fn worker_program() -> anyhow::Result<WorkerProgram> {
+    let exe = std::env::current_exe().context("cannot find this program to run workers")?;
+    Ok(WorkerProgram {
+        exe,
+        args: vec!["distinct".into(), "worker".into()],
+    })
+}
+
+async fn start(
+    config: DistinctConfig,
+    loader: Option<weir_distinct::coordinator::Loader>,
+) -> anyhow::Result<(tokio::net::TcpListener, Arc<Coordinator>, String)> {
+    let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), config.port);
+    let listener = weir_runtime::http::bind(addr)
+        .with_context(|| format!("cannot bind the distinct coordinator to {addr}"))?;
+    let local = listener.local_addr()?;
+    let mut settings = Settings::new(config.clone());
+    settings.loader = loader;
+    settings.program = Some(worker_program()?);
+    let coordinator = Coordinator::start(settings).await?;
+    let hostname = weir_distinct::config::hostname();
+    let here = config
+        .workers
+        .iter()
+        .filter(|w| w.is_local(&hostname))
+        .count();
+    let description = format!(
+        "distinct: POST http://{local}/items ({} workers, {here} run here; {})",
+        config.workers.len(),
+        describe_store(&config)
+    );
+    Ok((listener, coordinator, description))
+}
+
+async fn coordinator(flags: CoordinatorFlags, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
+    let config = flags.load()?;
+    let reload_flags = flags.clone();
+    let loader: weir_distinct::coordinator::Loader = Arc::new(move || reload_flags.load());
+    let (listener, coordinator, description) = start(config, Some(loader)).await?;
+    println!("{description}");
+    weir_distinct::coordinator::serve(listener, coordinator, shutdown.clone()).await?;
+    shutdown.drain(Duration::from_secs(20)).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Distinct in `weir up`: the coordinator on :5000 and four workers on 5001-5004, on the
+/// embedded SQLite store under ./weir-data/distinct.
+pub async fn up(shutdown: &Shutdown) -> anyhow::Result<crate::up::Service> {
+    let config = RawConfig {
+        database: "./weir-data/distinct".into(),
+        worker_logs: "./weir-data/distinct/logs".into(),
+        ..RawConfig::default()
+    }
+    .validate(&weir_distinct::config::hostname())?;
+    let (listener, coordinator, description) = start(config, None).await?;
+    let shutdown_for_task = shutdown.clone();
+    let task = shutdown.tracker.spawn(async move {
+        weir_distinct::coordinator::serve(listener, coordinator, shutdown_for_task).await?;
+        tracing::info!("distinct stopped");
+        Ok(())
+    });
+    Ok(crate::up::Service {
+        name: "distinct",
+        description,
+        task,
+    })
 }

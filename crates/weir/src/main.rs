@@ -5,7 +5,7 @@
 //! - `relay.rs`: `weir relay serve|check`.
 //! - `increments.rs`: `weir increments serve|api|worker|bench`.
 //! - `top/`: `weir top`, a live view of the services' metrics.
-//! - `distinct.rs`: `weir distinct worker`.
+//! - `distinct.rs`: `weir distinct worker|coordinator`.
 //! - `kv.rs`: `weir kv serve|client|bench`.
 
 mod distinct;

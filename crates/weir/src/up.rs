@@ -89,7 +89,10 @@ async fn start_all(shutdown: &Shutdown) -> anyhow::Result<Vec<Service>> {
         .await
         .context("increments cannot start")?;
     let kv = crate::kv::up(shutdown).await.context("kv cannot start")?;
-    Ok(vec![relay, increments, kv])
+    let distinct = crate::distinct::up(shutdown)
+        .await
+        .context("distinct cannot start")?;
+    Ok(vec![relay, increments, kv, distinct])
 }
 
 /// Waits for the shutdown signal, or for a service to stop before it: that one is returned

@@ -1,0 +1,238 @@
+//! The coordinator's HTTP API:
+//! - `POST /items`: validated here exactly as a worker would (400/413/415 with
+//!   `{"error", "field"}`, nothing forwarded), then each shard's items to its worker;
+//!   `200 {"accepted": n}` once every shard's worker has committed, else 503 with
+//!   `Retry-After` (resending the same items is then safe).
+//! - `GET /items/{tenant}/count`: `{"count": N}` from a worker.
+//! - `GET /`: every configured worker, alive or not. `/healthz`: the process answers.
+//!   `/readyz`: at least one worker is alive (any worker can take any shard whose owner has
+//!   died), with the failing ones listed. `/metrics`, `/openapi.json`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::BodyExt;
+use serde_json::json;
+use weir_runtime::http::ApiError;
+use weir_runtime::logs::{escape, LogLimiter};
+
+use super::forward::RETRY_AFTER_SECONDS;
+use super::metrics::{answered, ITEMS_ACCEPTED, ITEMS_RECEIVED, REJECTED};
+use super::Coordinator;
+use crate::shard::{group_by_shard, shard_of, SHARDS};
+use crate::validate::{
+    is_json_content_type, parse_items, Rejection, MAX_BODY_BYTES, MAX_FIELD_BYTES, MAX_ITEMS,
+};
+
+static UNPLACED: LogLimiter = LogLimiter::per_second();
+
+pub fn router(coordinator: Arc<Coordinator>) -> Router {
+    Router::new()
+        .route("/", get(health))
+        .route("/items", post(post_items))
+        .route("/items/{tenant}/count", get(count))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
+        .with_state(coordinator)
+        .merge(weir_runtime::http::metrics_router())
+}
+
+fn unavailable(error: String) -> Response {
+    let mut response = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, error).into_response();
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECONDS),
+    );
+    response
+}
+
+fn rejected(reason: &'static str, error: ApiError) -> Response {
+    metrics::counter!(REJECTED, "reason" => reason).increment(1);
+    error.into_response()
+}
+
+async fn post_items(
+    State(coordinator): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let response = accept(&coordinator, &headers, body).await;
+    answered("items", response.status().as_u16(), started);
+    response
+}
+
+async fn accept(coordinator: &Coordinator, headers: &HeaderMap, body: Body) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if !is_json_content_type(content_type) {
+        return rejected(
+            "media_type",
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json",
+            ),
+        );
+    }
+    let too_large = || {
+        rejected(
+            "too_large",
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body must be at most {MAX_BODY_BYTES} bytes"),
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    let bytes = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_large(),
+        Err(err) => {
+            return rejected(
+                "invalid",
+                ApiError::bad_request(format!("cannot read the body: {err}")),
+            )
+        }
+    };
+    let items = match parse_items(&bytes) {
+        Ok(items) => items,
+        Err(Rejection::TooManyItems(n)) => {
+            return rejected(
+                "too_many_items",
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("at most {MAX_ITEMS} items per request, got {n}"),
+                )
+                .with_field("items"),
+            )
+        }
+        Err(Rejection::Invalid { error, field }) => {
+            let mut error = ApiError::bad_request(error);
+            error.field = field;
+            return rejected("invalid", error);
+        }
+    };
+    let received = items.len();
+    metrics::counter!(ITEMS_RECEIVED).increment(received as u64);
+    let shards = SHARDS;
+    match coordinator
+        .forwarder
+        .post_items(group_by_shard(items, shards))
+        .await
+    {
+        Ok(()) => {
+            metrics::counter!(ITEMS_ACCEPTED).increment(received as u64);
+            Json(json!({ "accepted": received })).into_response()
+        }
+        Err(unplaced) => {
+            weir_runtime::warn_limited!(
+                UNPLACED,
+                shards = ?unplaced.shards,
+                error = %escape(unplaced.error.as_bytes()),
+                "items not placed before the deadline, answered 503"
+            );
+            unavailable(format!(
+                "no worker committed shard(s) {:?} in time: {}; resending the same items is safe",
+                unplaced.shards, unplaced.error
+            ))
+        }
+    }
+}
+
+async fn count(
+    State(coordinator): State<Arc<Coordinator>>,
+    Path(tenant): Path<String>,
+) -> Response {
+    let started = Instant::now();
+    let response = if tenant.is_empty() || tenant.len() > MAX_FIELD_BYTES {
+        ApiError::bad_request(format!(
+            "must be a non-empty tenant of at most {MAX_FIELD_BYTES} bytes"
+        ))
+        .with_field("tenant")
+        .into_response()
+    } else {
+        let shard = shard_of(&tenant, SHARDS);
+        match coordinator.forwarder.count(&tenant, shard).await {
+            Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            Err(error) => {
+                weir_runtime::warn_limited!(UNPLACED, error = %escape(error.as_bytes()), "no worker answered a count");
+                unavailable(format!("no worker answered: {error}"))
+            }
+        }
+    };
+    answered("count", response.status().as_u16(), started);
+    response
+}
+
+async fn health(State(coordinator): State<Arc<Coordinator>>) -> Response {
+    let table = coordinator.pool.table();
+    let workers: Vec<_> = table
+        .workers
+        .iter()
+        .map(|w| {
+            let mut report = w.report();
+            report["shards"] = json!(coordinator.pool.shards_of(w));
+            report
+        })
+        .collect();
+    let alive = table.workers.iter().filter(|w| w.is_alive()).count();
+    Json(json!({
+        "service": "distinct coordinator",
+        "alive": alive,
+        "workers": workers,
+        "config_error": coordinator.reload_error(),
+    }))
+    .into_response()
+}
+
+async fn readyz(State(coordinator): State<Arc<Coordinator>>) -> Response {
+    let table = coordinator.pool.table();
+    let alive = table.workers.iter().filter(|w| w.is_alive()).count();
+    let failures: Vec<_> = table
+        .workers
+        .iter()
+        .filter(|w| !w.is_alive())
+        .map(|w| {
+            json!({
+                "worker": w.name,
+                "error": w.last_error().unwrap_or_else(|| "not checked yet".into()),
+            })
+        })
+        .collect();
+    let ready = alive > 0;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "ready": ready,
+            "alive": alive,
+            "workers": table.workers.len(),
+            "failures": failures,
+        })),
+    )
+        .into_response()
+}
