@@ -2,7 +2,8 @@
 # Runs Prometheus' own linter, `promtool check metrics`, on the /metrics page of each named
 # service right after it starts: names, types, help text. Exits non-zero on any complaint.
 #
-#   scripts/promtool-check.sh [SERVICE...]   SERVICE: relay (default), increments, kv, distinct, up
+#   scripts/promtool-check.sh [SERVICE...]   SERVICE: relay (default), increments, kv, distinct,
+#                                            distinct-worker, up
 #
 # `up` runs `weir up` (every service, on its default ports) in a scratch directory.
 #
@@ -57,12 +58,17 @@ start() {
         --database "$workdir/distinct-data" --worker-logs "$workdir/distinct-logs" \
         --metrics-addr "$addr" >"$workdir/$service.out" 2>"$workdir/$service.log" &
       ;;
+    distinct-worker)
+      # A worker serves its metrics on its own API port.
+      "$bin" distinct worker --listen "$addr" --database "$workdir/distinct-worker-data" \
+        >"$workdir/$service.out" 2>"$workdir/$service.log" &
+      ;;
     up)
       (cd "$workdir" && exec "$bin" --metrics-addr "$addr" up) \
         >"$workdir/$service.out" 2>"$workdir/$service.log" &
       ;;
     *)
-      echo "unknown service: $service (relay, increments, kv, distinct, up)" >&2
+      echo "unknown service: $service (relay, increments, kv, distinct, distinct-worker, up)" >&2
       return 2
       ;;
   esac
