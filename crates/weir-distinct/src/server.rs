@@ -15,7 +15,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::net::TcpListener;
 use weir_runtime::http::ApiError;
@@ -164,29 +163,9 @@ async fn accept(store: &Store, headers: &HeaderMap, body: Body) -> Response {
         )
         .into_response();
     }
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body must be at most {MAX_BODY_BYTES} bytes"),
-        )
-        .into_response()
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
-        return too_large();
-    }
-    let bytes = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Err(err) => {
-            return ApiError::bad_request(format!("cannot read the body: {err}")).into_response()
-        }
+    let bytes = match weir_runtime::http::read_body(headers, body, MAX_BODY_BYTES).await {
+        Ok(bytes) => bytes,
+        Err(err) => return err.into_api_error(),
     };
     let batch = match parse_batch(&bytes, store.options().shards) {
         Ok(batch) => batch,

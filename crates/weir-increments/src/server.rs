@@ -15,7 +15,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota};
-use http_body_util::BodyExt;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use weir_runtime::http::ApiError;
@@ -302,40 +301,9 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
         )
         .into_response();
     }
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body must be at most {BODY_LIMIT} bytes"),
-        )
-        .into_response()
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > BODY_LIMIT as u64) {
-        return too_large();
-    }
-    let bytes = match http_body_util::Limited::new(body, BODY_LIMIT)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_large(),
-        Err(err) if weir_runtime::http::is_body_timeout(err.as_ref()) => {
-            let mut response = ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "the body did not arrive in time",
-            )
-            .into_response();
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return response;
-        }
-        Err(err) => {
-            return ApiError::bad_request(format!("cannot read the body: {err}")).into_response()
-        }
+    let bytes = match weir_runtime::http::read_body(headers, body, BODY_LIMIT).await {
+        Ok(bytes) => bytes,
+        Err(err) => return err.into_api_error(),
     };
     let increment = match parse_increment(&bytes) {
         Ok(increment) => increment,

@@ -134,6 +134,9 @@ pub fn register_metrics() {
     metrics::counter!("weir_kv_dead_letters_total").absolute(0);
     metrics::counter!("weir_kv_reconnects_total").absolute(0);
     metrics::gauge!("weir_kv_broker_connected").set(0.0);
+    // Set to the journal's real size once it is open; present from the first scrape either way.
+    metrics::gauge!("weir_kv_journal_bytes").set(0.0);
+    let _created = metrics::histogram!("weir_kv_batch_seconds");
 }
 
 /// Locks the data directory, loads the snapshot and journal, and opens `--output`.

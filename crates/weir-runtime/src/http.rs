@@ -441,6 +441,68 @@ impl AsyncWrite for TimedIo {
 #[error("the request body was not received within its deadline")]
 pub struct BodyTimedOut;
 
+/// Why a request body could not be read whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyError {
+    /// Declared or found larger than the limit (413).
+    TooLarge(usize),
+    /// Not complete within the listener's body timeout (408, and the connection closes).
+    TimedOut,
+    /// The connection failed mid-body (400).
+    Unreadable(String),
+}
+
+impl BodyError {
+    /// The answer every API gives: 413, 408 with `Connection: close`, or 400.
+    pub fn into_api_error(self) -> Response {
+        match self {
+            BodyError::TooLarge(limit) => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body must be at most {limit} bytes"),
+            )
+            .into_response(),
+            BodyError::TimedOut => {
+                let mut response = ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the body did not arrive in time",
+                )
+                .into_response();
+                response.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                response
+            }
+            BodyError::Unreadable(err) => {
+                ApiError::bad_request(format!("cannot read the body: {err}")).into_response()
+            }
+        }
+    }
+}
+
+/// Reads a request body of at most `limit` bytes. A `Content-Length` above the limit is
+/// refused before a byte is read, so a client cannot make the server buffer what it will
+/// refuse anyway.
+pub async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(BodyError::TooLarge(limit));
+    }
+    match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)).await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge(limit)),
+        Err(err) if is_body_timeout(err.as_ref()) => Err(BodyError::TimedOut),
+        Err(err) => Err(BodyError::Unreadable(err.to_string())),
+    }
+}
+
 /// Whether `err`, or any error it wraps, is [`BodyTimedOut`].
 pub fn is_body_timeout(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(err);

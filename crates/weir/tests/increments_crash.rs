@@ -194,6 +194,23 @@ fn keyed_client(
     })
 }
 
+/// While clients load the server: three times, wait `every`, `kill -9` it, restart it on the
+/// same arguments and point the clients at the new one. Returns the last server.
+async fn kill_9_three_times(
+    args: &[&str],
+    mut server: Proc,
+    target: &std::sync::Mutex<SocketAddr>,
+    every: Duration,
+) -> Proc {
+    for _round in 0..3 {
+        tokio::time::sleep(every).await;
+        server.kill9().await;
+        server = spawn(args, &[]).await;
+        *target.lock().unwrap() = server.addr.unwrap();
+    }
+    server
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyed_retries_through_kill_9_count_every_request_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -208,7 +225,7 @@ async fn keyed_retries_through_kill_9_count_every_request_exactly_once() {
         "--data-dir",
         &data,
     ];
-    let mut server = spawn(&args, &[]).await;
+    let server = spawn(&args, &[]).await;
     let target = Arc::new(std::sync::Mutex::new(server.addr.unwrap()));
     let stop = Arc::new(AtomicBool::new(false));
     let keys: Vec<String> = (0..8).map(|_| Uuid::new_v4().to_string()).collect();
@@ -216,12 +233,7 @@ async fn keyed_retries_through_kill_9_count_every_request_exactly_once() {
         .iter()
         .map(|key| keyed_client(target.clone(), key.clone(), stop.clone()))
         .collect();
-    for _round in 0..3 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        server.kill9().await;
-        server = spawn(&args, &[]).await;
-        *target.lock().unwrap() = server.addr.unwrap();
-    }
+    let mut server = kill_9_three_times(&args, server, &target, Duration::from_millis(500)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let mut total_retries = 0;
@@ -255,7 +267,7 @@ async fn kill_9_of_the_embedded_server_mid_load_loses_and_doubles_nothing() {
         "--flush-interval-ms",
         "300",
     ];
-    let mut server = spawn(&args, &[]).await;
+    let server = spawn(&args, &[]).await;
     let target = Arc::new(std::sync::Mutex::new(server.addr.unwrap()));
     let stop = Arc::new(AtomicBool::new(false));
     let keys: Vec<String> = (0..8).map(|_| Uuid::new_v4().to_string()).collect();
@@ -264,12 +276,7 @@ async fn kill_9_of_the_embedded_server_mid_load_loses_and_doubles_nothing() {
         .enumerate()
         .map(|(i, key)| client(target.clone(), key.clone(), stop.clone(), i as i64))
         .collect();
-    for _round in 0..3 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        server.kill9().await;
-        server = spawn(&args, &[]).await;
-        *target.lock().unwrap() = server.addr.unwrap();
-    }
+    let mut server = kill_9_three_times(&args, server, &target, Duration::from_millis(700)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let mut requests = 0;

@@ -17,7 +17,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::BodyExt;
 use serde_json::json;
 use weir_runtime::http::ApiError;
 use weir_runtime::logs::{escape, LogLimiter};
@@ -57,8 +56,12 @@ fn unavailable(error: String) -> Response {
 }
 
 fn rejected(reason: &'static str, error: ApiError) -> Response {
+    rejected_response(reason, error.into_response())
+}
+
+fn rejected_response(reason: &'static str, response: Response) -> Response {
     metrics::counter!(REJECTED, "reason" => reason).increment(1);
-    error.into_response()
+    response
 }
 
 async fn post_items(
@@ -85,33 +88,14 @@ async fn accept(coordinator: &Coordinator, headers: &HeaderMap, body: Body) -> R
             ),
         );
     }
-    let too_large = || {
-        rejected(
-            "too_large",
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body must be at most {MAX_BODY_BYTES} bytes"),
-            ),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
-        return too_large();
-    }
-    let bytes = match http_body_util::Limited::new(body, MAX_BODY_BYTES)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => return too_large(),
+    let bytes = match weir_runtime::http::read_body(headers, body, MAX_BODY_BYTES).await {
+        Ok(bytes) => bytes,
         Err(err) => {
-            return rejected(
-                "invalid",
-                ApiError::bad_request(format!("cannot read the body: {err}")),
-            )
+            let reason = match err {
+                weir_runtime::http::BodyError::TooLarge(_) => "too_large",
+                _ => "invalid",
+            };
+            return rejected_response(reason, err.into_api_error());
         }
     };
     let items = match parse_items(&bytes) {

@@ -98,6 +98,7 @@ fn main_counter(service: &str) -> Option<&'static str> {
     match service {
         "relay" => Some("events_received"),
         "increments" | "kv" => Some("requests"),
+        "distinct" => Some("coordinator_items_accepted"),
         _ => None,
     }
 }
