@@ -6,7 +6,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::idempotency::Recorded;
 use crate::queue::embedded::now_ms;
-use crate::store::{KeyedIncrement, Store, StoreError};
+use crate::store::{KeyedIncrement, Store};
 
 /// Requests per transaction at most: bounds one commit's time.
 const MAX_GROUP: usize = 1_024;
@@ -24,8 +24,6 @@ pub struct KeyedWriter {
 pub enum KeyedError {
     #[error("the keyed writer has stopped")]
     Closed,
-    #[error(transparent)]
-    Store(#[from] StoreError),
     #[error("{0}")]
     Failed(String),
 }

@@ -393,3 +393,63 @@ async fn reading_a_total_behind_a_lock_fails_within_its_timeout() {
     drop(holder);
     assert_eq!(store.count(Uuid::from_u128(1)).await.unwrap(), None);
 }
+
+/// The embedded queue over Postgres: a keyed request's key and increment commit together;
+/// a repeat finds the key, and several keys for one counter share its overflow check.
+#[tokio::test]
+async fn keyed_increments_commit_with_their_keys_in_postgres() {
+    use weir_increments::idempotency::Recorded;
+    use weir_increments::store::KeyedIncrement;
+    use weir_increments::validate::Increment;
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = pg_config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let store = Store::open(&config).await.unwrap();
+    let keyed = |name: &str, counter: u128, value: i64| KeyedIncrement {
+        key: format!("-/{name}"),
+        fingerprint: format!("{counter}:{value}"),
+        increment: Increment {
+            key: Uuid::from_u128(counter),
+            value,
+        },
+    };
+    let first = store
+        .apply_keyed(
+            vec![
+                keyed("a", 1, 5),
+                keyed("b", 1, i64::MAX - 10),
+                keyed("c", 1, 20),
+                keyed("d", 2, 7),
+            ],
+            1_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(first, vec![Recorded::Applied; 4]);
+    // "c" would take counter 1 past i64: dead-lettered, its key still recorded.
+    let totals = || async {
+        let mut out = Vec::new();
+        for counter in [1u128, 2] {
+            let count = store.count(Uuid::from_u128(counter)).await.unwrap();
+            out.push(count.map_or(0, |c| c.total));
+        }
+        out
+    };
+    assert_eq!(totals().await, vec![i64::MAX - 5, 7]);
+    assert_eq!(store.dead_letters("idempotency").await.unwrap().len(), 1);
+    let again = store
+        .apply_keyed(vec![keyed("a", 1, 5), keyed("d", 2, 9)], 2_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        vec![
+            Recorded::Existing("1:5".into()),
+            Recorded::Existing("2:7".into())
+        ]
+    );
+    assert_eq!(totals().await, vec![i64::MAX - 5, 7]);
+    assert_eq!(store.last_commit_ms().await.unwrap(), Some(2_000));
+}

@@ -111,11 +111,7 @@ impl RedisProducer {
             Err(err) if matches!(err.kind(), redis::ErrorKind::Server(_)) => return Ok(None),
             Err(err) => return Err(err.into()),
         };
-        Ok(groups
-            .groups
-            .iter()
-            .find(|group| group.name == self.group)
-            .map(|group| (group.lag.unwrap_or(0) + group.pending) as u64))
+        Ok(unacknowledged(&groups, &self.group))
     }
 
     pub async fn enqueue(&self, increment: Increment) -> Result<(), QueueError> {
@@ -452,11 +448,7 @@ impl RedisConsumer {
     /// Entries not yet acknowledged: never delivered (the group's lag) plus pending.
     pub async fn depth(&mut self) -> Result<u64, QueueError> {
         let groups: StreamInfoGroupsReply = self.conn.xinfo_groups(&self.stream).await?;
-        Ok(groups
-            .groups
-            .iter()
-            .find(|group| group.name == self.group)
-            .map_or(0, |group| (group.lag.unwrap_or(0) + group.pending) as u64))
+        Ok(unacknowledged(&groups, &self.group).unwrap_or(0))
     }
 
     /// Every entry below the returned id was delivered and acknowledged (see
@@ -516,6 +508,15 @@ impl RedisConsumer {
 
 /// Creates the group at the start of the stream (and the stream if it is missing); a group
 /// that exists already is fine.
+/// Entries of `group` not acknowledged yet: never delivered (its lag) plus pending.
+fn unacknowledged(groups: &StreamInfoGroupsReply, group: &str) -> Option<u64> {
+    groups
+        .groups
+        .iter()
+        .find(|info| info.name == group)
+        .map(|info| (info.lag.unwrap_or(0) + info.pending) as u64)
+}
+
 async fn create_group(
     conn: &mut ConnectionManager,
     stream: &str,

@@ -172,7 +172,7 @@ impl PostgresStore {
     /// in which flushes lock totals, so the two never deadlock.
     pub async fn apply_keyed(
         &self,
-        mut batch: Vec<KeyedIncrement>,
+        batch: Vec<KeyedIncrement>,
         now_ms: i64,
     ) -> Result<Vec<Recorded>, StoreError> {
         let mut order: Vec<usize> = (0..batch.len()).collect();
@@ -201,10 +201,12 @@ impl PostgresStore {
             ))
             .await?;
         let mut out = vec![Recorded::Applied; batch.len()];
-        let mut deltas = Vec::new();
+        // Per counter key, in key order: its persisted total (read once, locked) and what this
+        // batch adds to it, so several keyed requests for one counter share the overflow check.
+        let mut totals: Vec<(Uuid, i64, i64)> = Vec::new();
         let mut dead = Vec::new();
         for i in order {
-            let keyed = &mut batch[i];
+            let keyed = &batch[i];
             let inserted = tx
                 .execute(&insert_key, &[&keyed.key, &keyed.fingerprint, &now_ms])
                 .await?;
@@ -214,36 +216,28 @@ impl PostgresStore {
                 continue;
             }
             let key = keyed.increment.key;
-            let base: i64 = match tx.query_opt(&total, &[&key.to_string()]).await? {
-                Some(row) => row.try_get(0)?,
-                None => 0,
-            };
-            // Keys of one batch may repeat (different idempotency keys, same counter):
-            // what earlier requests of the batch add counts toward the overflow check.
-            let pending: i64 = deltas
-                .iter()
-                .filter(|(k, _)| *k == key)
-                .map(|(_, d): &(Uuid, i64)| *d)
-                .sum();
+            if totals.last().map(|(last, _, _)| *last) != Some(key) {
+                let base: i64 = match tx.query_opt(&total, &[&key.to_string()]).await? {
+                    Some(row) => row.try_get(0)?,
+                    None => 0,
+                };
+                totals.push((key, base, 0));
+            }
+            let last = totals.len() - 1;
+            let (_, base, added) = &mut totals[last];
             match base
-                .checked_add(pending)
-                .and_then(|b| b.checked_add(keyed.increment.value))
+                .checked_add(*added)
+                .and_then(|sum| sum.checked_add(keyed.increment.value))
             {
-                Some(_) => deltas.push((key, keyed.increment.value)),
-                None => dead.push(keyed_dead_letter(
-                    keyed,
-                    base.saturating_add(pending),
-                    now_ms,
-                )),
+                Some(_) => *added += keyed.increment.value,
+                None => dead.push(keyed_dead_letter(keyed, *base + *added, now_ms)),
             }
         }
-        let mut merged: Vec<(Uuid, i64)> = Vec::new();
-        for (key, delta) in deltas {
-            match merged.last_mut() {
-                Some((last, sum)) if *last == key => *sum += delta,
-                _ => merged.push((key, delta)),
-            }
-        }
+        let merged: Vec<(Uuid, i64)> = totals
+            .into_iter()
+            .filter(|(_, _, added)| *added > 0)
+            .map(|(key, _, added)| (key, added))
+            .collect();
         self.add_to_totals(&tx, &merged, now_ms).await?;
         self.record_dead(&tx, KEYED_SOURCE, &dead, now_ms).await?;
         tx.commit().await?;
