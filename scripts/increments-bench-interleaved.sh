@@ -17,7 +17,7 @@ cleanup() {
   kill $(jobs -p) 2>/dev/null || true
   wait 2>/dev/null || true
   redis-cli -u "$REDIS" del "$S" "$S:dead" >/dev/null 2>&1 || true
-  psql "$PG" -qc "DROP TABLE IF EXISTS ${S}_counts, ${S}_marks, ${S}_applied, ${S}_dead_letters, ${S}_idempotency_keys, ${S}_flushes" >/dev/null 2>&1 || true
+  psql "$PG" -qc "DROP TABLE IF EXISTS ${S}_counts, ${S}_marks, ${S}_applied, ${S}_dead_letters, ${S}_idempotency_keys, ${S}_flushes, ${S}_applied_batches" >/dev/null 2>&1 || true
   rm -rf "$DATA"
 }
 trap cleanup EXIT

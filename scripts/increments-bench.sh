@@ -17,7 +17,7 @@ cleanup() {
   wait 2>/dev/null || true
   for s in "$S" "$S2"; do
     redis-cli -u "$REDIS" del "$s" "$s:dead" >/dev/null 2>&1 || true
-    psql "$PG" -qc "DROP TABLE IF EXISTS ${s}_counts, ${s}_marks, ${s}_applied, ${s}_dead_letters, ${s}_idempotency_keys, ${s}_flushes" >/dev/null 2>&1 || true
+    psql "$PG" -qc "DROP TABLE IF EXISTS ${s}_counts, ${s}_marks, ${s}_applied, ${s}_dead_letters, ${s}_idempotency_keys, ${s}_flushes, ${s}_applied_batches" >/dev/null 2>&1 || true
   done
   rm -rf "$DATA"
 }

@@ -21,7 +21,7 @@ cleanup() {
   kill $(jobs -p) 2>/dev/null || true
   wait 2>/dev/null || true
   redis-cli -u "$REDIS" --scan --pattern "$S*" 2>/dev/null | xargs -r redis-cli -u "$REDIS" del >/dev/null 2>&1 || true
-  for t in counts marks applied dead_letters idempotency_keys flushes; do
+  for t in counts marks applied dead_letters idempotency_keys flushes applied_batches; do
     psql "$PG" -qc "DROP TABLE IF EXISTS ${S}_$t" >/dev/null 2>&1 || true
   done
   rm -rf "$DATA"

@@ -24,6 +24,7 @@ pub const LAST_COMMIT_TIMESTAMP: &str = "weir_increments_last_commit_timestamp_s
 pub const IDEMPOTENT_REPLAYS: &str = "weir_increments_idempotent_replays_total";
 pub const IDEMPOTENCY_CONFLICTS: &str = "weir_increments_idempotency_conflicts_total";
 pub const IDEMPOTENCY_KEYS_PRUNED: &str = "weir_increments_idempotency_keys_pruned_total";
+pub const ENTRIES_RELEASED: &str = "weir_increments_entries_released_total";
 
 const METRICS: &[MetricSpec] = &[
     (REQUESTS, MetricKind::Counter, "POST /increment answers, by HTTP status."),
@@ -47,6 +48,7 @@ const METRICS: &[MetricSpec] = &[
     (IDEMPOTENT_REPLAYS, MetricKind::Counter, "Requests whose Idempotency-Key was already accepted with the same body: answered 202 again, nothing added."),
     (IDEMPOTENCY_CONFLICTS, MetricKind::Counter, "Requests refused for their Idempotency-Key, by reason: in_flight (409) or mismatch (422)."),
     (IDEMPOTENCY_KEYS_PRUNED, MetricKind::Counter, "Idempotency keys forgotten after their retention window."),
+    (ENTRIES_RELEASED, MetricKind::Counter, "Held stream entries a flush left to the worker that had taken them over (this worker was paused or slow): not applied here, not acknowledged here."),
 ];
 
 pub fn register() {

@@ -14,13 +14,13 @@ use tokio_util::sync::CancellationToken;
 use crate::aggregate::{Aggregator, Item, Pending};
 use crate::config::IncrementsConfig;
 use crate::metric_names::{
-    APPLIED, BATCH_KEYS, BATCH_SIZE, DEAD_LETTERS, DUPLICATES_SKIPPED, FLUSH_FAILURES,
-    FLUSH_SECONDS, IDEMPOTENCY_KEYS_PRUNED, QUEUE_DEPTH, STALENESS_MAX_SECONDS, STALENESS_SECONDS,
-    WORKER_HELD,
+    APPLIED, BATCH_KEYS, BATCH_SIZE, DEAD_LETTERS, DUPLICATES_SKIPPED, ENTRIES_RELEASED,
+    FLUSH_FAILURES, FLUSH_SECONDS, IDEMPOTENCY_KEYS_PRUNED, QUEUE_DEPTH, STALENESS_MAX_SECONDS,
+    STALENESS_SECONDS, WORKER_HELD,
 };
 use crate::queue::embedded::now_ms;
 use crate::queue::{Consumer, Next, QueueError};
-use crate::store::{DeadLetterRetention, FlushReport, Store};
+use crate::store::{DeadLetterRetention, Fencing, FlushReport, Store};
 
 pub use crate::health::WorkerHealth;
 
@@ -191,25 +191,35 @@ impl Worker {
             .min(self.claim_idle / 3)
             .max(Duration::from_millis(50));
         let started = Instant::now();
+        let dedupe = self.consumer.dedupe();
+        // Entries taken over from another worker, or a retry that cannot know whether its
+        // last attempt committed, need the exclusive path (see `store::fence`).
+        let mut exclusive = self.consumer.take_claimed();
         loop {
             let attempt = Instant::now();
-            match self
+            let fencing = self
+                .consumer
+                .fence()
+                .map(|fence| Fencing { fence, exclusive });
+            let flushed = self
                 .store
                 .flush(
                     &self.source,
-                    self.consumer.dedupe(),
+                    dedupe,
                     pending.clone(),
                     now_ms() as i64,
+                    fencing,
                 )
-                .await
-            {
+                .await;
+            exclusive = true;
+            match flushed {
                 Ok(report) => {
                     self.record(&pending, &report, attempt.elapsed());
                     if let Err(err) = self.consumer.publish_dead(&report.dead).await {
                         // The store holds every dead letter; the stream copy is a courtesy.
                         tracing::warn!(%err, "cannot copy dead letters to the dead-letter stream");
                     }
-                    self.acknowledge(&pending).await;
+                    self.acknowledge(&pending, &report.released).await;
                     return Some(report);
                 }
                 Err(err) => {
@@ -243,6 +253,13 @@ impl Worker {
         metrics::histogram!(BATCH_KEYS).record(report.keys as f64);
         metrics::counter!(APPLIED).increment(report.applied as u64);
         metrics::counter!(DUPLICATES_SKIPPED).increment(report.duplicates as u64);
+        if !report.released.is_empty() {
+            metrics::counter!(ENTRIES_RELEASED).increment(report.released.len() as u64);
+            tracing::info!(
+                released = report.released.len(),
+                "left held entries to the worker that took them over (this worker was paused or slow)"
+            );
+        }
         if let Some(oldest) = pending.oldest_ms {
             let staleness = now.saturating_sub(oldest);
             metrics::histogram!(STALENESS_SECONDS).record(staleness as f64 / 1000.0);
@@ -264,10 +281,10 @@ impl Worker {
         }
     }
 
-    async fn acknowledge(&mut self, pending: &Pending) {
+    async fn acknowledge(&mut self, pending: &Pending, released: &[crate::aggregate::EntryId]) {
         // A failed ack loses nothing: the entries come back and the store recognises them.
         for attempt in 0..3 {
-            match self.consumer.ack(pending).await {
+            match self.consumer.ack(pending, released).await {
                 Ok(()) => return,
                 Err(err) => {
                     tracing::warn!(%err, attempt, "cannot acknowledge a committed flush");

@@ -52,13 +52,13 @@ async fn a_redelivered_flush_is_applied_once_in_both_modes() {
     for dedupe in [Dedupe::Ids, Dedupe::Watermark] {
         let source = format!("{dedupe:?}");
         let first = store
-            .flush(&source, dedupe, pending.clone(), 1)
+            .flush(&source, dedupe, pending.clone(), 1, None)
             .await
             .unwrap();
         assert_eq!((first.applied, first.duplicates, first.keys), (20, 0, 7));
         // The commit happened but the ack was lost: the same entries come back.
         let again = store
-            .flush(&source, dedupe, pending.clone(), 2)
+            .flush(&source, dedupe, pending.clone(), 2, None)
             .await
             .unwrap();
         assert_eq!((again.applied, again.duplicates), (0, 20), "{dedupe:?}");
@@ -107,7 +107,7 @@ async fn overflow_is_dead_lettered_in_the_same_transaction() {
         value: 4,
     });
     let report = store
-        .flush("s", Dedupe::Ids, Arc::new(agg.take()), 1)
+        .flush("s", Dedupe::Ids, Arc::new(agg.take()), 1, None)
         .await
         .unwrap();
     assert_eq!(report.dead.len(), 1);
@@ -271,8 +271,8 @@ async fn concurrent_flushes_of_the_same_entries_count_them_once() {
     let store = Store::open(&config).await.unwrap();
     let pending = Arc::new(items(200, 13).take());
     let (a, b) = tokio::join!(
-        store.flush("s", Dedupe::Ids, pending.clone(), 1),
-        store.flush("s", Dedupe::Ids, pending.clone(), 1)
+        store.flush("s", Dedupe::Ids, pending.clone(), 1, None),
+        store.flush("s", Dedupe::Ids, pending.clone(), 1, None)
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!(a.applied + b.applied, 200);
@@ -313,7 +313,7 @@ async fn a_flush_behind_a_lock_gives_up_before_the_claim_threshold_and_names_the
     let pending = Arc::new(items(5, 2).take());
     let failed = tokio::time::timeout(
         Duration::from_secs(5),
-        store.flush("s", Dedupe::Ids, pending.clone(), 1),
+        store.flush("s", Dedupe::Ids, pending.clone(), 1, None),
     )
     .await
     .expect("the flush gave up instead of waiting for the lock")
@@ -327,7 +327,10 @@ async fn a_flush_behind_a_lock_gives_up_before_the_claim_threshold_and_names_the
     assert!(text.contains("SQLSTATE 55P03"), "{text}");
     drop(holder);
     // Nothing of the abandoned flush stuck: the retry applies everything.
-    let retried = store.flush("s", Dedupe::Ids, pending, 2).await.unwrap();
+    let retried = store
+        .flush("s", Dedupe::Ids, pending, 2, None)
+        .await
+        .unwrap();
     assert_eq!(retried.applied, 5);
 }
 

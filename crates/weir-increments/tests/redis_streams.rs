@@ -147,13 +147,19 @@ async fn a_dead_workers_entries_are_taken_over_and_a_crash_after_commit_counts_o
     for item in &first[..6] {
         agg.push(*item);
     }
-    // Commit six, never ack them, and "crash": their entries stay pending.
+    // Commit six (on the fast path: the worker read them itself), never ack them, and
+    // "crash": their entries stay pending, and the survivor's claim must find the record.
+    let stream = committed.stream().to_string();
     store
         .flush(
-            committed.stream(),
+            &stream,
             Dedupe::Ids,
             std::sync::Arc::new(agg.take()),
             1,
+            Some(weir_increments::store::Fencing {
+                fence: &mut committed,
+                exclusive: false,
+            }),
         )
         .await
         .unwrap();
@@ -592,4 +598,115 @@ async fn a_stream_recreated_behind_the_mark_is_counted() {
     add_entry(&mut conn, &config, &key.to_string(), 4).await;
     wait_for_store_total(&store, key, 4).await;
     worker.stop().await;
+}
+
+/// Moves every pending entry of the group to `to`, as a worker's `XAUTOCLAIM` would once
+/// their owner went quiet (this counts a delivery, as the real claim does).
+async fn claim_all(config: &IncrementsConfig, ids: &[EntryId], to: &str) {
+    let mut conn = redis_conn(config).await;
+    let ids: Vec<String> = ids.iter().map(EntryId::to_string).collect();
+    let _: redis::Value = conn
+        .xclaim(&config.stream, &config.group, to, 0, &ids)
+        .await
+        .unwrap();
+}
+
+async fn fenced_flush(
+    store: &Store,
+    consumer: &mut RedisConsumer,
+    items: &[Item],
+    exclusive: bool,
+) -> weir_increments::store::FlushReport {
+    let mut agg = weir_increments::aggregate::Aggregator::default();
+    items.iter().for_each(|item| agg.push(*item));
+    let stream = consumer.stream().to_string();
+    store
+        .flush(
+            &stream,
+            Dedupe::Ids,
+            std::sync::Arc::new(agg.take()),
+            1,
+            Some(weir_increments::store::Fencing {
+                fence: consumer,
+                exclusive,
+            }),
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_paused_workers_copies_taken_over_applied_and_pruned_are_released_not_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let url = config.redis_url.clone().unwrap();
+    let store = Store::open(&config).await.unwrap();
+    let mut conn = redis_conn(&config).await;
+    let key = Uuid::new_v4();
+    let mut paused = RedisConsumer::connect(&worker(&config, "paused"), &url)
+        .await
+        .unwrap();
+    let mut live = RedisConsumer::connect(&worker(&config, "live"), &url)
+        .await
+        .unwrap();
+    for value in 1..=10i64 {
+        add_entry(&mut conn, &config, &key.to_string(), value).await;
+    }
+    let held = read_batch(&mut paused).await;
+    assert_eq!(held.len(), 10);
+    let ids: Vec<EntryId> = held.iter().map(|item| item.id).collect();
+
+    // While "paused" sleeps, "live" takes the entries over, applies them, acknowledges
+    // them and prunes what it recorded below the new low-water mark.
+    claim_all(&config, &ids, "live").await;
+    let applied = fenced_flush(&store, &mut live, &held, true).await;
+    assert_eq!((applied.applied, applied.released.len()), (10, 0));
+    live.ack(&ids).await.unwrap();
+    let bound = live.prune_bound().await.unwrap().unwrap();
+    store.prune_applied(live.stream(), bound).await.unwrap();
+    assert_eq!(total(&store, key).await, 55);
+
+    // "paused" wakes up and flushes its copies on the fast path: they are not its own
+    // any more, so they are released, and nothing is counted twice.
+    let resumed = fenced_flush(&store, &mut paused, &held, false).await;
+    assert_eq!(resumed.applied, 0);
+    assert_eq!(resumed.released.len(), 10);
+    // So does a retry on the exclusive path, which reads the records.
+    let retried = fenced_flush(&store, &mut paused, &held, true).await;
+    assert_eq!((retried.applied, retried.released.len()), (0, 10));
+    assert_eq!(total(&store, key).await, 55, "each entry counted once");
+}
+
+#[tokio::test]
+async fn a_retry_after_a_commit_it_could_not_confirm_counts_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    let url = config.redis_url.clone().unwrap();
+    let store = Store::open(&config).await.unwrap();
+    let mut conn = redis_conn(&config).await;
+    let key = Uuid::new_v4();
+    let mut consumer = RedisConsumer::connect(&worker(&config, "w"), &url)
+        .await
+        .unwrap();
+    for value in 1..=4i64 {
+        add_entry(&mut conn, &config, &key.to_string(), value).await;
+    }
+    let held = read_batch(&mut consumer).await;
+    let first = fenced_flush(&store, &mut consumer, &held, false).await;
+    assert_eq!(first.applied, 4);
+    // The commit went through but its answer was lost: the worker retries exclusively.
+    let retry = fenced_flush(&store, &mut consumer, &held, true).await;
+    assert_eq!((retry.applied, retry.duplicates), (0, 4));
+    // A copy delivered twice (claimed back after a long stall) is never on the fast path.
+    let ids: Vec<EntryId> = held.iter().map(|item| item.id).collect();
+    claim_all(&config, &ids, "w").await;
+    let fast = fenced_flush(&store, &mut consumer, &held, false).await;
+    assert_eq!((fast.applied, fast.released.len()), (0, 4));
+    assert_eq!(total(&store, key).await, 10);
 }

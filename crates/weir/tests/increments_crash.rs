@@ -413,7 +413,7 @@ impl Scaled {
         reply.ids.into_iter().map(|pending| pending.id).collect()
     }
 
-    /// Applied ids still recorded at or below `id` ("ms-seq").
+    /// Records of applied ids at or below `id` ("ms-seq"): id rows and fast-path batch rows.
     async fn recorded_up_to(&self, id: &str) -> i64 {
         let (ms, seq) = id.split_once('-').unwrap();
         let (ms, seq): (i64, i64) = (ms.parse().unwrap(), seq.parse().unwrap());
@@ -421,8 +421,9 @@ impl Scaled {
             .await
             .query_one(
                 &format!(
-                    "SELECT count(*) FROM {}_applied WHERE (ms, seq) <= ($1, $2)",
-                    self.prefix
+                    "SELECT (SELECT count(*) FROM {p}_applied WHERE (ms, seq) <= ($1, $2))
+                          + (SELECT count(*) FROM {p}_applied_batches WHERE (min_ms, min_seq) <= ($1, $2))",
+                    p = self.prefix
                 ),
                 &[&ms, &seq],
             )
@@ -451,7 +452,7 @@ impl Drop for Scaled {
                     tokio::spawn(connection);
                     let _ = client
                         .batch_execute(&format!(
-                            "SET lock_timeout = 5000; DROP TABLE IF EXISTS {prefix}_counts, {prefix}_marks, {prefix}_applied, {prefix}_dead_letters"
+                            "SET lock_timeout = 5000; DROP TABLE IF EXISTS {prefix}_counts, {prefix}_marks, {prefix}_applied, {prefix}_dead_letters, {prefix}_idempotency_keys, {prefix}_flushes, {prefix}_applied_batches"
                         ))
                         .await;
                 }

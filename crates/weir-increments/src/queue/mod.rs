@@ -127,8 +127,9 @@ impl Consumer {
         }
     }
 
-    /// Tells the queue that `pending` is committed, so it is never delivered again.
-    pub async fn ack(&mut self, pending: &Pending) -> Result<(), QueueError> {
+    /// Tells the queue that `pending` is committed, so it is never delivered again;
+    /// `released` entries are another worker's now and left to it.
+    pub async fn ack(&mut self, pending: &Pending, released: &[EntryId]) -> Result<(), QueueError> {
         match self {
             Consumer::Embedded(consumer) => {
                 consumer.settled(pending.len as u64);
@@ -138,9 +139,28 @@ impl Consumer {
                 }
             }
             Consumer::Redis(consumer) => {
-                let ids: Vec<EntryId> = pending.ids().collect();
+                let released: std::collections::HashSet<&EntryId> = released.iter().collect();
+                let ids: Vec<EntryId> = pending.ids().filter(|id| !released.contains(id)).collect();
                 consumer.ack(&ids).await
             }
+        }
+    }
+
+    /// Where a flush asks which held entries are still this worker's (Redis only: the
+    /// embedded log has one consumer).
+    pub fn fence(&mut self) -> Option<&mut dyn crate::store::Fence> {
+        match self {
+            Consumer::Embedded(_) => None,
+            Consumer::Redis(consumer) => Some(consumer.as_mut()),
+        }
+    }
+
+    /// Whether entries taken over from another worker arrived since the last call: the
+    /// flush that holds them must take the exclusive path (see `store::fence`).
+    pub fn take_claimed(&mut self) -> bool {
+        match self {
+            Consumer::Embedded(_) => false,
+            Consumer::Redis(consumer) => consumer.take_claimed(),
         }
     }
 

@@ -11,7 +11,7 @@
 //! group gone (`NOGROUP`) says so loudly and recreates it from the start of the stream, so
 //! everything accepted after the loss is still counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
@@ -151,6 +151,8 @@ pub struct RedisConsumer {
     last_claim: Option<Instant>,
     claim_cursor: String,
     streams_lost: u64,
+    /// Entries were taken over since the last flush began (see `store::fence`).
+    claimed: bool,
 }
 
 impl RedisConsumer {
@@ -185,6 +187,7 @@ impl RedisConsumer {
             last_claim: None,
             claim_cursor: "0-0".into(),
             streams_lost: 0,
+            claimed: false,
         };
         consumer.ensure_group(store).await?;
         Ok(consumer)
@@ -374,6 +377,7 @@ impl RedisConsumer {
             .await?;
         self.claim_cursor = reply.next_stream_id;
         if !reply.claimed.is_empty() {
+            self.claimed = true;
             tracing::info!(
                 entries = reply.claimed.len(),
                 "took over entries abandoned by another worker"
@@ -424,6 +428,47 @@ impl RedisConsumer {
             let _: i64 = self.conn.xack(&self.stream, &self.group, &ids).await?;
         }
         Ok(())
+    }
+
+    pub fn take_claimed(&mut self) -> bool {
+        std::mem::take(&mut self.claimed)
+    }
+
+    /// Of `held` (sorted), the ids pending for this consumer, with `first_delivery_only`
+    /// those delivered once; `None` once the group is gone. Ids past the reply's bound
+    /// count as not owned: released, they are claimed back later, never lost.
+    async fn owned_now(
+        &mut self,
+        held: &[EntryId],
+        first_delivery_only: bool,
+    ) -> Result<Option<HashSet<EntryId>>, QueueError> {
+        let (Some(first), Some(last)) = (held.first(), held.last()) else {
+            return Ok(Some(HashSet::new()));
+        };
+        let reply: Result<StreamPendingCountReply, redis::RedisError> = redis::cmd("XPENDING")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(first.to_string())
+            .arg(last.to_string())
+            .arg(held.len() * 2 + 1_000)
+            .arg(&self.consumer)
+            .query_async(&mut self.conn)
+            .await;
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(err) if err.code() == Some("NOGROUP") => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        let held: HashSet<&EntryId> = held.iter().collect();
+        Ok(Some(
+            reply
+                .ids
+                .iter()
+                .filter(|pending| !first_delivery_only || pending.times_delivered == 1)
+                .filter_map(|pending| pending.id.parse::<EntryId>().ok())
+                .filter(|id| held.contains(id))
+                .collect(),
+        ))
     }
 
     /// Resets the idle time of entries still held (JUSTID does not count a delivery).
@@ -503,6 +548,20 @@ impl RedisConsumer {
             .query_async(&mut self.conn)
             .await?;
         Ok(removed)
+    }
+}
+
+impl crate::store::Fence for RedisConsumer {
+    fn owned<'a>(
+        &'a mut self,
+        held: &'a [EntryId],
+        first_delivery_only: bool,
+    ) -> futures::future::BoxFuture<'a, Result<Option<HashSet<EntryId>>, String>> {
+        Box::pin(async move {
+            self.owned_now(held, first_delivery_only)
+                .await
+                .map_err(|err| err.to_string())
+        })
     }
 }
 

@@ -6,10 +6,12 @@
 //! records what it applied. A crash between the commit and the queue acknowledgement
 //! therefore never counts an increment twice: the redelivered entries are recognised.
 
+pub mod fence;
 pub mod floor;
 pub mod postgres;
 pub mod sqlite;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -31,6 +33,8 @@ pub enum StoreError {
     Range(String),
     #[error("the database task failed: {0}")]
     Task(String),
+    #[error("cannot ask the queue which entries this worker still owns: {0}")]
+    Fence(String),
     #[error("cannot create {0}: {1}")]
     Io(String, std::io::Error),
 }
@@ -52,6 +56,30 @@ pub struct FlushReport {
     pub duplicates: usize,
     pub keys: usize,
     pub dead: Vec<DeadLetter>,
+    /// Held entries another worker has taken over since they were read (this worker was
+    /// paused or slow): neither applied nor to be acknowledged here, they are the new
+    /// owner's.
+    pub released: Vec<EntryId>,
+}
+
+/// Whether a worker still owns the entries it holds, asked inside the flush transaction
+/// (see [`fence`]).
+pub trait Fence: Send {
+    /// Of `held` (sorted, no repeats), the ids still pending for this worker; with
+    /// `first_delivery_only`, only those never delivered to any other worker. `None`
+    /// when the queue cannot say (its group is gone).
+    fn owned<'a>(
+        &'a mut self,
+        held: &'a [EntryId],
+        first_delivery_only: bool,
+    ) -> futures::future::BoxFuture<'a, Result<Option<HashSet<EntryId>>, String>>;
+}
+
+/// A flush's fencing: the queue to ask, and whether the flush must take the exclusive
+/// path (see [`fence`]).
+pub struct Fencing<'a> {
+    pub fence: &'a mut dyn Fence,
+    pub exclusive: bool,
 }
 
 /// One keyed request for [`Store::apply_keyed`].
@@ -102,6 +130,8 @@ pub struct Tables {
     pub marks: String,
     pub applied: String,
     pub dead: String,
+    /// One row per fast-path flush of a Redis stream: the ids it applied (see [`fence`]).
+    pub batches: String,
     /// `Idempotency-Key`s of the embedded mode, with the request each was used for.
     pub keys: String,
     /// When each writing process last committed, for `/readyz` of processes that do not
@@ -128,6 +158,7 @@ impl Tables {
             marks: format!("{prefix}_marks"),
             applied: format!("{prefix}_applied"),
             dead: format!("{prefix}_dead_letters"),
+            batches: format!("{prefix}_applied_batches"),
             keys: format!("{prefix}_idempotency_keys"),
             flushes: format!("{prefix}_flushes"),
         })
@@ -168,10 +199,15 @@ impl Store {
         dedupe: Dedupe,
         pending: Arc<Pending>,
         now_ms: i64,
+        fencing: Option<Fencing<'_>>,
     ) -> Result<FlushReport, StoreError> {
-        match self {
-            Store::Sqlite(store) => store.flush(source, dedupe, pending, now_ms).await,
-            Store::Postgres(store) => store.flush(source, dedupe, &pending, now_ms).await,
+        match (self, fencing) {
+            // One SQLite file has one writing process: no other worker can hold a copy.
+            (Store::Sqlite(store), _) => store.flush(source, dedupe, pending, now_ms).await,
+            (Store::Postgres(store), Some(fencing)) if dedupe == Dedupe::Ids => {
+                store.flush_fenced(source, &pending, now_ms, fencing).await
+            }
+            (Store::Postgres(store), _) => store.flush(source, dedupe, &pending, now_ms).await,
         }
     }
 

@@ -11,8 +11,8 @@ use tokio_postgres::NoTls;
 use uuid::Uuid;
 
 use super::{
-    floor, keyed_dead_letter, to_i64, to_u64, Count, Dedupe, FlushReport, KeyedIncrement,
-    StoreError, Tables, KEYED_SOURCE,
+    fence, floor, keyed_dead_letter, to_i64, to_u64, Count, Dedupe, Fencing, FlushReport,
+    KeyedIncrement, StoreError, Tables, KEYED_SOURCE,
 };
 use crate::aggregate::{plan, DeadLetter, EntryId, Fresh, Pending};
 use crate::idempotency::Recorded;
@@ -86,13 +86,16 @@ impl PostgresStore {
              CREATE INDEX IF NOT EXISTS {d}_at ON {d} (source, at_ms);
              CREATE TABLE IF NOT EXISTS {k} (key text PRIMARY KEY, fingerprint text NOT NULL, created_ms bigint NOT NULL);
              CREATE INDEX IF NOT EXISTS {k}_created ON {k} (created_ms);
-             CREATE TABLE IF NOT EXISTS {f} (writer text PRIMARY KEY, committed_ms bigint NOT NULL);",
+             CREATE TABLE IF NOT EXISTS {f} (writer text PRIMARY KEY, committed_ms bigint NOT NULL);
+             CREATE TABLE IF NOT EXISTS {b} (source text NOT NULL, min_ms bigint NOT NULL, min_seq bigint NOT NULL, max_ms bigint NOT NULL, max_seq bigint NOT NULL, ids bytea NOT NULL);
+             CREATE INDEX IF NOT EXISTS {b}_max ON {b} (source, max_ms, max_seq);",
             c = t.counts,
             m = t.marks,
             a = t.applied,
             d = t.dead,
             k = t.keys,
-            f = t.flushes
+            f = t.flushes,
+            b = t.batches
         );
         // Processes migrating at once race on the catalog and the loser's whole batch rolls
         // back; by its next attempt the winner's objects are there.
@@ -137,7 +140,144 @@ impl PostgresStore {
             duplicates: plan.duplicates,
             keys: plan.deltas.len(),
             dead: plan.dead,
+            released: Vec::new(),
         })
+    }
+
+    /// A flush of a Redis stream's entries, fenced against other workers' copies (see
+    /// [`fence`]): the advisory lock and the question to the queue come first, then the
+    /// totals as in [`Self::flush`].
+    pub async fn flush_fenced(
+        &self,
+        source: &str,
+        pending: &Pending,
+        now_ms: i64,
+        fencing: Fencing<'_>,
+    ) -> Result<FlushReport, StoreError> {
+        let mut held: Vec<EntryId> = pending.ids().collect();
+        held.sort_unstable();
+        held.dedup();
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await?;
+        self.begin_write(&tx, now_ms).await?;
+        let lock = fence::lock_key(&self.tables.counts, source);
+        let exclusive = fencing.exclusive;
+        let function = if exclusive {
+            "pg_advisory_xact_lock"
+        } else {
+            "pg_advisory_xact_lock_shared"
+        };
+        tx.batch_execute(&format!("SELECT {function}({lock})"))
+            .await?;
+        let owned = fencing
+            .fence
+            .owned(&held, !exclusive)
+            .await
+            .map_err(StoreError::Fence)?;
+        if owned.is_none() && !exclusive {
+            // Only records can decide, and only the exclusive path reads them.
+            return Err(StoreError::Fence(
+                "the consumer group is gone; retrying on the exclusive path".into(),
+            ));
+        }
+        let (kept, released) = fence::split(&held, owned.as_ref());
+        let fresh: HashSet<EntryId> = if exclusive {
+            let unrecorded = self.not_in_batches(&tx, source, &kept).await?;
+            self.record_ids(&tx, source, unrecorded).await?
+        } else {
+            kept.iter().copied().collect()
+        };
+        let bases = self.lock_totals(&tx, pending).await?;
+        let plan = plan(pending, Fresh::Ids(fresh.clone()), |key| {
+            bases.get(key).copied().unwrap_or(0)
+        });
+        self.add_to_totals(&tx, &plan.deltas, now_ms).await?;
+        self.record_dead(&tx, source, &plan.dead, now_ms).await?;
+        if !exclusive && !fresh.is_empty() {
+            self.record_batch(&tx, source, &kept).await?;
+        }
+        tx.commit().await?;
+        Ok(FlushReport {
+            applied: plan.applied,
+            duplicates: plan.duplicates - released.len(),
+            keys: plan.deltas.len(),
+            dead: plan.dead,
+            released,
+        })
+    }
+
+    /// Of `ids` (sorted), those no fast-path batch row of `source` holds.
+    async fn not_in_batches(
+        &self,
+        tx: &Transaction<'_>,
+        source: &str,
+        ids: &[EntryId],
+    ) -> Result<Vec<EntryId>, StoreError> {
+        let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
+            return Ok(Vec::new());
+        };
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT ids FROM {} WHERE source = $1 AND (max_ms, max_seq) >= ($2, $3)
+                     AND (min_ms, min_seq) <= ($4, $5)",
+                    self.tables.batches
+                ),
+                &[
+                    &source,
+                    &to_i64(first.ms)?,
+                    &to_i64(first.seq)?,
+                    &to_i64(last.ms)?,
+                    &to_i64(last.seq)?,
+                ],
+            )
+            .await?;
+        let mut recorded = HashSet::new();
+        for row in rows {
+            let bytes: Vec<u8> = row.try_get(0)?;
+            let ids = fence::unpack(&bytes).ok_or_else(|| {
+                StoreError::Range(format!(
+                    "a row of {} holds {} bytes, not whole entry ids",
+                    self.tables.batches,
+                    bytes.len()
+                ))
+            })?;
+            recorded.extend(ids);
+        }
+        Ok(ids
+            .iter()
+            .filter(|id| !recorded.contains(id))
+            .copied()
+            .collect())
+    }
+
+    /// One row for a fast-path flush: its ids, packed, with their range for lookups.
+    async fn record_batch(
+        &self,
+        tx: &Transaction<'_>,
+        source: &str,
+        ids: &[EntryId],
+    ) -> Result<(), StoreError> {
+        let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
+            return Ok(());
+        };
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (source, min_ms, min_seq, max_ms, max_seq, ids)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                self.tables.batches
+            ),
+            &[
+                &source,
+                &to_i64(first.ms)?,
+                &to_i64(first.seq)?,
+                &to_i64(last.ms)?,
+                &to_i64(last.seq)?,
+                &fence::pack(ids),
+            ],
+        )
+        .await?;
+        Ok(())
     }
 
     /// A flush waiting on a lock past the claim threshold would see its entries claimed and
@@ -318,8 +458,18 @@ impl PostgresStore {
         source: &str,
         pending: &Pending,
     ) -> Result<HashSet<EntryId>, StoreError> {
+        self.record_ids(tx, source, pending.ids()).await
+    }
+
+    /// [`Self::record_new_ids`] for any ids.
+    async fn record_ids(
+        &self,
+        tx: &Transaction<'_>,
+        source: &str,
+        ids: impl IntoIterator<Item = EntryId>,
+    ) -> Result<HashSet<EntryId>, StoreError> {
         let floor = self.lock_floor(tx, source).await?;
-        let (ids, fenced) = floor::ids_to_record(pending.ids(), floor);
+        let (ids, fenced) = floor::ids_to_record(ids.into_iter(), floor);
         if fenced > 0 {
             tracing::info!(
                 fenced,
@@ -554,6 +704,17 @@ impl PostgresStore {
                 &[&source],
             )
             .await?;
+        // A batch row goes once its last id is below the mark: no entry in it can be
+        // pending again.
+        tx.execute(
+            &format!(
+                "DELETE FROM {batches} WHERE source = $1 AND (max_ms, max_seq) <
+                 (SELECT floor_ms, floor_seq FROM {marks} WHERE source = $1)",
+                batches = self.tables.batches
+            ),
+            &[&source],
+        )
+        .await?;
         tx.commit().await?;
         Ok(removed)
     }

@@ -118,6 +118,7 @@ impl SqliteStore {
                 duplicates: plan.duplicates,
                 keys: plan.deltas.len(),
                 dead: plan.dead,
+                released: Vec::new(),
             })
         })
         .await

@@ -277,7 +277,7 @@ impl Leftovers {
                 let _ = client
                     .batch_execute(&format!(
                         // Bounded: a lock still held by the failed test must not hang it.
-                        "SET lock_timeout = 5000; DROP TABLE IF EXISTS {p}_counts, {p}_marks, {p}_applied, {p}_dead_letters, {p}_idempotency_keys, {p}_flushes"
+                        "SET lock_timeout = 5000; DROP TABLE IF EXISTS {p}_counts, {p}_marks, {p}_applied, {p}_dead_letters, {p}_idempotency_keys, {p}_flushes, {p}_applied_batches"
                     ))
                     .await;
             }
