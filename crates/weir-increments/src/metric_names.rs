@@ -28,7 +28,7 @@ pub const ENTRIES_RELEASED: &str = "weir_increments_entries_released_total";
 
 const METRICS: &[MetricSpec] = &[
     (REQUESTS, MetricKind::Counter, "POST /increment answers, by HTTP status."),
-    (QUEUE_DEPTH, MetricKind::Gauge, "Increments accepted and not yet persisted (embedded log: unflushed records; Redis: the group's lag plus pending entries)."),
+    (QUEUE_DEPTH, MetricKind::Gauge, "Increments accepted and not yet persisted (embedded log: unflushed records; Redis: stream entries, of up to 64 increments each, in the group's lag plus pending)."),
     (WORKER_HELD, MetricKind::Gauge, "Increments this worker holds in memory, waiting for its next flush."),
     (BATCH_SIZE, MetricKind::Histogram, "Increments per flush."),
     (BATCH_KEYS, MetricKind::Histogram, "Distinct keys per flush."),

@@ -2,6 +2,7 @@
 //! Redis stream (any number of API replicas and workers).
 
 pub mod embedded;
+pub mod entry;
 pub mod redis;
 
 use std::path::Path;
@@ -34,6 +35,8 @@ pub enum QueueError {
     Reader(String),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("cannot append to the stream: {0}")]
+    Append(String),
     #[error("the queue holds {0} unflushed increments, its limit")]
     Full(u64),
     #[error("the stream {0} or its consumer group is gone")]

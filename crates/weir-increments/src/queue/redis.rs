@@ -12,7 +12,10 @@
 //! everything accepted after the loss is still counted.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use redis::aio::ConnectionManager;
 use redis::streams::{
@@ -21,7 +24,6 @@ use redis::streams::{
     StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncCommands, Value};
-use uuid::Uuid;
 
 use super::{Next, QueueError};
 use crate::aggregate::{DeadLetter, EntryId, Item};
@@ -52,26 +54,107 @@ pub struct RedisProducer {
     stream: String,
     group: String,
     keyed: std::sync::Arc<redis::Script>,
+    appends: mpsc::Sender<Append>,
 }
 
+/// An increment waiting to be appended, and where to say it was.
+type Append = (Increment, oneshot::Sender<Result<(), String>>);
+
+/// Appends in flight at once. While all are out, arriving requests gather into the next
+/// ones, so under load an entry holds many increments and at rest a lone request is
+/// appended at once.
+const APPENDS_IN_FLIGHT: usize = 4;
+
+/// Increments gathered into one append at most (then split into entries, see
+/// [`super::entry`]).
+const MAX_APPEND: usize = 4 * super::entry::MAX_INCREMENTS;
+
+/// Requests waiting for an append slot; more wait in their own tasks.
+const APPEND_QUEUE: usize = 16_384;
+
+/// Appends waiting increments, a pipeline of entries at a time. Ends when every producer
+/// is dropped; appends in flight then finish, and their requests are answered.
+async fn append_loop(conn: ConnectionManager, stream: String, mut waiting: mpsc::Receiver<Append>) {
+    let slots = Arc::new(Semaphore::new(APPENDS_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = waiting.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_APPEND {
+            match waiting.try_recv() {
+                Ok(append) => batch.push(append),
+                Err(_) => break,
+            }
+        }
+        let mut conn = conn.clone();
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            let (increments, replies): (Vec<Increment>, Vec<_>) = batch.into_iter().unzip();
+            let mut pipe = redis::pipe();
+            for members in super::entry::group(&increments) {
+                pipe.cmd("EVAL")
+                    .arg(APPEND_ENTRY)
+                    .arg(1)
+                    .arg(&stream)
+                    .arg(super::entry::BATCH_FIELD)
+                    .arg(super::entry::encode(&increments, &members))
+                    .ignore();
+            }
+            let appended: Result<(), redis::RedisError> = pipe.query_async(&mut conn).await;
+            let outcome = appended.map_err(|err| err.to_string());
+            for reply in replies {
+                // A request that gave up waiting has no one to tell.
+                let _ = reply.send(outcome.clone());
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// `XADD`, except that a stream that has to be created (Redis lost it) starts after the
+/// current millisecond. Left to itself a new stream numbers its first entries from the
+/// same millisecond the lost one was still using, so they would reuse ids the store has
+/// recorded as applied, and be skipped as duplicates.
+const APPEND_ENTRY: &str = r"
+local id = '*'
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
+  id = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + 1) .. '-0'
+end
+return redis.call('XADD', KEYS[1], id, ARGV[1], ARGV[2])
+";
+
 /// A keyed request in one atomic step: if the key is stored, its fingerprint; else the
-/// entry is appended and the key stored with it (expiring after the retention). Redis runs
+/// entry is appended (a lost stream recreated as in [`APPEND_ENTRY`]) and the key stored with it (expiring after the retention). Redis runs
 /// a script whole, so no crash or concurrent request can see one without the other.
 const KEYED_XADD: &str = r"
 local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
-redis.call('XADD', KEYS[2], '*', 'k', ARGV[3], 'v', ARGV[4])
+local id = '*'
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  local now = redis.call('TIME')
+  id = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + 1) .. '-0'
+end
+redis.call('XADD', KEYS[2], id, 'k', ARGV[3], 'v', ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 ";
 
 impl RedisProducer {
     pub async fn connect(config: &IncrementsConfig, url: &str) -> Result<Self, QueueError> {
+        let conn = connect(url, Some(Duration::from_secs(5))).await?;
+        let (appends, waiting) = mpsc::channel(APPEND_QUEUE);
+        tokio::spawn(append_loop(conn.clone(), config.stream.clone(), waiting));
         Ok(RedisProducer {
-            conn: connect(url, Some(Duration::from_secs(5))).await?,
+            conn,
             stream: config.stream.clone(),
             group: config.group.clone(),
             keyed: std::sync::Arc::new(redis::Script::new(KEYED_XADD)),
+            appends,
         })
     }
 
@@ -114,21 +197,18 @@ impl RedisProducer {
         Ok(unacknowledged(&groups, &self.group))
     }
 
+    /// Resolves once the entry holding `increment` is appended (see [`append_loop`]).
     pub async fn enqueue(&self, increment: Increment) -> Result<(), QueueError> {
-        // Concurrent requests share one multiplexed connection, so their XADDs are
-        // pipelined on the wire without any batching code here.
-        let mut conn = self.conn.clone();
-        let _: String = conn
-            .xadd(
-                &self.stream,
-                "*",
-                &[
-                    ("k", increment.key.hyphenated().to_string()),
-                    ("v", increment.value.to_string()),
-                ],
-            )
-            .await?;
-        Ok(())
+        let (reply, appended) = oneshot::channel();
+        self.appends
+            .send((increment, reply))
+            .await
+            .map_err(|_| QueueError::Closed)?;
+        match appended.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(QueueError::Append(err)),
+            Err(_) => Err(QueueError::Closed),
+        }
     }
 
     pub async fn ping(&self) -> Result<(), QueueError> {
@@ -319,8 +399,8 @@ impl RedisConsumer {
     async fn decode_all(&mut self, entries: Vec<StreamId>) -> Result<Vec<Item>, QueueError> {
         let mut items = Vec::with_capacity(entries.len());
         for entry in entries {
-            match decode(&entry) {
-                Ok(item) => items.push(item),
+            match super::entry::decode(&entry.id, &entry.map) {
+                Ok(decoded) => items.extend(decoded),
                 Err(reason) => self.dead_letter(&entry, &reason).await?,
             }
         }
@@ -604,32 +684,4 @@ fn reason_label(reason: &str) -> &'static str {
     } else {
         "malformed"
     }
-}
-
-fn decode(entry: &StreamId) -> Result<Item, String> {
-    let id: EntryId = entry
-        .id
-        .parse()
-        .map_err(|()| format!("malformed entry id {:?}", entry.id))?;
-    let key = entry
-        .map
-        .get("k")
-        .map(value_text)
-        .ok_or("malformed entry: no field k")?;
-    let key =
-        Uuid::try_parse(&key).map_err(|err| format!("malformed entry: k is not a UUID: {err}"))?;
-    let value = entry
-        .map
-        .get("v")
-        .map(value_text)
-        .ok_or("malformed entry: no field v")?;
-    let value: i64 = value
-        .parse()
-        .map_err(|err| format!("malformed entry: v is not an integer: {err}"))?;
-    if value < 1 {
-        return Err(format!(
-            "malformed entry: v must be at least 1, got {value}"
-        ));
-    }
-    Ok(Item { id, key, value })
 }

@@ -82,7 +82,14 @@ impl PostgresStore {
              ALTER TABLE {m} ADD COLUMN IF NOT EXISTS floor_ms bigint NOT NULL DEFAULT 0,
                              ADD COLUMN IF NOT EXISTS floor_seq bigint NOT NULL DEFAULT 0;
              CREATE TABLE IF NOT EXISTS {a} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, PRIMARY KEY (source, ms, seq));
-             CREATE TABLE IF NOT EXISTS {d} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, key uuid NOT NULL, value bigint NOT NULL, reason text NOT NULL, at_ms bigint NOT NULL, PRIMARY KEY (source, ms, seq));
+             CREATE TABLE IF NOT EXISTS {d} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, key uuid NOT NULL, value bigint NOT NULL, reason text NOT NULL, at_ms bigint NOT NULL, PRIMARY KEY (source, ms, seq, key));
+             DO $$ DECLARE old_key name; BEGIN
+               SELECT conname INTO old_key FROM pg_constraint
+                WHERE conrelid = '{d}'::regclass AND contype = 'p' AND array_length(conkey, 1) = 3;
+               IF old_key IS NOT NULL THEN
+                 EXECUTE format('ALTER TABLE {d} DROP CONSTRAINT %I, ADD PRIMARY KEY (source, ms, seq, key)', old_key);
+               END IF;
+             END $$;
              CREATE INDEX IF NOT EXISTS {d}_at ON {d} (source, at_ms);
              CREATE TABLE IF NOT EXISTS {k} (key text PRIMARY KEY, fingerprint text NOT NULL, created_ms bigint NOT NULL);
              CREATE INDEX IF NOT EXISTS {k}_created ON {k} (created_ms);
@@ -97,6 +104,8 @@ impl PostgresStore {
             f = t.flushes,
             b = t.batches
         );
+        // A stream entry holds several increments with distinct keys, so a dead letter is
+        // named by (entry, key); tables made before that are given the wider key.
         // Processes migrating at once race on the catalog and the loser's whole batch rolls
         // back; by its next attempt the winner's objects are there.
         let mut attempt = 0;
@@ -197,9 +206,12 @@ impl PostgresStore {
             self.record_batch(&tx, source, &kept).await?;
         }
         tx.commit().await?;
+        // An entry holds several increments: what was released is not a duplicate.
+        let released_ids: HashSet<&EntryId> = released.iter().collect();
+        let released_items = pending.ids().filter(|id| released_ids.contains(id)).count();
         Ok(FlushReport {
             applied: plan.applied,
-            duplicates: plan.duplicates - released.len(),
+            duplicates: plan.duplicates.saturating_sub(released_items),
             keys: plan.deltas.len(),
             dead: plan.dead,
             released,

@@ -40,7 +40,7 @@ impl SqliteStore {
              CREATE TABLE IF NOT EXISTS {c} (key TEXT PRIMARY KEY, total INTEGER NOT NULL, updated_ms INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS {m} (source TEXT PRIMARY KEY, seq INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS {a} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));
-             CREATE TABLE IF NOT EXISTS {d} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (source, ms, seq));
+             {dead_table};
              CREATE INDEX IF NOT EXISTS {d}_at ON {d} (at_ms);
              CREATE TABLE IF NOT EXISTS {k} (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, created_ms INTEGER NOT NULL);
              CREATE INDEX IF NOT EXISTS {k}_created ON {k} (created_ms);
@@ -50,8 +50,10 @@ impl SqliteStore {
             a = tables.applied,
             d = tables.dead,
             k = tables.keys,
-            f = tables.flushes
+            f = tables.flushes,
+            dead_table = dead_letter_table(&tables.dead),
         ))?;
+        widen_dead_letter_key(&conn, &tables.dead)?;
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
             tables: Arc::new(tables),
@@ -314,7 +316,9 @@ fn fresh_entries(
                 t.applied
             ))?;
             let mut new = HashSet::new();
-            for id in pending.ids() {
+            // An entry holds several increments: record its id once, and count them all.
+            let ids: std::collections::BTreeSet<EntryId> = pending.ids().collect();
+            for id in ids {
                 if insert.execute(params![source, to_i64(id.ms)?, to_i64(id.seq)?])? == 1 {
                     new.insert(id);
                 }
@@ -458,6 +462,39 @@ fn advance_watermark(
         ),
         params![source, to_i64(seq)?],
     )?;
+    Ok(())
+}
+
+/// A stream entry holds several increments with distinct keys, so a dead letter is named
+/// by (entry, key).
+fn dead_letter_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {name} (source TEXT NOT NULL, ms INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, value INTEGER NOT NULL, reason TEXT NOT NULL, at_ms INTEGER NOT NULL, PRIMARY KEY (source, ms, seq, key))"
+    )
+}
+
+/// Dead-letter tables made before entries held several increments are keyed by entry
+/// alone: copied once into a table with the wider key.
+fn widen_dead_letter_key(conn: &Connection, name: &str) -> Result<(), StoreError> {
+    let sql: String = conn.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |row| row.get(0),
+    )?;
+    if sql.contains("seq, key)") {
+        return Ok(());
+    }
+    conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE {name} RENAME TO {name}_narrow;
+         {create};
+         INSERT INTO {name} SELECT * FROM {name}_narrow;
+         DROP TABLE {name}_narrow;
+         CREATE INDEX IF NOT EXISTS {name}_at ON {name} (at_ms);
+         COMMIT;",
+        create = dead_letter_table(name)
+    ))?;
+    tracing::info!(table = name, "dead-letter table re-keyed by (entry, key)");
     Ok(())
 }
 
