@@ -149,8 +149,9 @@ pub struct Plan {
     pub duplicates: usize,
 }
 
-/// Which entries of a flush are new. Each id is new at most once, so an entry delivered
-/// twice into the same flush (a worker reclaiming its own entry) is still counted once.
+/// Which entries of a flush are new. An entry holds at most one increment per key, so
+/// each (id, key) is new at most once: an entry delivered twice into the same flush (a
+/// worker reclaiming its own entry) is still counted once, and every key of it counts.
 pub enum Fresh {
     All,
     /// Entries with a sequence number above this mark are new (the embedded log).
@@ -160,11 +161,11 @@ pub enum Fresh {
 }
 
 impl Fresh {
-    fn take(&mut self, id: EntryId, seen: &mut HashSet<EntryId>) -> bool {
+    fn take(&self, id: EntryId, key: Uuid, seen: &mut HashSet<(EntryId, Uuid)>) -> bool {
         match self {
             Fresh::All => true,
-            Fresh::AboveSeq(mark) => id.seq > *mark && seen.insert(id),
-            Fresh::Ids(ids) => ids.remove(&id),
+            Fresh::AboveSeq(mark) => id.seq > *mark && seen.insert((id, key)),
+            Fresh::Ids(ids) => ids.contains(&id) && seen.insert((id, key)),
         }
     }
 }
@@ -177,14 +178,14 @@ pub fn overflow_reason(total: i64, value: i64) -> String {
 /// Decides a flush: skips what was applied before, and sends to the dead letters any
 /// increment that would push its key's total past `i64::MAX`, without holding back the
 /// other increments of that key or any other key.
-pub fn plan(pending: &Pending, mut fresh: Fresh, base: impl Fn(&Uuid) -> i64) -> Plan {
+pub fn plan(pending: &Pending, fresh: Fresh, base: impl Fn(&Uuid) -> i64) -> Plan {
     let mut out = Plan::default();
     let mut seen = HashSet::new();
     for (key, entries) in &pending.keys {
         let start = base(key);
         let mut total = start;
         for &(id, value) in &entries.entries {
-            if !fresh.take(id, &mut seen) {
+            if !fresh.take(id, *key, &mut seen) {
                 out.duplicates += 1;
                 continue;
             }
@@ -220,6 +221,25 @@ mod tests {
             key: Uuid::from_u128(key),
             value,
         }
+    }
+
+    #[test]
+    fn every_key_of_an_entry_counts_once_however_often_it_is_delivered() {
+        let id = EntryId { ms: 7, seq: 0 };
+        let mut agg = Aggregator::default();
+        for _ in 0..2 {
+            for key in 1..=3 {
+                agg.push(Item {
+                    id,
+                    key: Uuid::from_u128(key),
+                    value: 2,
+                });
+            }
+        }
+        let pending = agg.take();
+        let plan = plan(&pending, Fresh::Ids(HashSet::from([id])), |_| 0);
+        assert_eq!((plan.applied, plan.duplicates), (3, 3));
+        assert!(plan.deltas.iter().all(|&(_, delta)| delta == 2));
     }
 
     #[test]
