@@ -24,6 +24,37 @@ pub const LAST_COMMIT_TIMESTAMP: &str = "weir_increments_last_commit_timestamp_s
 pub const IDEMPOTENT_REPLAYS: &str = "weir_increments_idempotent_replays_total";
 pub const IDEMPOTENCY_CONFLICTS: &str = "weir_increments_idempotency_conflicts_total";
 pub const IDEMPOTENCY_KEYS_PRUNED: &str = "weir_increments_idempotency_keys_pruned_total";
+pub const REJECTED: &str = "weir_increments_rejected_total";
+pub const REQUEST_DURATION: &str = "weir_increments_request_duration_seconds";
+
+/// Why a `POST /increment` was refused: the `reason` label of [`REJECTED`], every one at
+/// zero from start-up. Every answer but 202 has exactly one.
+pub const REJECT_REASONS: &[&str] = &[
+    // 415, then the body reader's 413, 408 and 400 (`BodyError::reason`).
+    "unsupported_media_type",
+    "too_large",
+    "timeout",
+    "unreadable",
+    // 400: the body (`validate::REASONS`), or the Idempotency-Key header.
+    "invalid_json",
+    "unknown_field",
+    "duplicate_field",
+    "missing_field",
+    "invalid_key",
+    "invalid_value",
+    "invalid_idempotency_key",
+    // 401 and 429 from the guard.
+    "unauthorized",
+    "rate_limited",
+    // 409 and 422: the Idempotency-Key is in use.
+    "in_flight",
+    "mismatch",
+    // 503: the queue is at its limit, or could not take the increment.
+    "queue_full",
+    "unavailable",
+];
+
+const REJECTED_HELP: &str = "POST /increment requests refused, by reason (every answer but 202 has one; see the README for the list).";
 
 const METRICS: &[MetricSpec] = &[
     (REQUESTS, MetricKind::Counter, "POST /increment answers, by HTTP status."),
@@ -47,10 +78,17 @@ const METRICS: &[MetricSpec] = &[
     (IDEMPOTENT_REPLAYS, MetricKind::Counter, "Requests whose Idempotency-Key was already accepted with the same body: answered 202 again, nothing added."),
     (IDEMPOTENCY_CONFLICTS, MetricKind::Counter, "Requests refused for their Idempotency-Key, by reason: in_flight (409) or mismatch (422)."),
     (IDEMPOTENCY_KEYS_PRUNED, MetricKind::Counter, "Idempotency keys forgotten after their retention window."),
+    (REQUEST_DURATION, MetricKind::Histogram, "Time to answer POST /increment, from the request's headers to its answer, whatever the answer."),
 ];
 
 pub fn register() {
     weir_runtime::telemetry::register_metrics(METRICS);
+    weir_runtime::telemetry::register_labelled_counters(
+        REJECTED,
+        REJECTED_HELP,
+        "reason",
+        REJECT_REASONS,
+    );
 }
 
 #[cfg(test)]
@@ -77,6 +115,23 @@ mod tests {
             if kind != MetricKind::Histogram {
                 assert!(text.contains(&format!("\n{name} 0\n")), "{name}:\n{text}");
             }
+        }
+        assert!(text.contains(&format!("# HELP {REJECTED} ")), "{text}");
+        for reason in REJECT_REASONS {
+            assert!(
+                text.contains(&format!("\n{REJECTED}{{reason=\"{reason}\"}} 0\n")),
+                "{reason}:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_reason_the_body_reader_and_validation_give_is_registered() {
+        let given = weir_runtime::http::BodyError::REASONS
+            .iter()
+            .chain(crate::validate::REASONS.iter());
+        for reason in given {
+            assert!(REJECT_REASONS.contains(reason), "{reason}");
         }
     }
 }
