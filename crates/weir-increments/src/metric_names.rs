@@ -54,6 +54,12 @@ pub const REJECT_REASONS: &[&str] = &[
     "unavailable",
 ];
 
+/// The `status` values of [`REQUESTS`] that exist at zero from start-up: every status
+/// `POST /increment` answers.
+pub const REQUEST_STATUSES: &[&str] = &[
+    "202", "400", "401", "408", "409", "413", "415", "422", "429", "503",
+];
+
 const REJECTED_HELP: &str = "POST /increment requests refused, by reason (every answer but 202 has one; see the README for the list).";
 
 const METRICS: &[MetricSpec] = &[
@@ -89,6 +95,9 @@ pub fn register() {
         "reason",
         REJECT_REASONS,
     );
+    for &status in REQUEST_STATUSES {
+        metrics::counter!(REQUESTS, "status" => status).increment(0);
+    }
 }
 
 #[cfg(test)]
@@ -122,6 +131,18 @@ mod tests {
                 text.contains(&format!("\n{REJECTED}{{reason=\"{reason}\"}} 0\n")),
                 "{reason}:\n{text}"
             );
+        }
+    }
+
+    #[test]
+    fn every_status_exists_at_zero() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, register);
+        let text = handle.render();
+        for status in REQUEST_STATUSES {
+            let series = format!("\n{REQUESTS}{{status=\"{status}\"}} 0\n");
+            assert!(text.contains(&series), "{series}:\n{text}");
         }
     }
 

@@ -25,7 +25,7 @@ use crate::idempotency::{decide, fingerprint, parse_key, scoped, BadKey, Decisio
 use crate::keyed_writer::KeyedWriter;
 use crate::metric_names::{
     IDEMPOTENCY_CONFLICTS, IDEMPOTENT_REPLAYS, LAST_COMMIT_TIMESTAMP, QUEUE_DEPTH, REJECTED,
-    REJECT_REASONS, REQUESTS, REQUEST_DURATION,
+    REJECT_REASONS, REQUESTS, REQUEST_DURATION, REQUEST_STATUSES,
 };
 use crate::proxy::{client_address, Cidr};
 use crate::queue::embedded::now_ms;
@@ -176,11 +176,11 @@ async fn json_errors(response: Response) -> Response {
 fn count_status(status: StatusCode) {
     static COUNTERS: OnceLock<Vec<(u16, metrics::Counter)>> = OnceLock::new();
     let counters = COUNTERS.get_or_init(|| {
-        [202u16, 400, 401, 409, 413, 415, 422, 429, 503]
-            .into_iter()
-            .map(|code| {
-                let label = code.to_string();
-                (code, metrics::counter!(REQUESTS, "status" => label))
+        REQUEST_STATUSES
+            .iter()
+            .filter_map(|&label| {
+                let code = label.parse().ok()?;
+                Some((code, metrics::counter!(REQUESTS, "status" => label)))
             })
             .collect()
     });
