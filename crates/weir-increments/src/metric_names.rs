@@ -60,7 +60,7 @@ pub const REQUEST_STATUSES: &[&str] = &[
     "202", "400", "401", "408", "409", "413", "415", "422", "429", "503",
 ];
 
-const REJECTED_HELP: &str = "POST /increment requests refused, by reason (every answer but 202 has one; see the README for the list).";
+const REJECTED_HELP: &str = "POST /increment requests refused, by reason (one for every answer but 202): unsupported_media_type (415); too_large, timeout, unreadable (the body: 413, 408, 400); invalid_json, unknown_field, duplicate_field, missing_field, invalid_key, invalid_value, invalid_idempotency_key (400); unauthorized (401); rate_limited (429); in_flight (409), mismatch (422) for an Idempotency-Key; queue_full, unavailable (503).";
 
 const METRICS: &[MetricSpec] = &[
     (REQUESTS, MetricKind::Counter, "POST /increment answers, by HTTP status."),
