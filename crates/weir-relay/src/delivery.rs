@@ -3,10 +3,14 @@
 //! The source session reads the clock once per read, and every event of that read shares
 //! its receipt time. From there:
 //! - Delivery latency is sampled: an accepted event whose sequence number is a multiple of
-//!   [`SAMPLE_EVERY`] is remembered with its receipt time, and when the window's next
-//!   expected number passes it (it was released, delivered or skipped over), its wait is
-//!   reported. Choosing by number rather than by position keeps the sample independent of
-//!   how the stream is shuffled.
+//!   [`SAMPLE_EVERY`], received at least [`SAMPLE_GAP`] after the last sample, is remembered
+//!   with its receipt time, and when the window's next expected number passes it (it was
+//!   released, delivered or skipped over), its wait is reported. Choosing by number rather
+//!   than by position keeps the sample independent of how the stream is shuffled. The gap
+//!   keeps samples under 64 between two drains of the exporter (its upkeep every 5 s, or a
+//!   scrape): `metrics-exporter-prometheus` 0.18 drains a histogram's newest block of 64
+//!   first, and a summary with no bucket yet (at start, or after a minute without samples)
+//!   then drops every older sample, so a burst of thousands would show as its last few.
 //! - The age of the oldest held event comes from one entry per read that still has an event
 //!   in the window: (receipt time, highest number accepted from it). An accepted event is
 //!   held exactly while its number is at or above the next expected one, so the first entry
@@ -20,10 +24,11 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// One event in this many (by sequence number) has its delivery latency recorded: at 3
-/// million events/s, 12,000 samples/s, which the exporter keeps raw until its next upkeep.
-pub const SAMPLE_EVERY: u64 = 256;
-/// Sampled events held at once, at most (a window of a million events is 4,096 samples).
+/// An event whose number is a multiple of this may have its delivery latency recorded.
+pub const SAMPLE_EVERY: u64 = 16;
+/// At most one sample per this long (of receipt time): 10 per second, 50 per upkeep.
+pub const SAMPLE_GAP: Duration = Duration::from_millis(100);
+/// Sampled events held at once, at most.
 pub const MAX_SAMPLES: usize = 4_096;
 /// Reads with an event still held, remembered separately, at most.
 pub const MAX_READS: usize = 1_024;
@@ -34,6 +39,8 @@ pub struct DeliveryClock {
     samples: BinaryHeap<Reverse<(u64, Instant)>>,
     /// Reads with (possibly) an event still held, oldest first: (receipt, highest accepted).
     reads: VecDeque<(Instant, u64)>,
+    /// No sample is taken from a read received before this.
+    next_sample: Option<Instant>,
 }
 
 impl DeliveryClock {
@@ -43,10 +50,15 @@ impl DeliveryClock {
         seq.is_multiple_of(SAMPLE_EVERY)
     }
 
-    /// A sampled event numbered `seq`, received at `received`, was accepted by the window.
+    /// An event numbered `seq` ([`DeliveryClock::is_sampled`]), received at `received`, was
+    /// accepted by the window: it becomes a sample unless the last one is too recent.
     pub fn sample(&mut self, seq: u64, received: Instant) {
+        if self.next_sample.is_some_and(|next| received < next) {
+            return;
+        }
         if self.samples.len() < MAX_SAMPLES {
             self.samples.push(Reverse((seq, received)));
+            self.next_sample = Some(received + SAMPLE_GAP);
         }
     }
 
@@ -121,15 +133,31 @@ mod tests {
         let (first, second) = (SAMPLE_EVERY, 2 * SAMPLE_EVERY);
         assert!(DeliveryClock::is_sampled(first) && !DeliveryClock::is_sampled(first + 1));
         clock.sample(first, t0);
-        clock.sample(second, ms(t0, 10));
+        clock.sample(second, ms(t0, 150));
         let mut waits = Vec::new();
         clock.released(first, || ms(t0, 50), |wait| waits.push(wait));
         assert!(waits.is_empty(), "the first is still the next expected");
         clock.released(first + 1, || ms(t0, 100), |wait| waits.push(wait));
         assert_eq!(waits, [Duration::from_millis(100)]);
-        clock.released(1_000, || ms(t0, 110), |wait| waits.push(wait));
-        assert_eq!(waits[1], Duration::from_millis(100));
+        clock.released(1_000, || ms(t0, 400), |wait| waits.push(wait));
+        assert_eq!(waits[1], Duration::from_millis(250));
         assert_eq!(waits.len(), 2);
+    }
+
+    #[test]
+    fn samples_are_at_least_the_gap_apart() {
+        let t0 = Instant::now();
+        let mut clock = DeliveryClock::default();
+        for n in 1..=20u64 {
+            // Two sampled numbers per read, a read every 30 ms.
+            let received = ms(t0, 30 * n);
+            clock.sample(2 * n * SAMPLE_EVERY, received);
+            clock.sample((2 * n + 1) * SAMPLE_EVERY, received);
+        }
+        let mut received = Vec::new();
+        clock.released(u64::MAX, || ms(t0, 1_000), |wait| received.push(wait));
+        // Reads at 30, 150, 270, ... 570 ms: one sample every four reads.
+        assert_eq!(received.len(), 5, "{received:?}");
     }
 
     #[test]
@@ -165,12 +193,11 @@ mod tests {
         let mut clock = DeliveryClock::default();
         for n in 0..(MAX_READS as u64 + 10) {
             clock.read(ms(t0, n), Some(100 + n), 1);
-            clock.sample(SAMPLE_EVERY * (n + 1), t0);
         }
         assert_eq!(clock.reads.len(), MAX_READS);
-        assert_eq!(clock.samples.len(), MAX_READS + 10);
-        for n in 0..MAX_SAMPLES as u64 {
-            clock.sample(SAMPLE_EVERY * (n + 10_000), t0);
+        let gap = SAMPLE_GAP.as_millis() as u64;
+        for n in 0..(MAX_SAMPLES as u64 + 10) {
+            clock.sample(SAMPLE_EVERY * (n + 1), ms(t0, gap * n));
         }
         assert_eq!(clock.samples.len(), MAX_SAMPLES);
         // Everything but the merged reads is released: the newest entry, which stands for

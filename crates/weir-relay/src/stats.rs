@@ -79,7 +79,7 @@ const METRICS: &[MetricSpec] = &[
     (REORDER_OLDEST_SECONDS, MetricKind::Gauge, "Age of the oldest event held in the reorder window (since the read that brought it); 0 when the window is empty. Refreshed at least every second."),
     (SOURCES_CONNECTED, MetricKind::Gauge, "Event sources connected now (0 or 1)."),
     (QUEUED_BYTES, MetricKind::Gauge, "Bytes handed to user client sessions and not yet written or discarded."),
-    (DELIVERY_SECONDS, MetricKind::Histogram, "From an event's receipt (the read that brought it) to its release in sequence order. Sampled: events whose sequence number is a multiple of 256."),
+    (DELIVERY_SECONDS, MetricKind::Histogram, "From an event's receipt (the read that brought it) to its release in sequence order. Sampled: an event whose sequence number is a multiple of 16, at most one per 100 ms."),
 ];
 
 /// The exporter's handles, made once when the relay starts: publishing a batch then costs
