@@ -19,6 +19,7 @@
 pub mod bench;
 pub mod config;
 pub mod coordinator;
+pub mod metric_names;
 pub mod openapi;
 pub mod server;
 pub mod shard;

@@ -8,6 +8,7 @@
 //! - `/healthz` (the process answers), `/readyz` (the store can be read), `/metrics`.
 
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -22,6 +23,10 @@ use weir_runtime::logs::{escape, LogLimiter};
 use weir_runtime::Shutdown;
 
 use crate::config::{Database, DistinctConfig};
+use crate::metric_names::{
+    status_label, ITEMS_ACCEPTED, ITEMS_RECEIVED, REASONS, REJECTED, REQUESTS, REQUEST_SECONDS,
+    ROUTES, STATUSES,
+};
 use crate::store::{PostgresStore, SqliteStore, Store, StoreError, StoreOptions};
 use crate::validate::{
     is_json_content_type, parse_batch, Rejection, MAX_BODY_BYTES, MAX_FIELD_BYTES, MAX_ITEMS,
@@ -96,100 +101,127 @@ pub fn router(store: Store) -> Router {
         .merge(weir_runtime::http::metrics_router())
 }
 
-const STATUSES: [u16; 5] = [200, 400, 413, 415, 503];
-
-/// Every counter at zero from the start, so a dashboard sees the series before traffic.
+/// Every series at zero from the start, so a dashboard sees them before traffic.
 pub fn register_metrics() {
-    metrics::describe_counter!(
-        "weir_distinct_requests_total",
-        "POST /items requests answered, by HTTP status"
-    );
-    metrics::describe_counter!(
-        "weir_distinct_items_accepted_total",
-        "Items acknowledged (durable), duplicates included"
-    );
-    metrics::describe_counter!(
-        "weir_distinct_items_folded_total",
-        "Acknowledged items folded from the shard logs into the index (and so counted)"
-    );
-    metrics::describe_counter!(
-        "weir_distinct_folds_total",
-        "Folds of a shard's logged items into its index, by status"
-    );
-    metrics::describe_gauge!(
-        "weir_distinct_pending_bytes",
-        "Bytes of acknowledged items logged and not yet folded into the index"
-    );
-    let _ = counters();
-    metrics::counter!("weir_distinct_items_accepted_total").absolute(0);
-    metrics::counter!("weir_distinct_items_folded_total").absolute(0);
-    for status in ["ok", "error"] {
-        metrics::counter!("weir_distinct_folds_total", "status" => status).absolute(0);
-    }
-    metrics::gauge!("weir_distinct_pending_bytes").set(0.0);
+    crate::metric_names::register();
+    let _ = handles();
 }
 
-fn counters() -> &'static [(u16, metrics::Counter)] {
-    static COUNTERS: OnceLock<Vec<(u16, metrics::Counter)>> = OnceLock::new();
-    COUNTERS.get_or_init(|| {
-        STATUSES
+/// The handles the request path updates, made once (no lookup by name per request).
+struct Handles {
+    requests: Vec<(u16, metrics::Counter)>,
+    rejected: Vec<(&'static str, metrics::Counter)>,
+    /// In the order of [`ROUTES`].
+    seconds: Vec<metrics::Histogram>,
+    items_received: metrics::Counter,
+    items_accepted: metrics::Counter,
+}
+
+fn handles() -> &'static Handles {
+    static HANDLES: OnceLock<Handles> = OnceLock::new();
+    HANDLES.get_or_init(|| Handles {
+        requests: STATUSES
             .iter()
-            .map(|code| {
-                let counter =
-                    metrics::counter!("weir_distinct_requests_total", "status" => code.to_string());
-                (*code, counter)
+            .map(|&code| {
+                let status = status_label(code);
+                (code, metrics::counter!(REQUESTS, "status" => status))
             })
-            .collect()
+            .collect(),
+        rejected: REASONS
+            .iter()
+            .map(|&reason| (reason, metrics::counter!(REJECTED, "reason" => reason)))
+            .collect(),
+        seconds: ROUTES
+            .iter()
+            .map(|&route| metrics::histogram!(REQUEST_SECONDS, "route" => route))
+            .collect(),
+        items_received: metrics::counter!(ITEMS_RECEIVED),
+        items_accepted: metrics::counter!(ITEMS_ACCEPTED),
     })
 }
 
+/// A refused `POST /items`: its answer, and why (one of [`REASONS`]).
+struct Refusal {
+    reason: &'static str,
+    response: Response,
+}
+
+impl Refusal {
+    /// Boxed: a response is large, and refusals are the rare path.
+    fn new(reason: &'static str, response: impl IntoResponse) -> Box<Self> {
+        Box::new(Refusal {
+            reason,
+            response: response.into_response(),
+        })
+    }
+}
+
 async fn post_items(State(store): State<Store>, headers: HeaderMap, body: Body) -> Response {
-    let response = accept(&store, &headers, body).await;
+    let started = Instant::now();
+    let handles = handles();
+    let response = match accept(&store, &headers, body).await {
+        Ok(response) => response,
+        Err(refusal) => {
+            let Refusal { reason, response } = *refusal;
+            if let Some((_, counter)) = handles.rejected.iter().find(|(known, _)| *known == reason)
+            {
+                counter.increment(1);
+            }
+            response
+        }
+    };
     let status = response.status().as_u16();
-    if let Some((_, counter)) = counters().iter().find(|(code, _)| *code == status) {
+    if let Some((_, counter)) = handles.requests.iter().find(|(code, _)| *code == status) {
         counter.increment(1);
     }
+    handles.seconds[0].record(started.elapsed().as_secs_f64());
     response
 }
 
-async fn accept(store: &Store, headers: &HeaderMap, body: Body) -> Response {
+/// 200 with the count of items, or why not.
+async fn accept(store: &Store, headers: &HeaderMap, body: Body) -> Result<Response, Box<Refusal>> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     if !is_json_content_type(content_type) {
-        return ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Type must be application/json",
-        )
-        .into_response();
+        return Err(Refusal::new(
+            "media_type",
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json",
+            ),
+        ));
     }
     let bytes = match weir_runtime::http::read_body(headers, body, MAX_BODY_BYTES).await {
         Ok(bytes) => bytes,
-        Err(err) => return err.into_api_error(),
+        Err(err) => return Err(Refusal::new(err.reason(), err.into_api_error())),
     };
     let batch = match parse_batch(&bytes, store.options().shards) {
         Ok(batch) => batch,
         Err(Rejection::TooManyItems(n)) => {
-            return ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("at most {MAX_ITEMS} items per request, got {n}"),
-            )
-            .with_field("items")
-            .into_response()
+            return Err(Refusal::new(
+                "too_many_items",
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("at most {MAX_ITEMS} items per request, got {n}"),
+                )
+                .with_field("items"),
+            ))
         }
         Err(Rejection::Invalid { error, field }) => {
             let mut error = ApiError::bad_request(error);
             error.field = field;
-            return error.into_response();
+            return Err(Refusal::new("invalid", error));
         }
     };
     let accepted = batch.items;
+    handles().items_received.increment(accepted as u64);
     match store.insert_batch(batch).await {
         Ok(()) => {
-            metrics::counter!("weir_distinct_items_accepted_total").increment(accepted as u64);
-            Json(json!({ "accepted": accepted })).into_response()
+            handles().items_accepted.increment(accepted as u64);
+            Ok(Json(json!({ "accepted": accepted })).into_response())
         }
-        Err(err) => unavailable(err),
+        Err(err) => Err(Refusal::new("unavailable", unavailable(err))),
     }
 }
 
@@ -204,6 +236,13 @@ fn unavailable(err: StoreError) -> Response {
 }
 
 async fn count(State(store): State<Store>, Path(tenant): Path<String>) -> Response {
+    let started = Instant::now();
+    let response = count_of(&store, &tenant).await;
+    handles().seconds[1].record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn count_of(store: &Store, tenant: &str) -> Response {
     if tenant.is_empty() || tenant.len() > MAX_FIELD_BYTES {
         return ApiError::bad_request(format!(
             "must be a non-empty tenant of at most {MAX_FIELD_BYTES} bytes"
@@ -211,7 +250,7 @@ async fn count(State(store): State<Store>, Path(tenant): Path<String>) -> Respon
         .with_field("tenant")
         .into_response();
     }
-    match store.count(&tenant).await {
+    match store.count(tenant).await {
         Ok(count) => Json(json!({ "count": count })).into_response(),
         Err(err) => unavailable(err),
     }

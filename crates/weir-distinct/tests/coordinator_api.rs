@@ -261,6 +261,16 @@ async fn with_no_worker_alive_a_post_is_a_503_with_retry_after_and_not_ready() {
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert_eq!(reply.header("retry-after"), Some("1"));
     assert!(reply.json()["error"].as_str().unwrap().contains("safe"));
+    let metrics = request(cluster.addr, "GET", "/metrics", &[], b"")
+        .await
+        .body;
+    let unavailable = r#"weir_distinct_coordinator_rejected_total{reason="unavailable"} "#;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(unavailable) && !l.ends_with(" 0")),
+        "the 503 is not counted:\n{metrics}"
+    );
     let reply = request(cluster.addr, "GET", "/items/t/count", &[], b"").await;
     assert_eq!(reply.status, 503);
     let ready = request(cluster.addr, "GET", "/readyz", &[], b"").await;

@@ -211,3 +211,66 @@ async fn with_worker_persist_items_show_in_the_count_within_it() {
     assert_eq!(counted, 20);
     worker.stop().await;
 }
+
+/// The value of `series` (name and labels as written) on the worker's /metrics page.
+async fn metric(addr: std::net::SocketAddr, series: &str) -> f64 {
+    let page = request(addr, "GET", "/metrics", &[], b"").await.body;
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+        .parse()
+        .unwrap()
+}
+
+/// Under cargo test other tests share the recorder, so counts are compared as at least.
+#[tokio::test]
+async fn the_fold_lag_shows_how_long_items_wait_and_refusals_are_counted_by_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // Items wait about 1 s (half of worker_persist) before a fold counts them.
+    let persist = std::time::Duration::from_secs(2);
+    let worker = Worker::start(common::config_persist(dir.path(), persist)).await;
+    let a = worker.addr;
+    let body = items_json(&[pair("lag", "1"), pair("lag", "2")]);
+    assert_eq!(post_items(a, &body).await.status, 200);
+    let started = std::time::Instant::now();
+    let mut waited = 0.0;
+    while waited < 0.3 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the fold lag never grew"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        waited = metric(a, "weir_distinct_fold_lag_seconds").await;
+    }
+    // Folded and counted: nothing waits any more.
+    assert_eq!(
+        common::count_within(a, "lag", 2, std::time::Duration::from_secs(10)).await,
+        2
+    );
+    let started = std::time::Instant::now();
+    while metric(a, "weir_distinct_fold_lag_seconds").await > 0.0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the fold lag stayed up after the fold"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(metric(a, "weir_distinct_items_received_total").await >= 2.0);
+    assert_eq!(post_items(a, "[").await.status, 400);
+    let plain = request(
+        a,
+        "POST",
+        "/items",
+        &[("Content-Type", "text/plain")],
+        b"[]",
+    )
+    .await;
+    assert_eq!(plain.status, 415);
+    for reason in ["invalid", "media_type"] {
+        let series = format!("weir_distinct_rejected_total{{reason=\"{reason}\"}}");
+        assert!(metric(a, &series).await >= 1.0, "{series}");
+    }
+    let timed = r#"weir_distinct_request_duration_seconds_count{route="items"}"#;
+    assert!(metric(a, timed).await >= 3.0);
+    worker.stop().await;
+}

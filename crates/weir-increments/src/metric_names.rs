@@ -25,6 +25,43 @@ pub const IDEMPOTENT_REPLAYS: &str = "weir_increments_idempotent_replays_total";
 pub const IDEMPOTENCY_CONFLICTS: &str = "weir_increments_idempotency_conflicts_total";
 pub const IDEMPOTENCY_KEYS_PRUNED: &str = "weir_increments_idempotency_keys_pruned_total";
 pub const ENTRIES_RELEASED: &str = "weir_increments_entries_released_total";
+pub const REJECTED: &str = "weir_increments_rejected_total";
+pub const REQUEST_DURATION: &str = "weir_increments_request_duration_seconds";
+
+/// Why a `POST /increment` was refused: the `reason` label of [`REJECTED`], every one at
+/// zero from start-up. Every answer but 202 has exactly one.
+pub const REJECT_REASONS: &[&str] = &[
+    // 415, then the body reader's 413, 408 and 400 (`BodyError::reason`).
+    "unsupported_media_type",
+    "too_large",
+    "timeout",
+    "unreadable",
+    // 400: the body (`validate::REASONS`), or the Idempotency-Key header.
+    "invalid_json",
+    "unknown_field",
+    "duplicate_field",
+    "missing_field",
+    "invalid_key",
+    "invalid_value",
+    "invalid_idempotency_key",
+    // 401 and 429 from the guard.
+    "unauthorized",
+    "rate_limited",
+    // 409 and 422: the Idempotency-Key is in use.
+    "in_flight",
+    "mismatch",
+    // 503: the queue is at its limit, or could not take the increment.
+    "queue_full",
+    "unavailable",
+];
+
+/// The `status` values of [`REQUESTS`] that exist at zero from start-up: every status
+/// `POST /increment` answers.
+pub const REQUEST_STATUSES: &[&str] = &[
+    "202", "400", "401", "408", "409", "413", "415", "422", "429", "503",
+];
+
+const REJECTED_HELP: &str = "POST /increment requests refused, by reason (one for every answer but 202): unsupported_media_type (415); too_large, timeout, unreadable (the body: 413, 408, 400); invalid_json, unknown_field, duplicate_field, missing_field, invalid_key, invalid_value, invalid_idempotency_key (400); unauthorized (401); rate_limited (429); in_flight (409), mismatch (422) for an Idempotency-Key; queue_full, unavailable (503).";
 
 const METRICS: &[MetricSpec] = &[
     (REQUESTS, MetricKind::Counter, "POST /increment answers, by HTTP status."),
@@ -49,10 +86,20 @@ const METRICS: &[MetricSpec] = &[
     (IDEMPOTENCY_CONFLICTS, MetricKind::Counter, "Requests refused for their Idempotency-Key, by reason: in_flight (409) or mismatch (422)."),
     (IDEMPOTENCY_KEYS_PRUNED, MetricKind::Counter, "Idempotency keys forgotten after their retention window."),
     (ENTRIES_RELEASED, MetricKind::Counter, "Held stream entries a flush left to the worker that had taken them over (this worker was paused or slow): not applied here, not acknowledged here."),
+    (REQUEST_DURATION, MetricKind::Histogram, "Time to answer POST /increment, from the request's headers to its answer, whatever the answer."),
 ];
 
 pub fn register() {
     weir_runtime::telemetry::register_metrics(METRICS);
+    weir_runtime::telemetry::register_labelled_counters(
+        REJECTED,
+        REJECTED_HELP,
+        "reason",
+        REJECT_REASONS,
+    );
+    for &status in REQUEST_STATUSES {
+        metrics::counter!(REQUESTS, "status" => status).increment(0);
+    }
 }
 
 #[cfg(test)]
@@ -79,6 +126,35 @@ mod tests {
             if kind != MetricKind::Histogram {
                 assert!(text.contains(&format!("\n{name} 0\n")), "{name}:\n{text}");
             }
+        }
+        assert!(text.contains(&format!("# HELP {REJECTED} ")), "{text}");
+        for reason in REJECT_REASONS {
+            assert!(
+                text.contains(&format!("\n{REJECTED}{{reason=\"{reason}\"}} 0\n")),
+                "{reason}:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_status_exists_at_zero() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, register);
+        let text = handle.render();
+        for status in REQUEST_STATUSES {
+            let series = format!("\n{REQUESTS}{{status=\"{status}\"}} 0\n");
+            assert!(text.contains(&series), "{series}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn every_reason_the_body_reader_and_validation_give_is_registered() {
+        let given = weir_runtime::http::BodyError::REASONS
+            .iter()
+            .chain(crate::validate::REASONS.iter());
+        for reason in given {
+            assert!(REJECT_REASONS.contains(reason), "{reason}");
         }
     }
 }

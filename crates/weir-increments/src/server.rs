@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Request, State};
@@ -24,7 +24,8 @@ use crate::health::{flush_status, is_ready, WorkerHealth};
 use crate::idempotency::{decide, fingerprint, parse_key, scoped, BadKey, Decision, InFlight};
 use crate::keyed_writer::KeyedWriter;
 use crate::metric_names::{
-    IDEMPOTENCY_CONFLICTS, IDEMPOTENT_REPLAYS, LAST_COMMIT_TIMESTAMP, QUEUE_DEPTH, REQUESTS,
+    IDEMPOTENCY_CONFLICTS, IDEMPOTENT_REPLAYS, LAST_COMMIT_TIMESTAMP, QUEUE_DEPTH, REJECTED,
+    REJECT_REASONS, REQUESTS, REQUEST_DURATION, REQUEST_STATUSES,
 };
 use crate::proxy::{client_address, Cidr};
 use crate::queue::embedded::now_ms;
@@ -175,11 +176,11 @@ async fn json_errors(response: Response) -> Response {
 fn count_status(status: StatusCode) {
     static COUNTERS: OnceLock<Vec<(u16, metrics::Counter)>> = OnceLock::new();
     let counters = COUNTERS.get_or_init(|| {
-        [202u16, 400, 401, 409, 413, 415, 422, 429, 503]
-            .into_iter()
-            .map(|code| {
-                let label = code.to_string();
-                (code, metrics::counter!(REQUESTS, "status" => label))
+        REQUEST_STATUSES
+            .iter()
+            .filter_map(|&label| {
+                let code = label.parse().ok()?;
+                Some((code, metrics::counter!(REQUESTS, "status" => label)))
             })
             .collect()
     });
@@ -189,22 +190,68 @@ fn count_status(status: StatusCode) {
     }
 }
 
+/// A refused `POST /increment`: its answer, and why (one of [`REJECT_REASONS`]).
+struct Refusal {
+    reason: &'static str,
+    response: Response,
+}
+
+impl Refusal {
+    /// Boxed: a response is large, and refusals are the rare path.
+    fn new(reason: &'static str, response: impl IntoResponse) -> Box<Self> {
+        debug_assert!(REJECT_REASONS.contains(&reason), "{reason}");
+        Box::new(Refusal {
+            reason,
+            response: response.into_response(),
+        })
+    }
+}
+
+/// Counts one refused `POST /increment` by reason, through handles made once.
+fn count_rejected(reason: &'static str) {
+    static COUNTERS: OnceLock<Vec<(&'static str, metrics::Counter)>> = OnceLock::new();
+    let counters = COUNTERS.get_or_init(|| {
+        REJECT_REASONS
+            .iter()
+            .map(|&reason| (reason, metrics::counter!(REJECTED, "reason" => reason)))
+            .collect()
+    });
+    match counters.iter().find(|(known, _)| *known == reason) {
+        Some((_, counter)) => counter.increment(1),
+        None => metrics::counter!(REJECTED, "reason" => reason).increment(1),
+    }
+}
+
+/// Counts one `POST /increment` answer (by status, by reason if refused) and its duration.
+fn answered(answer: Result<Response, Box<Refusal>>, started: Instant) -> Response {
+    static DURATION: OnceLock<metrics::Histogram> = OnceLock::new();
+    let response = match answer {
+        Ok(response) => response,
+        Err(refusal) => {
+            let Refusal { reason, response } = *refusal;
+            count_rejected(reason);
+            response
+        }
+    };
+    count_status(response.status());
+    DURATION
+        .get_or_init(|| metrics::histogram!(REQUEST_DURATION))
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
 /// Auth, then rate limiting (per API key when auth is on, else per client address).
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let is_increment = request.uri().path() == "/increment";
-    let response = check(&state, &request);
-    match response {
-        Some(rejection) => {
-            if is_increment {
-                count_status(rejection.status());
-            }
-            rejection
-        }
+    let started = Instant::now();
+    match check(&state, &request) {
+        Some(refusal) if is_increment => answered(Err(refusal), started),
+        Some(refusal) => refusal.response,
         None => next.run(request).await,
     }
 }
 
-fn check(state: &AppState, request: &Request) -> Option<Response> {
+fn check(state: &AppState, request: &Request) -> Option<Box<Refusal>> {
     let mut limit_key = None;
     if !state.api_keys.is_empty() {
         let presented = request
@@ -243,7 +290,7 @@ fn check(state: &AppState, request: &Request) -> Option<Response> {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-            return Some(response);
+            return Some(Refusal::new("rate_limited", response));
         }
     }
     None
@@ -276,41 +323,47 @@ fn client_of(state: &AppState, request: &Request) -> IpAddr {
     client_address(&state.trusted_proxies, peer, forwarded)
 }
 
-fn unauthorized(message: &str) -> Response {
+fn unauthorized(message: &str) -> Box<Refusal> {
     let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
     response
         .headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
+    Refusal::new("unauthorized", response)
 }
 
 async fn increment(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
-    let response = accept(&state, &headers, body).await;
-    count_status(response.status());
-    response
+    let started = Instant::now();
+    answered(accept(&state, &headers, body).await, started)
 }
 
-async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
+/// 202, or why not.
+async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Box<Refusal>> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
     if !is_json_content_type(content_type) {
-        return ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Type must be application/json",
-        )
-        .into_response();
+        return Err(Refusal::new(
+            "unsupported_media_type",
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type must be application/json",
+            ),
+        ));
     }
     let bytes = match weir_runtime::http::read_body(headers, body, BODY_LIMIT).await {
         Ok(bytes) => bytes,
-        Err(err) => return err.into_api_error(),
+        Err(err) => return Err(Refusal::new(err.reason(), err.into_api_error())),
     };
     let increment = match parse_increment(&bytes) {
         Ok(increment) => increment,
         Err(rejection) => {
             let mut error = ApiError::bad_request(rejection.error);
             error.field = rejection.field.map(str::to_string);
-            return error.into_response();
+            return Err(Refusal::new(rejection.reason, error));
         }
     };
     if let Some(raw) = headers.get(IDEMPOTENCY_KEY) {
@@ -318,12 +371,12 @@ async fn accept(state: &AppState, headers: &HeaderMap, body: Body) -> Response {
     }
     if let Some(depth) = state.producer.depth() {
         if depth >= state.max_queue_depth {
-            return unavailable(QueueError::Full(depth));
+            return Err(unavailable(QueueError::Full(depth)));
         }
     }
     match state.producer.enqueue(increment).await {
-        Ok(()) => StatusCode::ACCEPTED.into_response(),
-        Err(err) => unavailable(err),
+        Ok(()) => Ok(StatusCode::ACCEPTED.into_response()),
+        Err(err) => Err(unavailable(err)),
     }
 }
 
@@ -336,13 +389,14 @@ async fn accept_keyed(
     headers: &HeaderMap,
     raw: &[u8],
     increment: Increment,
-) -> Response {
+) -> Result<Response, Box<Refusal>> {
     let key = match parse_key(raw) {
         Ok(key) => key,
         Err(BadKey(message)) => {
-            return ApiError::bad_request(message)
-                .with_field("Idempotency-Key")
-                .into_response()
+            return Err(Refusal::new(
+                "invalid_idempotency_key",
+                ApiError::bad_request(message).with_field("Idempotency-Key"),
+            ))
         }
     };
     // The guard has checked the key already; here it only scopes the idempotency key.
@@ -387,21 +441,21 @@ async fn accept_keyed(
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
+            Err(Refusal::new("unavailable", response))
         }
     }
 }
 
-fn answer_keyed(decision: Decision) -> Response {
+fn answer_keyed(decision: Decision) -> Result<Response, Box<Refusal>> {
     match decision {
-        Decision::Accepted => StatusCode::ACCEPTED.into_response(),
+        Decision::Accepted => Ok(StatusCode::ACCEPTED.into_response()),
         Decision::Replayed => {
             metrics::counter!(IDEMPOTENT_REPLAYS).increment(1);
             let mut response = StatusCode::ACCEPTED.into_response();
             response
                 .headers_mut()
                 .insert("idempotent-replayed", HeaderValue::from_static("true"));
-            response
+            Ok(response)
         }
         Decision::InFlight => {
             metrics::counter!(IDEMPOTENCY_CONFLICTS, "reason" => "in_flight").increment(1);
@@ -414,26 +468,32 @@ fn answer_keyed(decision: Decision) -> Response {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
+            Err(Refusal::new("in_flight", response))
         }
         Decision::Mismatch => {
             metrics::counter!(IDEMPOTENCY_CONFLICTS, "reason" => "mismatch").increment(1);
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "this Idempotency-Key was used for a different request",
-            )
-            .with_field("Idempotency-Key")
-            .into_response()
+            Err(Refusal::new(
+                "mismatch",
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "this Idempotency-Key was used for a different request",
+                )
+                .with_field("Idempotency-Key"),
+            ))
         }
     }
 }
 
 static REFUSED_LOG: weir_runtime::logs::LogLimiter = weir_runtime::logs::LogLimiter::per_second();
 
-fn unavailable(err: QueueError) -> Response {
+fn unavailable(err: QueueError) -> Box<Refusal> {
     // Once per request while the queue is down or full: a sample is enough, the status
     // counter has the count.
     weir_runtime::warn_limited!(REFUSED_LOG, %err, "increment refused");
+    let reason = match err {
+        QueueError::Full(_) => "queue_full",
+        _ => "unavailable",
+    };
     let mut response = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("cannot queue the increment: {err}"),
@@ -442,7 +502,7 @@ fn unavailable(err: QueueError) -> Response {
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    response
+    Refusal::new(reason, response)
 }
 
 async fn count(State(state): State<AppState>, Path(key): Path<String>) -> Response {

@@ -22,20 +22,44 @@ pub struct Increment {
 pub struct Rejection {
     pub error: String,
     pub field: Option<&'static str>,
+    /// One of [`REASONS`], for the `reason` label of the rejection counter.
+    pub reason: &'static str,
 }
 
+/// Not exactly one JSON object (empty, not JSON, an array, trailing data).
+pub const INVALID_JSON: &str = "invalid_json";
+/// A member other than `key` and `value` (a case mistake included).
+pub const UNKNOWN_FIELD: &str = "unknown_field";
+pub const DUPLICATE_FIELD: &str = "duplicate_field";
+pub const MISSING_FIELD: &str = "missing_field";
+/// `key` is not a string holding a canonical UUID.
+pub const INVALID_KEY: &str = "invalid_key";
+/// `value` is not an integer from 1 to `i64::MAX`.
+pub const INVALID_VALUE: &str = "invalid_value";
+/// Every reason a body is refused for.
+pub const REASONS: [&str; 6] = [
+    INVALID_JSON,
+    UNKNOWN_FIELD,
+    DUPLICATE_FIELD,
+    MISSING_FIELD,
+    INVALID_KEY,
+    INVALID_VALUE,
+];
+
 impl Rejection {
-    fn body(error: impl Into<String>) -> Self {
+    fn body(reason: &'static str, error: impl Into<String>) -> Self {
         Rejection {
             error: error.into(),
             field: None,
+            reason,
         }
     }
 
-    fn field(field: &'static str, error: impl Into<String>) -> Self {
+    fn field(reason: &'static str, field: &'static str, error: impl Into<String>) -> Self {
         Rejection {
             error: error.into(),
             field: Some(field),
+            reason,
         }
     }
 }
@@ -98,12 +122,16 @@ pub fn parse_increment(body: &[u8]) -> Result<Increment, Rejection> {
 
 fn explain(body: &[u8]) -> Result<Increment, Rejection> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(Rejection::body("the body is empty; expected a JSON object"));
+        return Err(Rejection::body(
+            INVALID_JSON,
+            "the body is empty; expected a JSON object",
+        ));
     }
     let Fields(fields) = serde_json::from_slice(body).map_err(|err| {
-        Rejection::body(format!(
-            "the body must be exactly one JSON object with no trailing data: {err}"
-        ))
+        Rejection::body(
+            INVALID_JSON,
+            format!("the body must be exactly one JSON object with no trailing data: {err}"),
+        )
     })?;
     let mut key = None;
     let mut value = None;
@@ -115,27 +143,31 @@ fn explain(body: &[u8]) -> Result<Increment, Rejection> {
                 for known in ["key", "value"] {
                     if other.eq_ignore_ascii_case(known) {
                         return Err(Rejection::field(
+                            UNKNOWN_FIELD,
                             known,
                             format!("unknown field \"{other}\"; field names are case-sensitive, use \"{known}\""),
                         ));
                     }
                 }
-                return Err(Rejection::body(format!(
-                    "unknown field \"{other}\"; only \"key\" and \"value\" are allowed"
-                )));
+                return Err(Rejection::body(
+                    UNKNOWN_FIELD,
+                    format!("unknown field \"{other}\"; only \"key\" and \"value\" are allowed"),
+                ));
             }
         };
         if slot.is_some() {
             let field = if name == "key" { "key" } else { "value" };
             return Err(Rejection::field(
+                DUPLICATE_FIELD,
                 field,
                 format!("field \"{field}\" appears more than once"),
             ));
         }
         *slot = Some(raw);
     }
-    let key = key.ok_or_else(|| Rejection::field("key", "missing field \"key\""))?;
-    let value = value.ok_or_else(|| Rejection::field("value", "missing field \"value\""))?;
+    let key = key.ok_or_else(|| Rejection::field(MISSING_FIELD, "key", "missing field \"key\""))?;
+    let value =
+        value.ok_or_else(|| Rejection::field(MISSING_FIELD, "value", "missing field \"value\""))?;
     let key = parse_key(&key)?;
     let text = std::str::from_utf8(body).unwrap_or_default();
     let literals = member_literals(text);
@@ -152,6 +184,7 @@ fn explain(body: &[u8]) -> Result<Increment, Rejection> {
 fn parse_key(raw: &Value) -> Result<Uuid, Rejection> {
     let Value::String(text) = raw else {
         return Err(Rejection::field(
+            INVALID_KEY,
             "key",
             format!("must be a string holding a UUID, got {}", kind(raw)),
         ));
@@ -165,16 +198,19 @@ pub fn parse_key_text(text: &str) -> Result<Uuid, Rejection> {
     // 32 bare digits) would let one key be written several ways by different clients.
     if text.len() != 36 {
         return Err(Rejection::field(
+            INVALID_KEY,
             "key",
             "must be a UUID in the form xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx",
         ));
     }
-    Uuid::try_parse(text).map_err(|err| Rejection::field("key", format!("must be a UUID: {err}")))
+    Uuid::try_parse(text)
+        .map_err(|err| Rejection::field(INVALID_KEY, "key", format!("must be a UUID: {err}")))
 }
 
 fn parse_value(raw: &Value, literal: Option<&str>) -> Result<i64, Rejection> {
     let Value::Number(_) = raw else {
         return Err(Rejection::field(
+            INVALID_VALUE,
             "value",
             format!("must be an integer, got {}", kind(raw)),
         ));
@@ -185,14 +221,17 @@ fn parse_value(raw: &Value, literal: Option<&str>) -> Result<i64, Rejection> {
     match integer_literal(literal) {
         Literal::Integer(value) if value >= 1 => Ok(value),
         Literal::Integer(_) | Literal::BelowRange => Err(Rejection::field(
+            INVALID_VALUE,
             "value",
             format!("must be at least 1, got {literal}"),
         )),
         Literal::AboveRange => Err(Rejection::field(
+            INVALID_VALUE,
             "value",
             format!("must be at most {} (a signed 64-bit integer)", i64::MAX),
         )),
         Literal::Fraction => Err(Rejection::field(
+            INVALID_VALUE,
             "value",
             format!("must be an integer (no fractional part), got {literal}"),
         )),
@@ -591,6 +630,51 @@ mod tests {
             if let (Ok(a), Ok(b)) = (fast, slow) {
                 proptest::prop_assert_eq!(a, b);
             }
+        }
+    }
+
+    #[test]
+    fn every_rejection_names_its_reason() {
+        for (body, reason) in [
+            ("  ".to_string(), INVALID_JSON),
+            ("[1]".to_string(), INVALID_JSON),
+            (
+                format!(r#"{{"key": "{KEY}", "value": 1}} {{}}"#),
+                INVALID_JSON,
+            ),
+            (format!(r#"{{"Key": "{KEY}", "value": 1}}"#), UNKNOWN_FIELD),
+            (
+                format!(r#"{{"key": "{KEY}", "value": 1, "x": 1}}"#),
+                UNKNOWN_FIELD,
+            ),
+            (
+                format!(r#"{{"key": "{KEY}", "key": "{KEY}", "value": 1}}"#),
+                DUPLICATE_FIELD,
+            ),
+            (r#"{"value": 1}"#.to_string(), MISSING_FIELD),
+            (format!(r#"{{"key": "{KEY}"}}"#), MISSING_FIELD),
+            (r#"{"key": 1, "value": 1}"#.to_string(), INVALID_KEY),
+            (r#"{"key": "nope", "value": 1}"#.to_string(), INVALID_KEY),
+            (
+                r#"{"key": "7f1d6c1e-2b9a-4c55-9a4e-3f0d2b7c8e1z", "value": 1}"#.to_string(),
+                INVALID_KEY,
+            ),
+            (
+                format!(r#"{{"key": "{KEY}", "value": "1"}}"#),
+                INVALID_VALUE,
+            ),
+            (format!(r#"{{"key": "{KEY}", "value": 0}}"#), INVALID_VALUE),
+            (
+                format!(r#"{{"key": "{KEY}", "value": 1.5}}"#),
+                INVALID_VALUE,
+            ),
+            (
+                format!(r#"{{"key": "{KEY}", "value": 1e19}}"#),
+                INVALID_VALUE,
+            ),
+        ] {
+            assert_eq!(reject(&body).reason, reason, "{body}");
+            assert!(REASONS.contains(&reason));
         }
     }
 

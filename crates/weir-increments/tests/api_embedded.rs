@@ -513,3 +513,77 @@ async fn the_openapi_document_matches_the_live_routes() {
     }
     server.stop().await;
 }
+
+/// The value of `series` (name and labels as the page writes them) on the /metrics page.
+async fn metric(addr: std::net::SocketAddr, series: &str) -> f64 {
+    let page = request(addr, "GET", "/metrics", &[], b"").await.body;
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_refused_increment_is_counted_once_by_its_reason_and_every_answer_timed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = base_config(dir.path());
+    config.api_keys = vec!["k1".to_string()];
+    let server = start(config, Role::Serve).await;
+    let a = server.addr;
+    let auth = ("Authorization", "Bearer k1");
+    let rejected = |reason: &str| format!("weir_increments_rejected_total{{reason=\"{reason}\"}}");
+    let answered = "weir_increments_request_duration_seconds_count";
+    let reasons = [
+        "unsupported_media_type",
+        "too_large",
+        "invalid_json",
+        "unknown_field",
+        "invalid_key",
+        "invalid_value",
+        "invalid_idempotency_key",
+        "unauthorized",
+    ];
+    let mut before = Vec::new();
+    for reason in reasons {
+        before.push(metric(a, &rejected(reason)).await);
+    }
+    let answered_before = metric(a, answered).await;
+    let good = format!(r#"{{"key":"{KEY}","value":1}}"#);
+    type Case<'a> = (&'a [(&'a str, &'a str)], String, u16);
+    let cases: [Case; 9] = [
+        (&[auth], good.clone(), 415),
+        (&[auth, JSON], format!("{good}{}", " ".repeat(2000)), 413),
+        (&[auth, JSON], "[]".to_string(), 400),
+        (
+            &[auth, JSON],
+            format!(r#"{{"key":"{KEY}","value":1,"x":1}}"#),
+            400,
+        ),
+        (
+            &[auth, JSON],
+            r#"{"key":"nope","value":1}"#.to_string(),
+            400,
+        ),
+        (
+            &[auth, JSON],
+            format!(r#"{{"key":"{KEY}","value":0}}"#),
+            400,
+        ),
+        (&[auth, JSON, ("Idempotency-Key", "")], good.clone(), 400),
+        (&[JSON], good.clone(), 401),
+        (&[auth, JSON], good.clone(), 202),
+    ];
+    for (headers, body, status) in &cases {
+        let reply = request(a, "POST", "/increment", headers, body.as_bytes()).await;
+        assert_eq!(reply.status, *status, "{body}: {}", reply.body);
+    }
+    for (reason, before) in reasons.iter().zip(before) {
+        assert_eq!(metric(a, &rejected(reason)).await - before, 1.0, "{reason}");
+    }
+    assert_eq!(
+        metric(a, answered).await - answered_before,
+        cases.len() as f64
+    );
+    server.stop().await;
+}

@@ -27,6 +27,9 @@ pub struct Handled {
     pub write: Option<Write>,
     /// Why the request goes to the dead-letter queue, if it does.
     pub dead_letter: Option<String>,
+    /// The same as a metric label: one of [`protocol::Malformed::REASONS`], set exactly when
+    /// `dead_letter` is.
+    pub dead_letter_reason: Option<&'static str>,
     /// Metric labels.
     pub action: &'static str,
     pub outcome: Outcome,
@@ -96,6 +99,7 @@ impl Engine {
                     reply: Reply::error(&reason).to_json(),
                     write: None,
                     dead_letter: Some(reason),
+                    dead_letter_reason: Some(malformed.reason()),
                     action: "malformed",
                     outcome: Outcome::Malformed,
                 };
@@ -114,6 +118,7 @@ impl Engine {
                     reply: reply_for(&done),
                     write: None,
                     dead_letter: None,
+                    dead_letter_reason: None,
                     action,
                     outcome: Outcome::Duplicate,
                 };
@@ -124,6 +129,7 @@ impl Engine {
                 reply: reply_for(&write),
                 write: Some(write),
                 dead_letter: None,
+                dead_letter_reason: None,
                 action,
                 outcome: Outcome::Applied,
             };
@@ -139,6 +145,7 @@ impl Engine {
             reply,
             write: None,
             dead_letter: None,
+            dead_letter_reason: None,
             action,
             outcome: Outcome::Applied,
         }
@@ -229,6 +236,7 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("unknown action"));
+        assert_eq!(handled.dead_letter_reason, Some("unknown_action"));
         assert_eq!(engine.last_op(), 0);
     }
 

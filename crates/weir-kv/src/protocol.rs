@@ -67,6 +67,30 @@ pub enum Malformed {
     Limit(u64),
 }
 
+impl Malformed {
+    /// Every value [`Malformed::reason`] gives, for registering a `reason` label at zero.
+    pub const REASONS: [&'static str; 6] = [
+        "invalid_json",
+        "unknown_action",
+        "missing_field",
+        "unexpected_field",
+        "too_long",
+        "bad_limit",
+    ];
+
+    /// Why, as a metric label value: the kind of mistake, without the request's own text.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Malformed::Json(_) => "invalid_json",
+            Malformed::UnknownAction(_) => "unknown_action",
+            Malformed::Missing { .. } => "missing_field",
+            Malformed::Unexpected { .. } => "unexpected_field",
+            Malformed::TooLong { .. } => "too_long",
+            Malformed::Limit(_) => "bad_limit",
+        }
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -363,6 +387,31 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn every_mistake_has_one_of_the_listed_reasons() {
+        let cases = [
+            (&br#"not json"#[..], "invalid_json"),
+            (br#"{"action":"get","key":"A","extra":1}"#, "invalid_json"),
+            (br#"{"action":"put","key":"A"}"#, "unknown_action"),
+            (br#"{"action":"add","key":"A"}"#, "missing_field"),
+            (
+                br#"{"action":"get","key":"A","limit":3}"#,
+                "unexpected_field",
+            ),
+            (br#"{"action":"getall","limit":0}"#, "bad_limit"),
+        ];
+        for (body, reason) in cases {
+            let err = parse(body).expect_err("malformed");
+            assert_eq!(err.reason(), reason, "{}", String::from_utf8_lossy(body));
+            assert!(Malformed::REASONS.contains(&reason));
+        }
+        let long = format!(
+            r#"{{"action":"get","key":"{}"}}"#,
+            "k".repeat(MAX_KEY_BYTES + 1)
+        );
+        assert_eq!(parse(long.as_bytes()).unwrap_err().reason(), "too_long");
     }
 
     #[test]

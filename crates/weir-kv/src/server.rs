@@ -43,6 +43,12 @@ use crate::config::{Durability, KvConfig};
 use crate::engine::{Engine, Incoming, Outcome};
 use crate::journal::{Journal, JournalError, Recovered};
 use crate::output::{Output, OutputError};
+use crate::protocol::Malformed;
+
+const DEAD_LETTERS: &str = "weir_kv_dead_letters_total";
+const QUEUE_DEPTH: &str = "weir_kv_queue_depth";
+/// How often the request queue's depth is read.
+const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(2);
 
 static BROKER_ERRORS: LogLimiter = LogLimiter::per_second();
 static MALFORMED: LogLimiter = LogLimiter::per_second();
@@ -90,6 +96,8 @@ pub struct Running {
     token: CancellationToken,
     /// The last write covered by an ack that was sent but is not yet known to the broker.
     ack_unconfirmed: Option<u64>,
+    /// `weir_kv_dead_letters_total` by reason, in the order of [`Malformed::REASONS`].
+    dead_letters: Vec<metrics::Counter>,
     _data_dir: Option<weir_runtime::datadir::DataDirLock>,
 }
 
@@ -98,9 +106,9 @@ pub fn register_metrics() {
         "weir_kv_requests_total",
         "Requests handled, by action and outcome (applied, duplicate, malformed)."
     );
-    metrics::describe_counter!(
-        "weir_kv_dead_letters_total",
-        "Malformed requests sent to the dead-letter queue."
+    metrics::describe_gauge!(
+        QUEUE_DEPTH,
+        "Messages ready in the request queue, waiting for kv (read every 2 s by a passive declare on its own channel); 0 while disconnected."
     );
     metrics::describe_counter!(
         "weir_kv_reconnects_total",
@@ -131,12 +139,24 @@ pub fn register_metrics() {
     }
     metrics::counter!("weir_kv_requests_total", "action" => "malformed", "outcome" => "malformed")
         .absolute(0);
-    metrics::counter!("weir_kv_dead_letters_total").absolute(0);
+    let _handles = register_dead_letters();
     metrics::counter!("weir_kv_reconnects_total").absolute(0);
+    metrics::gauge!(QUEUE_DEPTH).set(0.0);
     metrics::gauge!("weir_kv_broker_connected").set(0.0);
     // Set to the journal's real size once it is open; present from the first scrape either way.
     metrics::gauge!("weir_kv_journal_bytes").set(0.0);
     let _created = metrics::histogram!("weir_kv_batch_seconds");
+}
+
+/// `weir_kv_dead_letters_total` at zero for every reason, and its handles, in the order of
+/// [`Malformed::REASONS`].
+fn register_dead_letters() -> Vec<metrics::Counter> {
+    weir_runtime::telemetry::register_labelled_counters(
+        DEAD_LETTERS,
+        "Malformed requests sent to the dead-letter queue, by reason: invalid_json (not a JSON object with known fields), unknown_action, missing_field, unexpected_field, too_long (a key or value over its limit), bad_limit (getall's limit out of range).",
+        "reason",
+        &Malformed::REASONS,
+    )
 }
 
 /// Locks the data directory, loads the snapshot and journal, and opens `--output`.
@@ -177,6 +197,7 @@ pub fn start(config: KvConfig, shutdown: &Shutdown) -> Result<Running, KvError> 
         health,
         token: shutdown.token.clone(),
         ack_unconfirmed: None,
+        dead_letters: register_dead_letters(),
         _data_dir: data_dir,
     };
     running.publish_sizes();
@@ -256,6 +277,11 @@ impl Running {
                 FieldTable::default(),
             )
             .await?;
+        // On a channel of its own: a probe that fails cannot close the consuming channel.
+        let _depth = QueueDepthProbe::start(
+            connection.create_channel().await?,
+            self.config.queue.clone(),
+        );
         self.engine.new_session();
         self.set_connected(true);
         tracing::info!(queue = %self.config.queue, "kv consuming");
@@ -336,7 +362,11 @@ impl Running {
             if let Some(reason) = &handled.dead_letter {
                 weir_runtime::warn_limited!(MALFORMED, %reason, body = %weir_runtime::logs::escape(&delivery.data), "malformed kv request; dead-lettered");
             }
-            outgoing.push((handled.reply, handled.dead_letter));
+            outgoing.push((
+                handled.reply,
+                handled.dead_letter,
+                handled.dead_letter_reason,
+            ));
         }
         if let Some(journal) = &mut self.journal {
             journal
@@ -351,10 +381,14 @@ impl Running {
         // never acknowledged ahead of its reply or dead letter.
         let dead_letter_queue: ShortString = self.config.dead_letter_queue().into();
         let mut publishes = Vec::with_capacity(batch.len());
-        let mut dead_letters = 0u64;
-        for (delivery, (reply, dead_letter)) in batch.iter().zip(&outgoing) {
+        let mut dead_letters = [0u64; Malformed::REASONS.len()];
+        for (delivery, (reply, dead_letter, label)) in batch.iter().zip(&outgoing) {
             if let Some(reason) = dead_letter {
-                dead_letters += 1;
+                if let Some(at) = label
+                    .and_then(|label| Malformed::REASONS.iter().position(|&known| known == label))
+                {
+                    dead_letters[at] += 1;
+                }
                 let properties = dead_letter_properties(delivery, reason);
                 publishes.push((dead_letter_queue.clone(), &delivery.data[..], properties));
             }
@@ -374,7 +408,11 @@ impl Running {
             },
         ))
         .await?;
-        metrics::counter!("weir_kv_dead_letters_total").increment(dead_letters);
+        for (counter, &count) in self.dead_letters.iter().zip(&dead_letters) {
+            if count > 0 {
+                counter.increment(count);
+            }
+        }
         if let Some(last) = batch.last() {
             channel
                 .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
@@ -446,6 +484,53 @@ impl Running {
         metrics::gauge!("weir_kv_store_keys").set(store.len() as f64);
         metrics::gauge!("weir_kv_store_bytes").set(store.payload_bytes() as f64);
     }
+}
+
+/// Reads how many messages are ready in the request queue every [`QUEUE_DEPTH_EVERY`], into
+/// `weir_kv_queue_depth`, for as long as a broker session lasts: dropped with the session, it
+/// stops and sets the gauge to 0.
+struct QueueDepthProbe(tokio::task::JoinHandle<()>);
+
+impl QueueDepthProbe {
+    fn start(channel: Channel, queue: String) -> Self {
+        QueueDepthProbe(tokio::spawn(async move {
+            let gauge = metrics::gauge!(QUEUE_DEPTH);
+            let mut tick = tokio::time::interval(QUEUE_DEPTH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match ready_messages(&channel, &queue).await {
+                    Ok(ready) => gauge.set(f64::from(ready)),
+                    Err(err) => {
+                        // The session is ending (or the queue is gone): it reports why.
+                        tracing::debug!(%err, "cannot read the request queue's depth");
+                        gauge.set(0.0);
+                        return;
+                    }
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for QueueDepthProbe {
+    fn drop(&mut self) {
+        self.0.abort();
+        metrics::gauge!(QUEUE_DEPTH).set(0.0);
+    }
+}
+
+/// Messages ready for delivery in `queue` (not those delivered and unacknowledged), by a
+/// passive declare: it creates nothing, and fails if the queue does not exist.
+pub async fn ready_messages(channel: &Channel, queue: &str) -> Result<u32, lapin::Error> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let declared = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await?;
+    Ok(declared.message_count())
 }
 
 fn reply_properties(request: &Delivery) -> BasicProperties {

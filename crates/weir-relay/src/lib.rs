@@ -8,6 +8,7 @@
 //! - [`router`]: which connected clients an event notifies, batching their bytes.
 //! - [`queue_budget`]: which clients to drop when all queues together are over the cap.
 //! - [`state`]: the state file (next sequence number and follow graph) across restarts.
+//! - [`delivery`]: how long events wait between their receipt and their release, sampled.
 //!
 //! I/O at the edges:
 //! - [`server`]: the listeners, the source session, client sessions, and the dispatcher
@@ -19,6 +20,7 @@
 
 pub mod check;
 pub mod config;
+pub mod delivery;
 pub mod event;
 pub mod graph;
 pub mod queue_budget;

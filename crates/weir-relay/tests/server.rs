@@ -692,3 +692,44 @@ async fn client_logs_are_rate_limited_and_show_input_escaped() {
         "stale events are logged:\n{text}"
     );
 }
+
+/// The value of the first sample of the global recorder's page whose line starts with
+/// `series` followed by a space.
+fn sample(series: &str) -> Option<f64> {
+    let page = weir_runtime::telemetry::prometheus().render();
+    page.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.parse().ok())
+}
+
+#[tokio::test]
+async fn held_events_age_in_the_gauge_and_their_wait_is_sampled_when_released() {
+    let relay = Relay::start(config()).await;
+    let mut source = relay.source().await;
+    // A sampled number, held while every number before it is missing.
+    let sampled = weir_relay::delivery::SAMPLE_EVERY;
+    source
+        .write_all(format!("{sampled}|B\n").as_bytes())
+        .await
+        .unwrap();
+    relay.wait(|s| s.reorder_window == 1).await;
+    // Nothing else arrives, yet the age keeps growing.
+    let snapshot = relay.wait(|s| s.reorder_oldest_ms >= 1_000).await;
+    assert_eq!(snapshot.reorder_window, 1);
+    let held_for = Instant::now();
+    let lines: String = (1..sampled).map(|seq| format!("{seq}|B\n")).collect();
+    source.write_all(lines.as_bytes()).await.unwrap();
+    let snapshot = relay
+        .wait(|s| s.counts.events_delivered == sampled && s.reorder_window == 0)
+        .await;
+    assert_eq!(snapshot.reorder_oldest_ms, 0);
+    assert!(held_for.elapsed() < Duration::from_secs(5));
+    let sampled = sample("weir_relay_delivery_seconds_count").expect("a delivery sample");
+    assert!(sampled >= 1.0, "{sampled}");
+    let longest = sample("weir_relay_delivery_seconds{quantile=\"1\"}").expect("quantile 1");
+    assert!(
+        longest >= 1.0,
+        "64 waited over a second, the histogram says {longest}"
+    );
+    relay.stop().await;
+}

@@ -453,6 +453,18 @@ pub enum BodyError {
 }
 
 impl BodyError {
+    /// Every value [`BodyError::reason`] gives, for registering a `reason` label at zero.
+    pub const REASONS: [&'static str; 3] = ["too_large", "timeout", "unreadable"];
+
+    /// Why, as a metric label value: `too_large`, `timeout` or `unreadable`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BodyError::TooLarge(_) => "too_large",
+            BodyError::TimedOut => "timeout",
+            BodyError::Unreadable(_) => "unreadable",
+        }
+    }
+
     /// The answer every API gives: 413, 408 with `Connection: close`, or 400.
     pub fn into_api_error(self) -> Response {
         match self {
@@ -860,6 +872,16 @@ mod tests {
             body,
             serde_json::json!({"error": "must be a UUID", "field": "key"})
         );
+    }
+
+    #[test]
+    fn every_body_error_has_one_of_the_listed_reasons() {
+        let errors = [
+            BodyError::TooLarge(1),
+            BodyError::TimedOut,
+            BodyError::Unreadable("reset".into()),
+        ];
+        assert_eq!(errors.map(|err| err.reason()), BodyError::REASONS);
     }
 
     #[test]

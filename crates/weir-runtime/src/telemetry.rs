@@ -107,3 +107,76 @@ pub fn register_metrics(specs: &[MetricSpec]) {
         }
     }
 }
+
+/// Installs the recorder, gives the counter family `name` its help text, and creates
+/// `name{label="value"}` at zero for every one of `values`, so that every outcome (every
+/// `reason`, say) exists from the first scrape and `rate()` works for each. No unlabelled
+/// series is made: the family's `sum()` is its total.
+///
+/// Returns the counters in the order of `values`, for callers that count on a hot path and
+/// keep the handles rather than look the series up by name each time. Calling it again (a
+/// second service in the same process) resets nothing.
+pub fn register_labelled_counters(
+    name: &'static str,
+    help: &'static str,
+    label: &'static str,
+    values: &[&'static str],
+) -> Vec<metrics::Counter> {
+    let _installed = prometheus();
+    metrics::describe_counter!(name, help);
+    values
+        .iter()
+        .map(|&value| {
+            let counter = metrics::counter!(name, label => value);
+            counter.increment(0);
+            counter
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_counters_exist_at_zero_for_every_value_and_nothing_else() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let counters = metrics::with_local_recorder(&recorder, || {
+            let counters = register_labelled_counters(
+                "weir_test_rejected_total",
+                "Things refused, by reason.",
+                "reason",
+                &["malformed", "stale"],
+            );
+            counters[1].increment(3);
+            // Registering again (another service of the same process) keeps the counts.
+            register_labelled_counters(
+                "weir_test_rejected_total",
+                "Things refused, by reason.",
+                "reason",
+                &["malformed", "stale"],
+            );
+            counters
+        });
+        assert_eq!(counters.len(), 2);
+        let text = handle.render();
+        assert!(
+            text.contains("# HELP weir_test_rejected_total Things refused, by reason.\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE weir_test_rejected_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_test_rejected_total{reason=\"malformed\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("weir_test_rejected_total{reason=\"stale\"} 3\n"),
+            "{text}"
+        );
+        assert!(!text.contains("\nweir_test_rejected_total 0"), "{text}");
+    }
+}

@@ -293,7 +293,9 @@ async fn every_metric_is_served_at_zero_from_the_start_and_readyz_follows_the_br
     for sample in [
         r#"weir_kv_requests_total{action="add",outcome="applied"} 0"#,
         r#"weir_kv_requests_total{action="malformed",outcome="malformed"} 0"#,
-        "weir_kv_dead_letters_total 0",
+        r#"weir_kv_dead_letters_total{reason="invalid_json"} 0"#,
+        r#"weir_kv_dead_letters_total{reason="bad_limit"} 0"#,
+        "weir_kv_queue_depth 0",
         "weir_kv_reconnects_total 0",
     ] {
         assert!(
@@ -315,4 +317,42 @@ async fn every_metric_is_served_at_zero_from_the_start_and_readyz_follows_the_br
         http_get(&addr, "/readyz").is_ok_and(|(status, _)| status.contains(" 200"))
     })
     .await;
+}
+
+#[tokio::test]
+async fn the_depth_probe_reads_the_messages_waiting_in_the_request_queue() {
+    let Some(url) = amqp_url().await else { return };
+    let queue = TestQueue::new(&url, "depth");
+    queue.declare().await;
+    let (_connection, channel) = channel(&url).await;
+    let ready = weir_kv::server::ready_messages(&channel, &queue.name);
+    assert_eq!(ready.await.unwrap(), 0);
+    for n in 0..3 {
+        let body = format!(r#"{{"action": "get", "key": "k{n}"}}"#);
+        channel
+            .basic_publish(
+                "".into(),
+                queue.name.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = weir_kv::server::ready_messages(&channel, &queue.name).await;
+        if ready.unwrap() == 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never 3 ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A passive declare creates nothing: a queue that is not there is an error, not 0.
+    let (_other, probe) = kv_common::channel(&url).await;
+    let missing = format!("{}.missing", queue.name);
+    assert!(weir_kv::server::ready_messages(&probe, &missing)
+        .await
+        .is_err());
 }

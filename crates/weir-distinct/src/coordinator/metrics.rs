@@ -8,12 +8,13 @@ pub const FORWARD_RETRIES: &str = "weir_distinct_coordinator_forward_retries_tot
 pub const WORKERS_ALIVE: &str = "weir_distinct_coordinator_workers_alive";
 pub const WORKER_RESTARTS: &str = "weir_distinct_coordinator_worker_restarts_total";
 pub const REQUEST_SECONDS: &str = "weir_distinct_coordinator_request_duration_seconds";
+pub const GROUPS_IN_FLIGHT: &str = "weir_distinct_coordinator_groups_in_flight";
 
 /// Statuses the coordinator answers, by route.
-pub const ITEMS_STATUSES: [u16; 5] = [200, 400, 413, 415, 503];
+pub const ITEMS_STATUSES: [u16; 6] = [200, 400, 408, 413, 415, 503];
 pub const COUNT_STATUSES: [u16; 3] = [200, 400, 503];
-/// Why a body was refused before anything was forwarded.
-pub const REASONS: [&str; 4] = ["invalid", "too_many_items", "too_large", "media_type"];
+/// Why `POST /items` was refused: the worker's reasons (one for every answer but 200).
+pub const REASONS: [&str; 7] = crate::metric_names::REASONS;
 
 pub fn register() {
     metrics::describe_counter!(
@@ -30,7 +31,11 @@ pub fn register() {
     );
     metrics::describe_counter!(
         REJECTED,
-        "POST /items bodies refused before forwarding, by reason."
+        "POST /items requests refused, by reason (one for every answer but 200): invalid, too_many_items, too_large, timeout, unreadable, media_type (refused before forwarding), unavailable (no worker committed every shard in time)."
+    );
+    metrics::describe_gauge!(
+        GROUPS_IN_FLIGHT,
+        "Shard groups of POST /items being forwarded to workers now (a request's items make one group per shard)."
     );
     metrics::describe_counter!(
         FORWARD_RETRIES,
@@ -62,6 +67,8 @@ pub fn register() {
     }
     metrics::counter!(FORWARD_RETRIES).absolute(0);
     metrics::gauge!(WORKERS_ALIVE).set(0.0);
+    // Not reset: requests of an earlier coordinator in this process may still be under way.
+    metrics::gauge!(GROUPS_IN_FLIGHT).increment(0.0);
     metrics::counter!(WORKER_RESTARTS).absolute(0);
     for route in ["items", "count"] {
         // Touching the histogram makes the series exist before the first request.

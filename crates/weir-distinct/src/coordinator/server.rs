@@ -22,7 +22,7 @@ use weir_runtime::http::ApiError;
 use weir_runtime::logs::{escape, LogLimiter};
 
 use super::forward::RETRY_AFTER_SECONDS;
-use super::metrics::{answered, ITEMS_ACCEPTED, ITEMS_RECEIVED, REJECTED};
+use super::metrics::{answered, GROUPS_IN_FLIGHT, ITEMS_ACCEPTED, ITEMS_RECEIVED, REJECTED};
 use super::Coordinator;
 use crate::shard::{group_by_shard, shard_of, SHARDS};
 use crate::validate::{
@@ -64,6 +64,24 @@ fn rejected_response(reason: &'static str, response: Response) -> Response {
     response
 }
 
+/// Shard groups being forwarded, counted in [`GROUPS_IN_FLIGHT`] until dropped (also when
+/// the client goes away and the request is abandoned).
+struct InFlight(f64);
+
+impl InFlight {
+    fn new(groups: usize) -> Self {
+        let groups = groups as f64;
+        metrics::gauge!(GROUPS_IN_FLIGHT).increment(groups);
+        InFlight(groups)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(GROUPS_IN_FLIGHT).decrement(self.0);
+    }
+}
+
 async fn post_items(
     State(coordinator): State<Arc<Coordinator>>,
     headers: HeaderMap,
@@ -90,13 +108,7 @@ async fn accept(coordinator: &Coordinator, headers: &HeaderMap, body: Body) -> R
     }
     let bytes = match weir_runtime::http::read_body(headers, body, MAX_BODY_BYTES).await {
         Ok(bytes) => bytes,
-        Err(err) => {
-            let reason = match err {
-                weir_runtime::http::BodyError::TooLarge(_) => "too_large",
-                _ => "invalid",
-            };
-            return rejected_response(reason, err.into_api_error());
-        }
+        Err(err) => return rejected_response(err.reason(), err.into_api_error()),
     };
     let items = match parse_items(&bytes) {
         Ok(items) => items,
@@ -118,12 +130,9 @@ async fn accept(coordinator: &Coordinator, headers: &HeaderMap, body: Body) -> R
     };
     let received = items.len();
     metrics::counter!(ITEMS_RECEIVED).increment(received as u64);
-    let shards = SHARDS;
-    match coordinator
-        .forwarder
-        .post_items(group_by_shard(items, shards))
-        .await
-    {
+    let groups = group_by_shard(items, SHARDS);
+    let _in_flight = InFlight::new(groups.len());
+    match coordinator.forwarder.post_items(groups).await {
         Ok(()) => {
             metrics::counter!(ITEMS_ACCEPTED).increment(received as u64);
             Json(json!({ "accepted": received })).into_response()
@@ -135,10 +144,13 @@ async fn accept(coordinator: &Coordinator, headers: &HeaderMap, body: Body) -> R
                 error = %escape(unplaced.error.as_bytes()),
                 "items not placed before the deadline, answered 503"
             );
-            unavailable(format!(
-                "no worker committed shard(s) {:?} in time: {}; resending the same items is safe",
-                unplaced.shards, unplaced.error
-            ))
+            rejected_response(
+                "unavailable",
+                unavailable(format!(
+                    "no worker committed shard(s) {:?} in time: {}; resending the same items is safe",
+                    unplaced.shards, unplaced.error
+                )),
+            )
         }
     }
 }
@@ -219,4 +231,30 @@ async fn readyz(State(coordinator): State<Arc<Coordinator>>) -> Response {
         })),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_are_in_flight_until_their_request_is_answered_or_dropped() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let gauge = || {
+            let text = handle.render();
+            text.lines()
+                .find_map(|line| line.strip_prefix(GROUPS_IN_FLIGHT)?.strip_prefix(' '))
+                .map(|value| value.parse::<f64>().unwrap())
+        };
+        metrics::with_local_recorder(&recorder, || {
+            let first = InFlight::new(3);
+            let second = InFlight::new(2);
+            assert_eq!(gauge(), Some(5.0));
+            drop(first);
+            assert_eq!(gauge(), Some(2.0));
+            drop(second);
+            assert_eq!(gauge(), Some(0.0));
+        });
+    }
 }

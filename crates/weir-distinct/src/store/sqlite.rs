@@ -33,6 +33,7 @@ use weir_runtime::datadir::{self, DataDirError, DataDirLock};
 use weir_runtime::recordlog::{self, RecordWriter};
 
 use super::{StoreError, StoreOptions};
+use crate::metric_names::{FOLDS, FOLD_LAG, ITEMS_FOLDED, PENDING_BYTES};
 use crate::shard::{decode_items, Batch};
 
 const DB_FILE: &str = "items.sqlite";
@@ -608,7 +609,7 @@ fn append_shard(
     }
     let added = log.pending.len() - before;
     let pending = shared.pending_bytes.fetch_add(added, Ordering::SeqCst) + added;
-    metrics::gauge!("weir_distinct_pending_bytes").set(pending as f64);
+    metrics::gauge!(PENDING_BYTES).set(pending as f64);
     log.since.get_or_insert_with(Instant::now);
     Ok(())
 }
@@ -655,7 +656,21 @@ fn fold_loop(shared: &Shared, first: bool) {
                 tracing::warn!(shard = shard.id, %err, "a fold failed; the shard re-opens from its logs");
             }
         }
+        if first {
+            publish_fold_lag(shared);
+        }
     }
+}
+
+/// How long the oldest item waiting for a fold has waited, over every open shard: the
+/// delay before it is counted. One folder publishes it, every tick.
+fn publish_fold_lag(shared: &Shared) {
+    let oldest = open_shards(shared)
+        .iter()
+        .filter_map(|shard| lock(&shard.log).since)
+        .min();
+    let lag = oldest.map_or(0.0, |since| since.elapsed().as_secs_f64());
+    metrics::gauge!(FOLD_LAG).set(lag);
 }
 
 /// Folds `shard`'s pending items into its index (waiting for a fold in progress first).
@@ -698,9 +713,9 @@ fn fold_locked(
         .fetch_sub(batch.len(), Ordering::SeqCst)
         - batch.len();
     shared.folded.notify_all();
-    metrics::gauge!("weir_distinct_pending_bytes").set(pending as f64);
+    metrics::gauge!(PENDING_BYTES).set(pending as f64);
     let status = if result.is_ok() { "ok" } else { "error" };
-    metrics::counter!("weir_distinct_folds_total", "status" => status).increment(1);
+    metrics::counter!(FOLDS, "status" => status).increment(1);
     if result.is_err() {
         // Its items are still in the logs; the shard is re-opened (and folds them) on its
         // next request rather than appending to a log that may not have been emptied.
@@ -721,7 +736,7 @@ fn fold_batch(shard: &Shard, db: &mut Connection, batch: &[u8]) -> Result<(), St
         shard: shard.id,
         source,
     })?;
-    metrics::counter!("weir_distinct_items_folded_total").increment(logged as u64);
+    metrics::counter!(ITEMS_FOLDED).increment(logged as u64);
     Ok(())
 }
 

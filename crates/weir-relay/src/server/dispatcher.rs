@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -14,6 +15,7 @@ use weir_runtime::{info_limited, warn_limited};
 use super::state_writer::StateWriter;
 use super::{ClientHandle, Control, SourceItem, SourceMessage};
 use crate::config::{RelayConfig, RelayConfigError, SourceMode};
+use crate::delivery::DeliveryClock;
 use crate::event::Event;
 use crate::graph::FollowGraph;
 use crate::queue_budget;
@@ -42,6 +44,8 @@ pub(super) struct Dispatcher {
     state_writer: Option<StateWriter>,
     /// Bytes queued for all clients together (see `QueuedBytes`).
     queued_total: Arc<AtomicUsize>,
+    /// Receipt times of held events: the delivery latency samples and the oldest's age.
+    clock: DeliveryClock,
 }
 
 /// A source that connects and leaves in a loop must not write two lines each time.
@@ -51,6 +55,9 @@ static QUEUE_BUDGET_LOG: LogLimiter = LogLimiter::per_second();
 /// More releases than one 64 KiB read of the source can produce (16,384 lines of 4 bytes), so
 /// ordinary batches never shrink and regrow it.
 const RELEASED_KEEP: usize = 16_384;
+
+/// How often the age of the oldest held event is refreshed while nothing else happens.
+const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 static GAP_LOG: LogLimiter = LogLimiter::per_second();
 static STALE_LOG: LogLimiter = LogLimiter::per_second();
@@ -81,6 +88,7 @@ impl Dispatcher {
             state_dirty: false,
             state_writer,
             queued_total,
+            clock: DeliveryClock::default(),
         })
     }
 
@@ -93,6 +101,10 @@ impl Dispatcher {
         let mut state_tick = tokio::time::interval(self.config.state_interval());
         state_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let gap_timeout = self.config.gap_timeout();
+        // While events are held and nothing arrives, their age still grows: the gauge is
+        // refreshed at least this often.
+        let mut gauge_tick = tokio::time::interval(GAUGE_REFRESH);
+        gauge_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let gap_deadline = match (gap_timeout, self.blocked) {
                 (Some(timeout), Some((_, since))) => Some(since + timeout),
@@ -110,6 +122,7 @@ impl Dispatcher {
                     self.deliver_released();
                 }
                 _ = state_tick.tick(), if self.state_writer.is_some() => self.save_state(),
+                _ = gauge_tick.tick(), if self.window.held() > 0 => {}
             }
             self.publish();
         }
@@ -149,6 +162,7 @@ impl Dispatcher {
                     self.window.reset(1);
                     self.router.graph_mut().clear();
                     self.blocked = None;
+                    self.clock.clear();
                 }
                 info_limited!(
                     SOURCE_LOG,
@@ -158,7 +172,7 @@ impl Dispatcher {
                     if resume { "continues" } else { "starts" }
                 );
             }
-            SourceMessage::Batch(items) => self.on_batch(items),
+            SourceMessage::Batch { items, received } => self.on_batch(items, received),
             SourceMessage::Ended { peer } => {
                 if self.config.source_mode == SourceMode::Reset {
                     // The stream is over: nothing can fill the gaps any more.
@@ -181,8 +195,10 @@ impl Dispatcher {
         }
     }
 
-    fn on_batch(&mut self, items: Vec<SourceItem>) {
+    fn on_batch(&mut self, items: Vec<SourceItem>, received: Instant) {
         let mut released = std::mem::take(&mut self.released);
+        // The highest number accepted from this read: while it is held, so is the read.
+        let mut highest = None;
         for item in items {
             let (seq, slot) = match item {
                 SourceItem::Event(event) => {
@@ -198,8 +214,14 @@ impl Dispatcher {
                 }
             };
             let next = self.window.next_expected();
+            let sampled = DeliveryClock::is_sampled(seq) && matches!(slot, Slot::Event(_));
             match self.window.insert(seq, slot, &mut released) {
-                Insert::Accepted => {}
+                Insert::Accepted => {
+                    highest = highest.max(Some(seq));
+                    if sampled {
+                        self.clock.sample(seq, received);
+                    }
+                }
                 Insert::Stale | Insert::Duplicate => {
                     self.counts.events_stale += 1;
                     warn_limited!(
@@ -222,6 +244,8 @@ impl Dispatcher {
             }
         }
         self.released = released;
+        self.clock
+            .read(received, highest, self.window.next_expected());
         self.deliver_released();
     }
 
@@ -249,6 +273,11 @@ impl Dispatcher {
         self.enforce_queue_budget();
         self.state_dirty = true;
         self.update_blocked();
+        let stats = &self.stats;
+        self.clock
+            .released(self.window.next_expected(), Instant::now, |wait| {
+                stats.record_delivery(wait)
+            });
     }
 
     /// Hands each client its bytes; a client whose queue would pass `clientBuffer` is
@@ -324,8 +353,12 @@ impl Dispatcher {
 
     fn publish(&mut self) {
         self.stats.add(&std::mem::take(&mut self.counts));
+        let oldest = self
+            .clock
+            .oldest_held()
+            .map_or(Duration::ZERO, |received| received.elapsed());
         self.stats
-            .set_gauges(self.router.client_count(), self.window.held());
+            .set_gauges(self.router.client_count(), self.window.held(), oldest);
     }
 
     /// Hands the state writer a snapshot if anything changed since the last one.

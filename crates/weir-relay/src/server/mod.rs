@@ -251,9 +251,17 @@ enum SourceItem {
 }
 
 enum SourceMessage {
-    Started { peer: SocketAddr },
-    Batch(Vec<SourceItem>),
-    Ended { peer: SocketAddr },
+    Started {
+        peer: SocketAddr,
+    },
+    /// The items of one read, and when that read returned (their receipt time).
+    Batch {
+        items: Vec<SourceItem>,
+        received: std::time::Instant,
+    },
+    Ended {
+        peer: SocketAddr,
+    },
     Refused,
 }
 

@@ -84,6 +84,8 @@ async fn source_session(
                 break;
             }
         };
+        // One clock read per read, shared by its events: their receipt time.
+        let received = std::time::Instant::now();
         filled += n;
         let mut batch = Vec::with_capacity(filled / 16);
         let consumed = splitter.split(&buf[..filled], |item| {
@@ -92,8 +94,14 @@ async fn source_session(
         });
         buf.copy_within(consumed..filled, 0);
         filled -= consumed;
-        if !batch.is_empty() && tx.send(SourceMessage::Batch(batch)).await.is_err() {
-            return;
+        if !batch.is_empty() {
+            let message = SourceMessage::Batch {
+                items: batch,
+                received,
+            };
+            if tx.send(message).await.is_err() {
+                return;
+            }
         }
     }
     // A line still open here was cut off by the disconnect: it is counted, never delivered.
@@ -103,7 +111,13 @@ async fn source_session(
         batch.push(item);
     });
     if !batch.is_empty() {
-        let _ = tx.send(SourceMessage::Batch(batch)).await;
+        let received = std::time::Instant::now();
+        let _ = tx
+            .send(SourceMessage::Batch {
+                items: batch,
+                received,
+            })
+            .await;
     }
     let _ = tx.send(SourceMessage::Ended { peer }).await;
 }

@@ -712,6 +712,87 @@ mod tests {
         );
     }
 
+    /// A relay page with the metric families every service now has: rejections by reason,
+    /// a latency summary, and an age gauge; and a distinct worker's summary by route.
+    fn page(rejected_stale: u64, oldest: f64) -> Scrape {
+        let text = format!(
+            "# HELP weir_relay_events_rejected_total Rejected.\n\
+             # TYPE weir_relay_events_rejected_total counter\n\
+             weir_relay_events_rejected_total{{reason=\"malformed\"}} 0\n\
+             weir_relay_events_rejected_total{{reason=\"stale\"}} {rejected_stale}\n\
+             # HELP weir_relay_delivery_seconds Wait.\n\
+             # TYPE weir_relay_delivery_seconds summary\n\
+             weir_relay_delivery_seconds{{quantile=\"0.5\"}} 0.002\n\
+             weir_relay_delivery_seconds{{quantile=\"0.99\"}} 0.25\n\
+             weir_relay_delivery_seconds_sum 1\n\
+             weir_relay_delivery_seconds_count 100\n\
+             # HELP weir_relay_reorder_oldest_seconds Age.\n\
+             # TYPE weir_relay_reorder_oldest_seconds gauge\n\
+             weir_relay_reorder_oldest_seconds {oldest}\n\
+             # HELP weir_distinct_request_duration_seconds Time.\n\
+             # TYPE weir_distinct_request_duration_seconds summary\n\
+             weir_distinct_request_duration_seconds{{route=\"items\",quantile=\"0.5\"}} 0.01\n\
+             weir_distinct_request_duration_seconds{{route=\"items\",quantile=\"0.99\"}} 0.03\n\
+             weir_distinct_request_duration_seconds_sum{{route=\"items\"}} 1\n\
+             weir_distinct_request_duration_seconds_count{{route=\"items\"}} 60\n"
+        );
+        crate::top::scrape::parse_exposition(&text).unwrap()
+    }
+
+    #[test]
+    fn rejections_by_reason_latency_summaries_and_ages_are_shown() {
+        let mut model = Model::new(&urls(2), 60);
+        model.observe_round(vec![
+            Observation {
+                at_seconds: 0.0,
+                result: Ok(page(10, 0.5)),
+            },
+            Observation {
+                at_seconds: 0.0,
+                result: Ok(page(0, 0.0)),
+            },
+        ]);
+        model.observe_round(vec![
+            Observation {
+                at_seconds: 2.0,
+                result: Ok(page(30, 0.5)),
+            },
+            Observation {
+                at_seconds: 2.0,
+                result: Ok(page(4, 3.0)),
+            },
+        ]);
+        let view = model.view();
+        let relay = service(&view, "relay");
+        assert_eq!(
+            reading(&relay.rates, "events_rejected{reason=stale}"),
+            Some(12.0),
+            "10/s and 2/s"
+        );
+        assert_eq!(
+            reading(&relay.rates, "events_rejected{reason=malformed}"),
+            Some(0.0)
+        );
+        assert_eq!(
+            reading(&relay.gauges, "reorder_oldest_seconds"),
+            Some(3.0),
+            "the worst endpoint's age"
+        );
+        let delivery = relay
+            .quantiles
+            .iter()
+            .find(|q| q.label == "delivery_seconds")
+            .expect("delivery quantiles");
+        assert_eq!((delivery.p50, delivery.p99), (Some(0.002), Some(0.25)));
+        let distinct = service(&view, "distinct");
+        let items = distinct
+            .quantiles
+            .iter()
+            .find(|q| q.label == "request_duration_seconds{route=items}")
+            .expect("quantiles by route");
+        assert_eq!((items.p50, items.p99), (Some(0.01), Some(0.03)));
+    }
+
     #[test]
     fn history_keeps_the_last_minute_only() {
         let mut model = Model::new(&urls(1), 3);
