@@ -64,7 +64,6 @@ pub const REQUEST_STATUSES: &[&str] = &[
 const REJECTED_HELP: &str = "POST /increment requests refused, by reason (one for every answer but 202): unsupported_media_type (415); too_large, timeout, unreadable (the body: 413, 408, 400); invalid_json, unknown_field, duplicate_field, missing_field, invalid_key, invalid_value, invalid_idempotency_key (400); unauthorized (401); rate_limited (429); in_flight (409), mismatch (422) for an Idempotency-Key; queue_full, unavailable (503).";
 
 const METRICS: &[MetricSpec] = &[
-    (REQUESTS, MetricKind::Counter, "POST /increment answers, by HTTP status."),
     (QUEUE_DEPTH, MetricKind::Gauge, "Increments accepted and not yet persisted (embedded log: unflushed records; Redis: stream entries, of up to 64 increments each, in the group's lag plus pending)."),
     (WORKER_HELD, MetricKind::Gauge, "Increments this worker holds in memory, waiting for its next flush."),
     (BATCH_SIZE, MetricKind::Histogram, "Increments per flush."),
@@ -72,7 +71,6 @@ const METRICS: &[MetricSpec] = &[
     (FLUSH_SECONDS, MetricKind::Histogram, "Duration of one flush transaction."),
     (STALENESS_SECONDS, MetricKind::Histogram, "Age of a flush's oldest increment when it committed: from acceptance (the worker's receive time in Redis mode) to commit."),
     (STALENESS_MAX_SECONDS, MetricKind::Gauge, "The largest staleness any flush of this process has had."),
-    (DEAD_LETTERS, MetricKind::Counter, "Increments moved to the dead letters, by reason."),
     (FLUSH_FAILURES, MetricKind::Counter, "Flushes that failed and were retried."),
     (APPLIED, MetricKind::Counter, "Increments added to the persisted totals."),
     (DUPLICATES_SKIPPED, MetricKind::Counter, "Redelivered increments recognised as already applied and skipped."),
@@ -97,10 +95,24 @@ pub fn register() {
         "reason",
         REJECT_REASONS,
     );
-    for &status in REQUEST_STATUSES {
-        metrics::counter!(REQUESTS, "status" => status).increment(0);
-    }
+    // Labelled families only: an unlabelled zero beside them would be a series no answer
+    // ever moves.
+    weir_runtime::telemetry::register_labelled_counters(
+        REQUESTS,
+        "POST /increment answers, by HTTP status.",
+        "status",
+        REQUEST_STATUSES,
+    );
+    weir_runtime::telemetry::register_labelled_counters(
+        DEAD_LETTERS,
+        "Increments moved to the dead letters, by reason: overflow (the total would pass i64), malformed (an entry that cannot be decoded), max_deliveries (an entry delivered too often without a commit).",
+        "reason",
+        DEAD_LETTER_REASONS,
+    );
 }
+
+/// The `reason` values of [`DEAD_LETTERS`].
+pub const DEAD_LETTER_REASONS: &[&str] = &["overflow", "malformed", "max_deliveries"];
 
 #[cfg(test)]
 mod tests {
@@ -145,6 +157,20 @@ mod tests {
         for status in REQUEST_STATUSES {
             let series = format!("\n{REQUESTS}{{status=\"{status}\"}} 0\n");
             assert!(text.contains(&series), "{series}:\n{text}");
+        }
+        for reason in DEAD_LETTER_REASONS {
+            let series = format!("\n{DEAD_LETTERS}{{reason=\"{reason}\"}} 0\n");
+            assert!(text.contains(&series), "{series}:\n{text}");
+        }
+        for family in [REQUESTS, DEAD_LETTERS] {
+            assert!(
+                !text.contains(&format!("\n{family} ")),
+                "{family} unlabelled:\n{text}"
+            );
+            assert!(
+                text.contains(&format!("# HELP {family} ")),
+                "{family}:\n{text}"
+            );
         }
     }
 

@@ -71,7 +71,7 @@ pub fn pack(ids: &[EntryId]) -> Vec<u8> {
 /// The ids of a batch row; `None` if its length is not a whole number of ids (a row this
 /// code did not write).
 pub fn unpack(bytes: &[u8]) -> Option<Vec<EntryId>> {
-    if bytes.len() % 16 != 0 {
+    if !bytes.len().is_multiple_of(16) {
         return None;
     }
     Some(
