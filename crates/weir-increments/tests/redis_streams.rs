@@ -635,78 +635,95 @@ async fn fenced_flush(
         .unwrap()
 }
 
+/// A store, one key, and `count` entries of it (values 1 to `count`) on a fresh stream:
+/// the start of the fencing tests. `None` when the engines are unreachable outside CI.
+struct Fenced {
+    // Dropped in this order: the store's connections before the tables go.
+    store: Store,
+    key: Uuid,
+    config: IncrementsConfig,
+    _cleanup: Cleanup,
+    _dir: tempfile::TempDir,
+}
+
+impl Fenced {
+    async fn with_entries(count: i64) -> Option<Self> {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path()).await?;
+        let cleanup = Cleanup::new(&config);
+        let store = Store::open(&config).await.unwrap();
+        let mut conn = redis_conn(&config).await;
+        let key = Uuid::new_v4();
+        for value in 1..=count {
+            add_entry(&mut conn, &config, &key.to_string(), value).await;
+        }
+        Some(Fenced {
+            store,
+            key,
+            config,
+            _cleanup: cleanup,
+            _dir: dir,
+        })
+    }
+
+    async fn consumer(&self, name: &str) -> RedisConsumer {
+        let url = self.config.redis_url.clone().unwrap();
+        RedisConsumer::connect(&worker(&self.config, name), &url)
+            .await
+            .unwrap()
+    }
+}
+
 #[tokio::test]
 async fn a_paused_workers_copies_taken_over_applied_and_pruned_are_released_not_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(config) = config(dir.path()).await else {
+    let Some(fx) = Fenced::with_entries(10).await else {
         return;
     };
-    let _cleanup = Cleanup::new(&config);
-    let url = config.redis_url.clone().unwrap();
-    let store = Store::open(&config).await.unwrap();
-    let mut conn = redis_conn(&config).await;
-    let key = Uuid::new_v4();
-    let mut paused = RedisConsumer::connect(&worker(&config, "paused"), &url)
-        .await
-        .unwrap();
-    let mut live = RedisConsumer::connect(&worker(&config, "live"), &url)
-        .await
-        .unwrap();
-    for value in 1..=10i64 {
-        add_entry(&mut conn, &config, &key.to_string(), value).await;
-    }
+    let (store, config, key) = (&fx.store, &fx.config, fx.key);
+    let mut paused = fx.consumer("paused").await;
+    let mut live = fx.consumer("live").await;
     let held = read_batch(&mut paused).await;
     assert_eq!(held.len(), 10);
     let ids: Vec<EntryId> = held.iter().map(|item| item.id).collect();
 
     // While "paused" sleeps, "live" takes the entries over, applies them, acknowledges
     // them and prunes what it recorded below the new low-water mark.
-    claim_all(&config, &ids, "live").await;
-    let applied = fenced_flush(&store, &mut live, &held, true).await;
+    claim_all(config, &ids, "live").await;
+    let applied = fenced_flush(store, &mut live, &held, true).await;
     assert_eq!((applied.applied, applied.released.len()), (10, 0));
     live.ack(&ids).await.unwrap();
     let bound = live.prune_bound().await.unwrap().unwrap();
     store.prune_applied(live.stream(), bound).await.unwrap();
-    assert_eq!(total(&store, key).await, 55);
+    assert_eq!(total(store, key).await, 55);
 
     // "paused" wakes up and flushes its copies on the fast path: they are not its own
     // any more, so they are released, and nothing is counted twice.
-    let resumed = fenced_flush(&store, &mut paused, &held, false).await;
+    let resumed = fenced_flush(store, &mut paused, &held, false).await;
     assert_eq!(resumed.applied, 0);
     assert_eq!(resumed.released.len(), 10);
     // So does a retry on the exclusive path, which reads the records.
-    let retried = fenced_flush(&store, &mut paused, &held, true).await;
+    let retried = fenced_flush(store, &mut paused, &held, true).await;
     assert_eq!((retried.applied, retried.released.len()), (0, 10));
-    assert_eq!(total(&store, key).await, 55, "each entry counted once");
+    assert_eq!(total(store, key).await, 55, "each entry counted once");
 }
 
 #[tokio::test]
 async fn a_retry_after_a_commit_it_could_not_confirm_counts_nothing_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let Some(config) = config(dir.path()).await else {
+    let Some(fx) = Fenced::with_entries(4).await else {
         return;
     };
-    let _cleanup = Cleanup::new(&config);
-    let url = config.redis_url.clone().unwrap();
-    let store = Store::open(&config).await.unwrap();
-    let mut conn = redis_conn(&config).await;
-    let key = Uuid::new_v4();
-    let mut consumer = RedisConsumer::connect(&worker(&config, "w"), &url)
-        .await
-        .unwrap();
-    for value in 1..=4i64 {
-        add_entry(&mut conn, &config, &key.to_string(), value).await;
-    }
+    let (store, config, key) = (&fx.store, &fx.config, fx.key);
+    let mut consumer = fx.consumer("w").await;
     let held = read_batch(&mut consumer).await;
-    let first = fenced_flush(&store, &mut consumer, &held, false).await;
+    let first = fenced_flush(store, &mut consumer, &held, false).await;
     assert_eq!(first.applied, 4);
     // The commit went through but its answer was lost: the worker retries exclusively.
-    let retry = fenced_flush(&store, &mut consumer, &held, true).await;
+    let retry = fenced_flush(store, &mut consumer, &held, true).await;
     assert_eq!((retry.applied, retry.duplicates), (0, 4));
     // A copy delivered twice (claimed back after a long stall) is never on the fast path.
     let ids: Vec<EntryId> = held.iter().map(|item| item.id).collect();
-    claim_all(&config, &ids, "w").await;
-    let fast = fenced_flush(&store, &mut consumer, &held, false).await;
+    claim_all(config, &ids, "w").await;
+    let fast = fenced_flush(store, &mut consumer, &held, false).await;
     assert_eq!((fast.applied, fast.released.len()), (0, 4));
-    assert_eq!(total(&store, key).await, 10);
+    assert_eq!(total(store, key).await, 10);
 }
