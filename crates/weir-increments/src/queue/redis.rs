@@ -115,34 +115,45 @@ async fn append_loop(conn: ConnectionManager, stream: String, mut waiting: mpsc:
     }
 }
 
-/// `XADD`, except that a stream that has to be created (Redis lost it) starts after the
-/// current millisecond. Left to itself a new stream numbers its first entries from the
-/// same millisecond the lost one was still using, so they would reuse ids the store has
-/// recorded as applied, and be skipped as duplicates.
-const APPEND_ENTRY: &str = r"
-local id = '*'
-if redis.call('EXISTS', KEYS[1]) == 0 then
+/// Lua: the id to append to the stream `KEYS[stream_key]` with: `*`, except that a stream
+/// that has to be created (Redis lost it) starts after the current millisecond. Left to
+/// itself a new stream numbers its first entries from the same millisecond the lost one was
+/// still using, so they would reuse ids the store has recorded as applied, and be skipped
+/// as duplicates.
+macro_rules! next_entry_id {
+    () => {
+        r"
+local function next_entry_id(stream)
+  if redis.call('EXISTS', stream) == 1 then return '*' end
   local now = redis.call('TIME')
-  id = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + 1) .. '-0'
+  return (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + 1) .. '-0'
 end
-return redis.call('XADD', KEYS[1], id, ARGV[1], ARGV[2])
-";
+"
+    };
+}
+
+/// `XADD` of one entry, a lost stream recreated as `next_entry_id!` says.
+const APPEND_ENTRY: &str = concat!(
+    next_entry_id!(),
+    r"
+return redis.call('XADD', KEYS[1], next_entry_id(KEYS[1]), ARGV[1], ARGV[2])
+"
+);
 
 /// A keyed request in one atomic step: if the key is stored, its fingerprint; else the
-/// entry is appended (a lost stream recreated as in [`APPEND_ENTRY`]) and the key stored with it (expiring after the retention). Redis runs
-/// a script whole, so no crash or concurrent request can see one without the other.
-const KEYED_XADD: &str = r"
+/// entry is appended (a lost stream recreated as `next_entry_id!` says) and the key
+/// stored with it (expiring after the retention). Redis runs a script whole, so no crash
+/// or concurrent request can see one without the other.
+const KEYED_XADD: &str = concat!(
+    next_entry_id!(),
+    r"
 local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
-local id = '*'
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  local now = redis.call('TIME')
-  id = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) + 1) .. '-0'
-end
-redis.call('XADD', KEYS[2], id, 'k', ARGV[3], 'v', ARGV[4])
+redis.call('XADD', KEYS[2], next_entry_id(KEYS[2]), 'k', ARGV[3], 'v', ARGV[4])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
-";
+"
+);
 
 impl RedisProducer {
     pub async fn connect(config: &IncrementsConfig, url: &str) -> Result<Self, QueueError> {

@@ -225,7 +225,7 @@ impl PostgresStore {
         source: &str,
         ids: &[EntryId],
     ) -> Result<Vec<EntryId>, StoreError> {
-        let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
+        let Some([min_ms, min_seq, max_ms, max_seq]) = id_range(ids)? else {
             return Ok(Vec::new());
         };
         let rows = tx
@@ -235,13 +235,7 @@ impl PostgresStore {
                      AND (min_ms, min_seq) <= ($4, $5)",
                     self.tables.batches
                 ),
-                &[
-                    &source,
-                    &to_i64(first.ms)?,
-                    &to_i64(first.seq)?,
-                    &to_i64(last.ms)?,
-                    &to_i64(last.seq)?,
-                ],
+                &[&source, &min_ms, &min_seq, &max_ms, &max_seq],
             )
             .await?;
         let mut recorded = HashSet::new();
@@ -270,7 +264,7 @@ impl PostgresStore {
         source: &str,
         ids: &[EntryId],
     ) -> Result<(), StoreError> {
-        let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
+        let Some([min_ms, min_seq, max_ms, max_seq]) = id_range(ids)? else {
             return Ok(());
         };
         tx.execute(
@@ -281,10 +275,10 @@ impl PostgresStore {
             ),
             &[
                 &source,
-                &to_i64(first.ms)?,
-                &to_i64(first.seq)?,
-                &to_i64(last.ms)?,
-                &to_i64(last.seq)?,
+                &min_ms,
+                &min_seq,
+                &max_ms,
+                &max_seq,
                 &fence::pack(ids),
             ],
         )
@@ -830,4 +824,18 @@ fn id_columns<'a>(
         seq.push(to_i64(id.seq)?);
     }
     Ok((ms, seq))
+}
+
+/// The first and last of sorted `ids` as the columns of a batch row's range (ms, seq, ms,
+/// seq); `None` for no ids.
+fn id_range(ids: &[EntryId]) -> Result<Option<[i64; 4]>, StoreError> {
+    let (Some(first), Some(last)) = (ids.first(), ids.last()) else {
+        return Ok(None);
+    };
+    Ok(Some([
+        to_i64(first.ms)?,
+        to_i64(first.seq)?,
+        to_i64(last.ms)?,
+        to_i64(last.seq)?,
+    ]))
 }
