@@ -12,11 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v promtool >/dev/null; then
-  # Debian's prometheus package ships promtool.
-  apt-get install -y prometheus >/dev/null 2>&1 ||
-    { apt-get update >/dev/null && apt-get install -y prometheus >/dev/null; }
-fi
+bash scripts/tools.sh
 
 bin=${WEIR_BIN:-target/debug/weir}
 [ -x "$bin" ] || cargo build -p weir

@@ -8,7 +8,9 @@
 //!   lapin consumer (same prefetch and acknowledgement mode, no parsing, no store) and once by
 //!   the server, in three settings: transient with auto-ack against `--durability none`,
 //!   persistent with manual acks against `--durability log`, and the latter with a reply per
-//!   message. The server's RSS is sampled while it drains.
+//!   message. The server's RSS is sampled while it drains. With `--rounds N` every setting is
+//!   drained N times, the bare consumer and the server taking turns to go first, and the
+//!   medians are printed: on a shared machine one pair of drains says little.
 //!
 //! The requests cycle through a fixed set of keys, so the store stays the same size and a
 //! growing RSS would mean a leak, not data.
@@ -60,22 +62,46 @@ pub struct BenchFlags {
     /// Prefetch of both the bare consumer and the server.
     #[arg(long, default_value_t = 1000)]
     pub prefetch: u16,
+    /// Rounds of the three drains; the bare consumer and the server alternate going first.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
+    /// Only the drains, not the round trips.
+    #[arg(long)]
+    pub drains_only: bool,
+    /// Which drain settings to run.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "transient,persistent,replies"
+    )]
+    pub settings: Vec<Setting>,
     /// The `weir` executable that serves [default: this one].
     #[arg(long)]
     pub server_bin: Option<PathBuf>,
 }
 
 /// The three drain settings of the issue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Setting {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Setting {
+    /// Transient messages: the bare consumer auto-acks, the server runs `--durability none`.
+    #[value(name = "transient")]
     TransientAutoAck,
+    /// Persistent messages, manual acks, the server runs `--durability log`.
+    #[value(name = "persistent")]
     PersistentManualAck,
+    /// As `persistent`, with a reply published per message.
+    #[value(name = "replies")]
     PersistentWithReplies,
+    /// Transient messages with manual acks on both sides: what acknowledging costs.
+    #[value(name = "transient-acked")]
+    TransientManualAck,
 }
 
 impl Setting {
-    const ALL: [Setting; 3] = [
+    const ALL: [Setting; 4] = [
         Setting::TransientAutoAck,
+        Setting::TransientManualAck,
         Setting::PersistentManualAck,
         Setting::PersistentWithReplies,
     ];
@@ -83,6 +109,7 @@ impl Setting {
     fn label(self) -> &'static str {
         match self {
             Setting::TransientAutoAck => "transient, auto-ack vs --durability none",
+            Setting::TransientManualAck => "transient, manual acks vs --durability none",
             Setting::PersistentManualAck => "persistent, manual acks vs --durability log",
             Setting::PersistentWithReplies => "persistent, manual acks, reply each vs log",
         }
@@ -91,6 +118,7 @@ impl Setting {
     fn slug(self) -> &'static str {
         match self {
             Setting::TransientAutoAck => "transient",
+            Setting::TransientManualAck => "transient-acked",
             Setting::PersistentManualAck => "persistent",
             Setting::PersistentWithReplies => "replies",
         }
@@ -98,12 +126,20 @@ impl Setting {
 
     fn durability(self) -> &'static str {
         match self {
-            Setting::TransientAutoAck => "none",
+            Setting::TransientAutoAck | Setting::TransientManualAck => "none",
             _ => "log",
         }
     }
 
     fn persistent(self) -> bool {
+        matches!(
+            self,
+            Setting::PersistentManualAck | Setting::PersistentWithReplies
+        )
+    }
+
+    /// Whether the bare consumer acknowledges (the server always does).
+    fn bare_acks(self) -> bool {
         self != Setting::TransientAutoAck
     }
 
@@ -114,6 +150,8 @@ impl Setting {
 
 struct DrainResult {
     setting: Setting,
+    round: u32,
+    bare_first: bool,
     bare_per_sec: f64,
     kv_per_sec: f64,
     kv_seconds: f64,
@@ -123,28 +161,45 @@ struct DrainResult {
 pub async fn run(flags: BenchFlags, token: CancellationToken) -> Result<(), BenchError> {
     let (url, _) = crate::client::resolve_target(flags.amqp_url.clone(), None);
     let run_id = format!("weir.kv.bench.{}", std::process::id());
-    println!("round trips (each client: one request, await its reply, repeat; --durability log)");
-    println!(
-        "{:>8} {:>12} {:>10} {:>10}",
-        "clients", "ops/s", "p50 ms", "p99 ms"
-    );
-    let queue = format!("{run_id}.rt");
-    let mut server = Server::spawn(&flags, &url, &queue, "log").await?;
-    for &clients in &flags.clients {
-        let (per_sec, p50, p99) = round_trips(&url, &queue, clients, &flags, &token).await?;
-        println!("{clients:>8} {per_sec:>12.0} {p50:>10.2} {p99:>10.2}");
-    }
-    server.stop().await;
-    delete_queues(&url, &queue).await?;
-
-    let mut results = Vec::new();
-    for setting in Setting::ALL {
-        if token.is_cancelled() {
-            return Err(BenchError::Interrupted);
+    if !flags.drains_only {
+        println!(
+            "round trips (each client: one request, await its reply, repeat; --durability log)"
+        );
+        println!(
+            "{:>8} {:>12} {:>10} {:>10}",
+            "clients", "ops/s", "p50 ms", "p99 ms"
+        );
+        let queue = format!("{run_id}.rt");
+        let mut server = Server::spawn(&flags, &url, &queue, "log").await?;
+        for &clients in &flags.clients {
+            let (per_sec, p50, p99) = round_trips(&url, &queue, clients, &flags, &token).await?;
+            println!("{clients:>8} {per_sec:>12.0} {p50:>10.2} {p99:>10.2}");
         }
-        results.push(drain_both(&flags, &url, &run_id, setting).await?);
+        server.stop().await;
+        delete_queues(&url, &queue).await?;
+        println!();
     }
-    print_drains(&flags, &results);
+
+    println!(
+        "drain of {} pre-filled requests (prefetch {}, bare consumer and server in this run)",
+        flags.drain_messages, flags.prefetch
+    );
+    print_drain_header();
+    let mut results = Vec::new();
+    for round in 0..flags.rounds {
+        for &setting in &flags.settings {
+            if token.is_cancelled() {
+                return Err(BenchError::Interrupted);
+            }
+            let bare_first = round % 2 == 0;
+            let result = drain_both(&flags, &url, &run_id, setting, round, bare_first).await?;
+            print_drain(&result);
+            results.push(result);
+        }
+    }
+    if flags.rounds > 1 {
+        print_medians(&results);
+    }
     Ok(())
 }
 
@@ -208,36 +263,67 @@ async fn drain_both(
     url: &str,
     run_id: &str,
     setting: Setting,
+    round: u32,
+    bare_first: bool,
 ) -> Result<DrainResult, BenchError> {
-    let bare_queue = format!("{run_id}.{}.bare", setting.slug());
-    let kv_queue = format!("{run_id}.{}.kv", setting.slug());
     let replies = Replies::open(url).await?;
-
-    prefill(
-        url,
-        &bare_queue,
-        flags.drain_messages,
+    let queue = |who: &str| format!("{run_id}.{}.{round}.{who}", setting.slug());
+    let (bare_per_sec, (kv_per_sec, kv_seconds, rss_kib)) = if bare_first {
+        let bare = bare_drain_timed(flags, url, &queue("bare"), setting, &replies).await?;
+        (
+            bare,
+            kv_drain_timed(flags, url, &queue("kv"), setting, &replies).await?,
+        )
+    } else {
+        let kv = kv_drain_timed(flags, url, &queue("kv"), setting, &replies).await?;
+        (
+            bare_drain_timed(flags, url, &queue("bare"), setting, &replies).await?,
+            kv,
+        )
+    };
+    replies.close().await;
+    Ok(DrainResult {
         setting,
-        &replies.queue,
-    )
-    .await?;
-    let started = Instant::now();
-    bare_drain(url, &bare_queue, flags, setting, &replies).await?;
-    let bare_seconds = started.elapsed().as_secs_f64();
-    delete_queues(url, &bare_queue).await?;
+        round,
+        bare_first,
+        bare_per_sec,
+        kv_per_sec,
+        kv_seconds,
+        rss_kib,
+    })
+}
 
+/// Requests per second of the bare consumer.
+async fn bare_drain_timed(
+    flags: &BenchFlags,
+    url: &str,
+    queue: &str,
+    setting: Setting,
+    replies: &Replies,
+) -> Result<f64, BenchError> {
+    prefill(url, queue, flags.drain_messages, setting, &replies.queue).await?;
+    settle().await;
+    let started = Instant::now();
+    bare_drain(url, queue, flags, setting, replies).await?;
+    let seconds = started.elapsed().as_secs_f64();
+    delete_queues(url, queue).await?;
+    Ok(flags.drain_messages as f64 / seconds)
+}
+
+/// Requests per second of the server, the drain's seconds and its RSS samples (KiB).
+async fn kv_drain_timed(
+    flags: &BenchFlags,
+    url: &str,
+    queue: &str,
+    setting: Setting,
+    replies: &Replies,
+) -> Result<(f64, f64, Vec<u64>), BenchError> {
     // The server drains the same requests plus one `get` at the end, whose reply says
     // everything before it was applied and acknowledged.
-    prefill(
-        url,
-        &kv_queue,
-        flags.drain_messages,
-        setting,
-        &replies.queue,
-    )
-    .await?;
-    publish_marker(url, &kv_queue, &replies.queue).await?;
-    let mut server = Server::spawn(flags, url, &kv_queue, setting.durability()).await?;
+    prefill(url, queue, flags.drain_messages, setting, &replies.queue).await?;
+    publish_marker(url, queue, &replies.queue).await?;
+    settle().await;
+    let mut server = Server::spawn(flags, url, queue, setting.durability()).await?;
     let started = Instant::now();
     let expected = if setting.replies() {
         flags.drain_messages + 1
@@ -245,18 +331,16 @@ async fn drain_both(
         1
     };
     let rss_kib = replies.await_count(expected, server.pid).await?;
-    let kv_seconds = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
     server.stop().await;
-    delete_queues(url, &kv_queue).await?;
-    replies.close().await;
-    let messages = flags.drain_messages as f64;
-    Ok(DrainResult {
-        setting,
-        bare_per_sec: messages / bare_seconds,
-        kv_per_sec: messages / kv_seconds,
-        kv_seconds,
-        rss_kib,
-    })
+    delete_queues(url, queue).await?;
+    Ok((flags.drain_messages as f64 / seconds, seconds, rss_kib))
+}
+
+/// Lets the broker finish with a prefill (its queue process keeps writing for a while after
+/// the last confirm) before the clock starts, so neither drain competes with it.
+async fn settle() {
+    tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
 async fn channel(url: &str) -> Result<(Connection, Channel), BenchError> {
@@ -352,7 +436,7 @@ async fn bare_drain(
         .basic_qos(flags.prefetch, BasicQosOptions::default())
         .await?;
     let options = BasicConsumeOptions {
-        no_ack: !setting.persistent(),
+        no_ack: !setting.bare_acks(),
         exclusive: true,
         ..BasicConsumeOptions::default()
     };
@@ -388,7 +472,7 @@ async fn bare_drain(
             });
             futures::future::try_join_all(publishes).await?;
         }
-        if let (true, Some(last)) = (setting.persistent(), batch.last()) {
+        if let (true, Some(last)) = (setting.bare_acks(), batch.last()) {
             channel
                 .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
@@ -538,32 +622,84 @@ impl Server {
     }
 }
 
-fn print_drains(flags: &BenchFlags, results: &[DrainResult]) {
+fn print_drain_header() {
+    println!(
+        "{:<46} {:>5} {:>10} {:>10} {:>8} {:>8} {:>14}",
+        "setting", "round", "bare /s", "kv /s", "kv/bare", "kv s", "kv RSS MiB"
+    );
+}
+
+fn print_drain(result: &DrainResult) {
+    let mib = |kib: Option<&u64>| kib.map_or(0.0, |kib| *kib as f64 / 1024.0);
+    let rss = format!(
+        "{:.0}/{:.0}/{:.0}",
+        mib(result.rss_kib.first()),
+        mib(result.rss_kib.iter().max()),
+        mib(result.rss_kib.last())
+    );
+    let first = if result.bare_first { "b" } else { "k" };
+    println!(
+        "{:<46} {:>4}{first} {:>10.0} {:>10.0} {:>7.0}% {:>8.2} {:>14}",
+        result.setting.label(),
+        result.round + 1,
+        result.bare_per_sec,
+        result.kv_per_sec,
+        100.0 * result.kv_per_sec / result.bare_per_sec,
+        result.kv_seconds,
+        rss
+    );
+}
+
+/// Per setting: the median bare and kv rates, and the median of the rounds' ratios.
+fn print_medians(results: &[DrainResult]) {
     println!();
-    println!(
-        "drain of {} pre-filled requests (prefetch {}, both in this run)",
-        flags.drain_messages, flags.prefetch
-    );
-    println!(
-        "{:<46} {:>10} {:>10} {:>8} {:>8} {:>24}",
-        "setting", "bare /s", "kv /s", "kv/bare", "kv s", "kv RSS MiB first/max/last"
-    );
-    for result in results {
-        let mib = |kib: Option<&u64>| kib.map_or(0.0, |kib| *kib as f64 / 1024.0);
-        let rss = format!(
-            "{:.0}/{:.0}/{:.0}",
-            mib(result.rss_kib.first()),
-            mib(result.rss_kib.iter().max()),
-            mib(result.rss_kib.last())
-        );
+    println!("medians over the rounds (RSS first/max/last: first/max/last of every round)");
+    for setting in Setting::ALL {
+        let rounds: Vec<&DrainResult> = results.iter().filter(|r| r.setting == setting).collect();
+        if rounds.is_empty() {
+            continue;
+        }
+        let pick =
+            |value: fn(&DrainResult) -> f64| median(rounds.iter().map(|r| value(r)).collect());
+        let rss: Vec<u64> = rounds
+            .iter()
+            .flat_map(|r| r.rss_kib.iter().copied())
+            .collect();
         println!(
-            "{:<46} {:>10.0} {:>10.0} {:>7.0}% {:>8.2} {:>24}",
-            result.setting.label(),
-            result.bare_per_sec,
-            result.kv_per_sec,
-            100.0 * result.kv_per_sec / result.bare_per_sec,
-            result.kv_seconds,
-            rss
+            "{:<46} {:>5} {:>10.0} {:>10.0} {:>7.0}% {:>8.2} {:>14}",
+            setting.label(),
+            "med",
+            pick(|r| r.bare_per_sec),
+            pick(|r| r.kv_per_sec),
+            100.0 * pick(|r| r.kv_per_sec / r.bare_per_sec),
+            pick(|r| r.kv_seconds),
+            format!(
+                "{:.0}/{:.0}/{:.0}",
+                rss.first().map_or(0.0, |&k| k as f64 / 1024.0),
+                rss.iter().max().map_or(0.0, |&k| k as f64 / 1024.0),
+                rss.last().map_or(0.0, |&k| k as f64 / 1024.0),
+            )
         );
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(Vec::new()), 0.0);
     }
 }

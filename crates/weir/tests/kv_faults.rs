@@ -15,10 +15,13 @@ use kv_common::*;
 
 const CLIENTS: usize = 4;
 const STEPS: usize = 4_000;
+/// Enough writes for the journal to pass the smallest `snapshotAfterBytes` (1 MiB).
+const KILL_STEPS: usize = 8_000;
 
 async fn start_scripts(
     url: &str,
     queue: &str,
+    steps: usize,
     replied: &Arc<AtomicUsize>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let mut scripts = Vec::new();
@@ -28,7 +31,7 @@ async fn start_scripts(
                 url.to_string(),
                 queue.to_string(),
                 client,
-                STEPS,
+                steps,
                 replied.clone(),
             )
             .await,
@@ -48,12 +51,23 @@ async fn a_kill_9_under_load_loses_nothing_acknowledged_and_applies_nothing_twic
     let output_dir = tempfile::tempdir().unwrap();
     let output = output_dir.path().join("output.jsonl");
     let output_path = output.to_str().unwrap().to_string();
-    let args = ["--data-dir", &dir, "--output", &output_path];
+    // The smallest journal allowed, so snapshots are taken while the load runs.
+    let config = output_dir.path().join("kv.json");
+    std::fs::write(&config, r#"{"snapshotAfterBytes": 1048576}"#).unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let args = [
+        "--data-dir",
+        &dir,
+        "--output",
+        &output_path,
+        "--config",
+        &config,
+    ];
     let mut server = Server::start(&url, &queue.name, &args).await;
     let replied = Arc::new(AtomicUsize::new(0));
-    let scripts = start_scripts(&url, &queue.name, &replied).await;
+    let scripts = start_scripts(&url, &queue.name, KILL_STEPS, &replied).await;
 
-    for kill_at in [CLIENTS * STEPS / 4, CLIENTS * STEPS / 2] {
+    for kill_at in [CLIENTS * KILL_STEPS / 4, CLIENTS * KILL_STEPS / 2] {
         wait_for("replies before the kill", Duration::from_secs(60), || {
             replied.load(Ordering::Relaxed) >= kill_at
         })
@@ -65,15 +79,19 @@ async fn a_kill_9_under_load_loses_nothing_acknowledged_and_applies_nothing_twic
     for script in scripts {
         script.await.unwrap();
     }
-    assert_scripts_applied_once(&url, &queue.name, CLIENTS, STEPS).await;
+    assert_scripts_applied_once(&url, &queue.name, CLIENTS, KILL_STEPS).await;
+    assert!(
+        data_dir.path().join("snapshot").exists(),
+        "the load should have made the journal pass snapshotAfterBytes"
+    );
 
     // And the restarted store is the same again from disk alone.
     server.kill9();
     let _ = server.child.wait().await;
     let _server = Server::start(&url, &queue.name, &args).await;
-    assert_scripts_applied_once(&url, &queue.name, CLIENTS, STEPS).await;
+    assert_scripts_applied_once(&url, &queue.name, CLIENTS, KILL_STEPS).await;
     // The output file, reconciled with the journal at each start, lists every write once.
-    assert_output_lists_each_write_once(&output, CLIENTS, STEPS);
+    assert_output_lists_each_write_once(&output, CLIENTS, KILL_STEPS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +102,7 @@ async fn a_dropped_broker_connection_under_load_loses_nothing_and_applies_nothin
     let proxy = Proxy::start(&url).await;
     let _server = Server::start(&proxy.url, &queue.name, &["--durability", "none"]).await;
     let replied = Arc::new(AtomicUsize::new(0));
-    let scripts = start_scripts(&url, &queue.name, &replied).await;
+    let scripts = start_scripts(&url, &queue.name, STEPS, &replied).await;
 
     for cut_at in [CLIENTS * STEPS / 4, CLIENTS * STEPS / 2] {
         wait_for("replies before the cut", Duration::from_secs(60), || {
