@@ -6,24 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 WEIR=${1:-target/release/weir}
 [ -x "$WEIR" ] || cargo build --release -p weir
-PG=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
-REDIS=${REDIS_URL:-redis://127.0.0.1:6379}
+source scripts/increments-scratch.sh
 LOAD=(--connections "${CONNECTIONS:-64}" --duration-secs "${SECONDS_OF_LOAD:-10}" --keys 1000)
-DATA=$(mktemp -d)
 S=bench_$(date +%s)
 S2=${S}_split
-cleanup() {
-  kill $(jobs -p) 2>/dev/null || true
-  wait 2>/dev/null || true
-  for s in "$S" "$S2"; do
-    redis-cli -u "$REDIS" del "$s" "$s:dead" >/dev/null 2>&1 || true
-    psql "$PG" -qc "DROP TABLE IF EXISTS ${s}_counts, ${s}_marks, ${s}_applied, ${s}_dead_letters, ${s}_idempotency_keys, ${s}_flushes, ${s}_applied_batches" >/dev/null 2>&1 || true
-  done
-  rm -rf "$DATA"
-}
-trap cleanup EXIT
-export RUST_LOG=warn
-unset DATABASE_URL REDIS_URL
+SCRATCH_PREFIXES=("$S" "$S2")
 
 run() { # name, port, then the server command
   local name=$1 port=$2; shift 2

@@ -3,39 +3,26 @@
 # if missing) with scripts/wrk/increment.lua (1,000 keys), -t2 -c64, against the bare 202
 # handler, the embedded mode, the embedded mode with an Idempotency-Key on every request,
 # and Redis + Postgres, interleaved round after round; ends with the median of each and its
-# share of bare. Usage: scripts/increments-wrk.sh [path/to/weir] [rounds] [seconds]
+# share of bare. Usage: scripts/increments-wrk.sh [path/to/weir] [rounds] [seconds]; TARGETS
+# (e.g. "bare:3420:0 redis-postgres:3422:0") runs only some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WEIR=${1:-target/release/weir}
 ROUNDS=${2:-3}
 SECS=${3:-8}
-command -v wrk >/dev/null || apt-get install -y wrk >/dev/null 2>&1 ||
-  { apt-get update >/dev/null && apt-get install -y wrk >/dev/null; }
+bash scripts/tools.sh wrk
 [ -x "$WEIR" ] || cargo build --release -p weir
-PG=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
-REDIS=${REDIS_URL:-redis://127.0.0.1:6379}
-DATA=$(mktemp -d)
+source scripts/increments-scratch.sh
 S=wrk_$(date +%s)
 RESULTS="$DATA/results"
-cleanup() {
-  kill $(jobs -p) 2>/dev/null || true
-  wait 2>/dev/null || true
-  redis-cli -u "$REDIS" --scan --pattern "$S*" 2>/dev/null | xargs -r redis-cli -u "$REDIS" del >/dev/null 2>&1 || true
-  for t in counts marks applied dead_letters idempotency_keys flushes applied_batches; do
-    psql "$PG" -qc "DROP TABLE IF EXISTS ${S}_$t" >/dev/null 2>&1 || true
-  done
-  rm -rf "$DATA"
-}
-trap cleanup EXIT
-export RUST_LOG=warn
-unset DATABASE_URL REDIS_URL
+SCRATCH_PREFIXES=("$S")
 "$WEIR" increments bench --bare 127.0.0.1:3420 >/dev/null 2>&1 &
 "$WEIR" increments serve --bind-address 127.0.0.1 --port 3421 --data-dir "$DATA/e" >/dev/null 2>&1 &
 "$WEIR" increments serve --bind-address 127.0.0.1 --port 3422 --data-dir "$DATA/r" \
   --queue "$REDIS" --database "$PG" --stream "$S" --table-prefix "$S" >/dev/null 2>&1 &
 sleep 2
 for round in $(seq "$ROUNDS"); do
-  for target in bare:3420:0 embedded:3421:0 embedded-keyed:3421:1 redis-postgres:3422:0 redis-postgres-keyed:3422:1; do
+  for target in ${TARGETS:-bare:3420:0 embedded:3421:0 embedded-keyed:3421:1 redis-postgres:3422:0 redis-postgres-keyed:3422:1}; do
     IFS=: read -r name port keyed <<<"$target"
     out=$(KEYED=$keyed wrk -t2 -c64 -d"${SECS}s" -s scripts/wrk/increment.lua "http://127.0.0.1:$port")
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")

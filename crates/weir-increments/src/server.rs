@@ -42,8 +42,19 @@ enum LimitKey {
     Address(IpAddr),
 }
 
+/// What every handler shares. Cloned per request by axum's `State`, so it is one `Arc`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+pub struct Shared {
     pub producer: Producer,
     pub store: Option<Store>,
     pub worker: Option<Arc<WorkerHealth>>,
@@ -79,7 +90,7 @@ impl AppState {
             (Producer::Embedded(_), Some(store)) => Some(KeyedWriter::start(store.clone())),
             _ => None,
         };
-        AppState {
+        AppState(Arc::new(Shared {
             store,
             worker,
             api_keys: Arc::new(
@@ -97,7 +108,7 @@ impl AppState {
             keyed,
             idempotency_retention: config.idempotency_retention(),
             producer,
-        }
+        }))
     }
 }
 

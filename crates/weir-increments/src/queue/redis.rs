@@ -94,18 +94,13 @@ async fn append_loop(conn: ConnectionManager, stream: String, mut waiting: mpsc:
         let stream = stream.clone();
         tokio::spawn(async move {
             let (increments, replies): (Vec<Increment>, Vec<_>) = batch.into_iter().unzip();
-            let mut pipe = redis::pipe();
-            for members in super::entry::group(&increments) {
-                pipe.cmd("EVAL")
-                    .arg(APPEND_ENTRY)
-                    .arg(1)
-                    .arg(&stream)
-                    .arg(super::entry::BATCH_FIELD)
-                    .arg(super::entry::encode(&increments, &members))
-                    .ignore();
-            }
-            let appended: Result<(), redis::RedisError> = pipe.query_async(&mut conn).await;
-            let outcome = appended.map_err(|err| err.to_string());
+            let entries: Vec<String> = super::entry::group(&increments)
+                .iter()
+                .map(|members| super::entry::encode(&increments, members))
+                .collect();
+            let outcome = append_entries(&mut conn, &stream, &entries)
+                .await
+                .map_err(|err| err.to_string());
             for reply in replies {
                 // A request that gave up waiting has no one to tell.
                 let _ = reply.send(outcome.clone());
@@ -113,6 +108,47 @@ async fn append_loop(conn: ConnectionManager, stream: String, mut waiting: mpsc:
             drop(slot);
         });
     }
+}
+
+/// Appends `entries` to `stream`. A plain `XADD ... NOMKSTREAM` each, in one pipeline: no
+/// script to run per entry. Only if the stream is missing (Redis lost it, or nothing was
+/// ever appended) are the entries it refused appended by [`APPEND_ENTRY`], which creates
+/// the stream the safe way.
+async fn append_entries(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    entries: &[String],
+) -> Result<(), redis::RedisError> {
+    let mut pipe = redis::pipe();
+    for entry in entries {
+        pipe.cmd("XADD")
+            .arg(stream)
+            .arg("NOMKSTREAM")
+            .arg("*")
+            .arg(super::entry::BATCH_FIELD)
+            .arg(entry);
+    }
+    let ids: Vec<Value> = pipe.query_async(conn).await?;
+    let refused: Vec<&String> = entries
+        .iter()
+        .zip(&ids)
+        .filter(|(_, id)| matches!(id, Value::Nil))
+        .map(|(entry, _)| entry)
+        .collect();
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let mut pipe = redis::pipe();
+    for entry in refused {
+        pipe.cmd("EVAL")
+            .arg(APPEND_ENTRY)
+            .arg(1)
+            .arg(stream)
+            .arg(super::entry::BATCH_FIELD)
+            .arg(entry)
+            .ignore();
+    }
+    pipe.query_async(conn).await
 }
 
 /// Lua: the id to append to the stream `KEYS[stream_key]` with: `*`, except that a stream
@@ -244,7 +280,13 @@ pub struct RedisConsumer {
     streams_lost: u64,
     /// Entries were taken over since the last flush began (see `store::fence`).
     claimed: bool,
+    /// When the last read returned fewer entries than it asked for (see [`READ_LINGER`]).
+    short_read_at: Option<Instant>,
 }
+
+/// How long a worker lets entries gather after a read that found only a few: small beside
+/// the flush interval, long enough for a busy stream to fill the next read with dozens.
+const READ_LINGER: Duration = Duration::from_millis(10);
 
 impl RedisConsumer {
     /// A consumer without a store: the group is created as it is (tests and tools).
@@ -279,6 +321,7 @@ impl RedisConsumer {
             claim_cursor: "0-0".into(),
             streams_lost: 0,
             claimed: false,
+            short_read_at: None,
         };
         consumer.ensure_group(store).await?;
         Ok(consumer)
@@ -376,7 +419,17 @@ impl RedisConsumer {
         self.ensure_group(store).await
     }
 
-    async fn read(&mut self, wait: Duration) -> Result<Next, QueueError> {
+    async fn read(&mut self, mut wait: Duration) -> Result<Next, QueueError> {
+        // After a read that found only a few entries, let more gather first: each read costs
+        // Redis and this worker a round trip whatever it returns, and under a steady stream
+        // of appends reads would otherwise come back with one or two entries each.
+        if let Some(at) = self.short_read_at.take() {
+            let linger = READ_LINGER.saturating_sub(at.elapsed()).min(wait);
+            if !linger.is_zero() {
+                tokio::time::sleep(linger).await;
+                wait -= linger;
+            }
+        }
         let claim_every = Duration::from_millis(self.claim_idle_ms / 2 + 1);
         if self.last_claim.is_none_or(|at| at.elapsed() >= claim_every) {
             self.last_claim = Some(Instant::now());
@@ -398,6 +451,9 @@ impl RedisConsumer {
             .unwrap_or_default();
         if entries.is_empty() {
             return Ok(Next::Idle);
+        }
+        if entries.len() < self.read_count {
+            self.short_read_at = Some(Instant::now());
         }
         let items = self.decode_all(entries).await?;
         Ok(if items.is_empty() {
