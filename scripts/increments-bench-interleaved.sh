@@ -8,21 +8,10 @@ cd "$(dirname "$0")/.."
 WEIR=${1:-target/release/weir}
 ROUNDS=${2:-5}
 [ -x "$WEIR" ] || cargo build --release -p weir
-PG=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
-REDIS=${REDIS_URL:-redis://127.0.0.1:6379}
-DATA=$(mktemp -d)
+source scripts/increments-scratch.sh
 S=bench_$(date +%s)
 RESULTS="$DATA/results"
-cleanup() {
-  kill $(jobs -p) 2>/dev/null || true
-  wait 2>/dev/null || true
-  redis-cli -u "$REDIS" del "$S" "$S:dead" >/dev/null 2>&1 || true
-  psql "$PG" -qc "DROP TABLE IF EXISTS ${S}_counts, ${S}_marks, ${S}_applied, ${S}_dead_letters, ${S}_idempotency_keys, ${S}_flushes, ${S}_applied_batches" >/dev/null 2>&1 || true
-  rm -rf "$DATA"
-}
-trap cleanup EXIT
-export RUST_LOG=warn
-unset DATABASE_URL REDIS_URL
+SCRATCH_PREFIXES=("$S")
 "$WEIR" increments bench --bare 127.0.0.1:3410 >/dev/null 2>&1 &
 "$WEIR" increments serve --bind-address 127.0.0.1 --port 3411 --data-dir "$DATA/e" >/dev/null 2>&1 &
 "$WEIR" increments serve --bind-address 127.0.0.1 --port 3412 --data-dir "$DATA/r" \
