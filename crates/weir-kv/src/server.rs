@@ -12,10 +12,8 @@
 //! connection (or with the process) and its requests redelivered. The writes of a batch are
 //! therefore kept as unacknowledged, in memory and in the journal, until a later request on
 //! the same channel has been answered: the broker handles a channel's frames in order, so that
-//! answer proves it has the acks. This confirmation is awaited whenever the queue is idle;
-//! under load it is sent behind a batch's ack and its answer collected at a later batch, so
-//! the pipeline never waits for it (only before a snapshot, or if the broker has left a
-//! bounded number of writes unconfirmed).
+//! answer proves it has the acks. This confirmation is made whenever the queue is idle and
+//! every few batches under load.
 //!
 //! When the broker goes away the loop reconnects with capped exponential backoff, never
 //! spinning; the broker redelivers what was not acknowledged and the engine recognises the
@@ -51,9 +49,6 @@ const DEAD_LETTERS: &str = "weir_kv_dead_letters_total";
 const QUEUE_DEPTH: &str = "weir_kv_queue_depth";
 /// How often the request queue's depth is read.
 const QUEUE_DEPTH_EVERY: Duration = Duration::from_secs(2);
-/// Unacknowledged writes kept for matching, in prefetch windows, before a batch waits for the
-/// broker to confirm its acks.
-const UNACKED_BOUND: usize = 8;
 
 static BROKER_ERRORS: LogLimiter = LogLimiter::per_second();
 static MALFORMED: LogLimiter = LogLimiter::per_second();
@@ -101,9 +96,6 @@ pub struct Running {
     token: CancellationToken,
     /// The last write covered by an ack that was sent but is not yet known to the broker.
     ack_unconfirmed: Option<u64>,
-    /// A confirmation in flight under load, and the last write it covers (see
-    /// [`Running::confirm_in_background`]).
-    confirming: Option<Confirmation>,
     /// `weir_kv_dead_letters_total` by reason, in the order of [`Malformed::REASONS`].
     dead_letters: Vec<metrics::Counter>,
     _data_dir: Option<weir_runtime::datadir::DataDirLock>,
@@ -205,7 +197,6 @@ pub fn start(config: KvConfig, shutdown: &Shutdown) -> Result<Running, KvError> 
         health,
         token: shutdown.token.clone(),
         ack_unconfirmed: None,
-        confirming: None,
         dead_letters: register_dead_letters(),
         _data_dir: data_dir,
     };
@@ -230,9 +221,6 @@ impl Running {
                     // Whether the broker got the last acks is unknown: their writes stay
                     // unacknowledged and are matched against the redeliveries.
                     self.ack_unconfirmed = None;
-                    if let Some(confirmation) = self.confirming.take() {
-                        confirmation.task.abort();
-                    }
                     self.set_connected(false);
                     metrics::counter!("weir_kv_reconnects_total").increment(1);
                     weir_runtime::warn_limited!(BROKER_ERRORS, %err, retry_in_ms = backoff.as_millis() as u64, "kv lost the broker; reconnecting");
@@ -433,64 +421,17 @@ impl Running {
         self.ack_unconfirmed = Some(self.engine.last_op());
         metrics::histogram!("weir_kv_batch_seconds").record(started.elapsed().as_secs_f64());
         self.publish_sizes();
-        self.take_confirmation(false).await?;
-        let prefetch = usize::from(self.config.prefetch);
-        let snapshot_due = self
-            .journal
-            .as_ref()
-            .is_some_and(|journal| journal.len() >= self.config.snapshot_after_bytes);
-        if snapshot_due || self.engine.unacked_len() >= UNACKED_BOUND * prefetch {
-            // A snapshot needs nothing unacknowledged, and the writes kept for matching must
-            // stay bounded if the broker is slow to answer: wait here, rarely.
+        // Under steady load the queue is never idle: confirm every few batches, which bounds
+        // the writes kept for matching and lets snapshots happen.
+        if self.engine.unacked_len() >= 4 * usize::from(self.config.prefetch) {
             self.confirm_acks(channel).await?;
-        } else if self.confirming.is_none() && self.engine.unacked_len() >= prefetch {
-            self.confirm_in_background(channel);
         }
         Ok(())
-    }
-
-    /// Under steady load the queue is never idle: a confirmation is sent behind the acks and
-    /// its answer collected at a later batch, so the pipeline never stops for the round trip
-    /// (which, with replies, waits behind a whole batch of publishes at the broker).
-    fn confirm_in_background(&mut self, channel: &Channel) {
-        let Some(covers) = self.ack_unconfirmed else {
-            return;
-        };
-        let channel = channel.clone();
-        let prefetch = self.config.prefetch;
-        // Spawned after the ack was queued, so the broker reads it after the ack.
-        let task = tokio::spawn(async move {
-            // Any request with an answer would do; this one changes nothing.
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await
-        });
-        self.confirming = Some(Confirmation { covers, task });
-    }
-
-    /// Collects the background confirmation: if it has been answered (or, with `wait`, once
-    /// it is), its writes are forgotten as unacknowledged.
-    async fn take_confirmation(&mut self, wait: bool) -> Result<(), SessionError> {
-        let Some(confirmation) = self.confirming.as_mut() else {
-            return Ok(());
-        };
-        if !wait && !confirmation.task.is_finished() {
-            return Ok(());
-        }
-        let answered = (&mut confirmation.task).await;
-        let covers = confirmation.covers;
-        self.confirming = None;
-        answered.map_err(KvError::from)??;
-        if self.ack_unconfirmed == Some(covers) {
-            self.ack_unconfirmed = None;
-        }
-        self.forget_acked(covers).await
     }
 
     /// Makes sure the broker has the acks sent so far (see the module docs); only then are
     /// their writes forgotten as unacknowledged, in memory and in the journal.
     async fn confirm_acks(&mut self, channel: &Channel) -> Result<(), SessionError> {
-        self.take_confirmation(true).await?;
         let Some(acked) = self.ack_unconfirmed else {
             return Ok(());
         };
@@ -499,11 +440,6 @@ impl Running {
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
         self.ack_unconfirmed = None;
-        self.forget_acked(acked).await
-    }
-
-    /// The broker has every ack through write `acked`.
-    async fn forget_acked(&mut self, acked: u64) -> Result<(), SessionError> {
         let acked = self.engine.acked_through(acked);
         if let Some(journal) = &mut self.journal {
             journal.append_acked(acked);
@@ -548,13 +484,6 @@ impl Running {
         metrics::gauge!("weir_kv_store_keys").set(store.len() as f64);
         metrics::gauge!("weir_kv_store_bytes").set(store.payload_bytes() as f64);
     }
-}
-
-/// A `basic.qos` sent behind the acks through write `covers`; its answer proves the broker
-/// has them.
-struct Confirmation {
-    covers: u64,
-    task: tokio::task::JoinHandle<Result<(), lapin::Error>>,
 }
 
 /// Reads how many messages are ready in the request queue every [`QUEUE_DEPTH_EVERY`], into
