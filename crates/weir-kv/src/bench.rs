@@ -6,9 +6,9 @@
 //!   operations per second and p50/p99 latency.
 //! - drains: a queue pre-filled with `--drain-messages` requests is drained once by a bare
 //!   lapin consumer (same prefetch and acknowledgement mode, no parsing, no store) and once by
-//!   the server, in three settings: transient with auto-ack against `--durability none`,
-//!   persistent with manual acks against `--durability log`, and the latter with a reply per
-//!   message. The server's RSS is sampled while it drains. With `--rounds N` every setting is
+//!   the server, in the issue's three settings: transient with auto-ack against `--durability
+//!   none`, persistent with manual acks against `--durability log`, and the latter with a
+//!   reply per message (plus, on request, transient with manual acks on both sides). The server's RSS is sampled while it drains. With `--rounds N` every setting is
 //!   drained N times, the bare consumer and the server taking turns to go first, and the
 //!   medians are printed: on a shared machine one pair of drains says little.
 //!
@@ -62,7 +62,7 @@ pub struct BenchFlags {
     /// Prefetch of both the bare consumer and the server.
     #[arg(long, default_value_t = 1000)]
     pub prefetch: u16,
-    /// Rounds of the three drains; the bare consumer and the server alternate going first.
+    /// Rounds of the drains; the bare consumer and the server alternate going first.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
     /// Only the drains, not the round trips.
@@ -81,7 +81,7 @@ pub struct BenchFlags {
     pub server_bin: Option<PathBuf>,
 }
 
-/// The three drain settings of the issue.
+/// The drain settings: the issue's three, and transient with acks on both sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Setting {
     /// Transient messages: the bare consumer auto-acks, the server runs `--durability none`.
@@ -629,14 +629,18 @@ fn print_drain_header() {
     );
 }
 
-fn print_drain(result: &DrainResult) {
+/// RSS samples (KiB) as "first/max/last" MiB.
+fn rss_summary(kib: &[u64]) -> String {
     let mib = |kib: Option<&u64>| kib.map_or(0.0, |kib| *kib as f64 / 1024.0);
-    let rss = format!(
+    format!(
         "{:.0}/{:.0}/{:.0}",
-        mib(result.rss_kib.first()),
-        mib(result.rss_kib.iter().max()),
-        mib(result.rss_kib.last())
-    );
+        mib(kib.first()),
+        mib(kib.iter().max()),
+        mib(kib.last())
+    )
+}
+
+fn print_drain(result: &DrainResult) {
     let first = if result.bare_first { "b" } else { "k" };
     println!(
         "{:<46} {:>4}{first} {:>10.0} {:>10.0} {:>7.0}% {:>8.2} {:>14}",
@@ -646,7 +650,7 @@ fn print_drain(result: &DrainResult) {
         result.kv_per_sec,
         100.0 * result.kv_per_sec / result.bare_per_sec,
         result.kv_seconds,
-        rss
+        rss_summary(&result.rss_kib)
     );
 }
 
@@ -673,12 +677,7 @@ fn print_medians(results: &[DrainResult]) {
             pick(|r| r.kv_per_sec),
             100.0 * pick(|r| r.kv_per_sec / r.bare_per_sec),
             pick(|r| r.kv_seconds),
-            format!(
-                "{:.0}/{:.0}/{:.0}",
-                rss.first().map_or(0.0, |&k| k as f64 / 1024.0),
-                rss.iter().max().map_or(0.0, |&k| k as f64 / 1024.0),
-                rss.last().map_or(0.0, |&k| k as f64 / 1024.0),
-            )
+            rss_summary(&rss)
         );
     }
 }
