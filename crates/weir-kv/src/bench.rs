@@ -7,8 +7,9 @@
 //! - drains: a queue pre-filled with `--drain-messages` requests is drained once by a bare
 //!   lapin consumer (same prefetch and acknowledgement mode, no parsing, no store) and once by
 //!   the server, in the three settings: transient with auto-ack against `--durability
-//!   none`, persistent with manual acks against `--durability log`, and the latter with a
-//!   reply per message (plus, on request, transient with manual acks on both sides). The server's RSS is sampled while it drains. With `--rounds N` every setting is
+//!   none --acks auto`, persistent with manual acks against `--durability log`, and the latter
+//!   with a reply per message (plus, on request, transient with manual acks on both sides,
+//!   against `--durability none`). The server's RSS is sampled while it drains. With `--rounds N` every setting is
 //!   drained N times, the bare consumer and the server taking turns to go first, and the
 //!   medians are printed: on a shared machine one pair of drains says little.
 //!
@@ -84,7 +85,8 @@ pub struct BenchFlags {
 /// The drain settings: the three, and transient with acks on both sides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Setting {
-    /// Transient messages: the bare consumer auto-acks, the server runs `--durability none`.
+    /// Transient messages: the bare consumer auto-acks, the server runs `--durability none
+    /// --acks auto`.
     #[value(name = "transient")]
     TransientAutoAck,
     /// Persistent messages, manual acks, the server runs `--durability log`.
@@ -108,7 +110,7 @@ impl Setting {
 
     fn label(self) -> &'static str {
         match self {
-            Setting::TransientAutoAck => "transient, auto-ack vs --durability none",
+            Setting::TransientAutoAck => "transient, auto-ack vs none, --acks auto",
             Setting::TransientManualAck => "transient, manual acks vs --durability none",
             Setting::PersistentManualAck => "persistent, manual acks vs --durability log",
             Setting::PersistentWithReplies => "persistent, manual acks, reply each vs log",
@@ -143,6 +145,15 @@ impl Setting {
         self != Setting::TransientAutoAck
     }
 
+    /// The server's `--acks`: the bare consumer's acknowledgement mode.
+    fn server_acks(self) -> &'static str {
+        if self.bare_acks() {
+            "manual"
+        } else {
+            "auto"
+        }
+    }
+
     fn replies(self) -> bool {
         self == Setting::PersistentWithReplies
     }
@@ -170,7 +181,7 @@ pub async fn run(flags: BenchFlags, token: CancellationToken) -> Result<(), Benc
             "clients", "ops/s", "p50 ms", "p99 ms"
         );
         let queue = format!("{run_id}.rt");
-        let mut server = Server::spawn(&flags, &url, &queue, "log").await?;
+        let mut server = Server::spawn(&flags, &url, &queue, "log", "manual").await?;
         for &clients in &flags.clients {
             let (per_sec, p50, p99) = round_trips(&url, &queue, clients, &flags, &token).await?;
             println!("{clients:>8} {per_sec:>12.0} {p50:>10.2} {p99:>10.2}");
@@ -323,7 +334,14 @@ async fn kv_drain_timed(
     prefill(url, queue, flags.drain_messages, setting, &replies.queue).await?;
     publish_marker(url, queue, &replies.queue).await?;
     settle().await;
-    let mut server = Server::spawn(flags, url, queue, setting.durability()).await?;
+    let mut server = Server::spawn(
+        flags,
+        url,
+        queue,
+        setting.durability(),
+        setting.server_acks(),
+    )
+    .await?;
     let started = Instant::now();
     let expected = if setting.replies() {
         flags.drain_messages + 1
@@ -580,6 +598,7 @@ impl Server {
         url: &str,
         queue: &str,
         durability: &str,
+        acks: &str,
     ) -> Result<Self, BenchError> {
         let bin = match &flags.server_bin {
             Some(bin) => bin.clone(),
@@ -589,7 +608,7 @@ impl Server {
         let data_dir = std::env::temp_dir().join(format!("{queue}.data"));
         let mut child = tokio::process::Command::new(&bin)
             .args(["kv", "serve", "--amqp-url", url, "--queue", queue])
-            .args(["--durability", durability, "--prefetch"])
+            .args(["--durability", durability, "--acks", acks, "--prefetch"])
             .arg(flags.prefetch.to_string())
             .arg("--data-dir")
             .arg(&data_dir)

@@ -21,6 +21,19 @@ pub enum Durability {
     Fsync,
 }
 
+/// When the broker may forget a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Acks {
+    /// After the request is applied, logged and answered: a dropped connection or a crash
+    /// loses nothing, the broker redelivers.
+    Manual,
+    /// As soon as the broker sends it (the seed's mode; only with durability none): the
+    /// broker's cheapest delivery, but requests on the wire or waiting in kv when the
+    /// connection drops or the process dies are lost.
+    Auto,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct KvConfig {
@@ -28,8 +41,11 @@ pub struct KvConfig {
     pub amqp_url: String,
     #[serde(rename = "QUEUE_NAME")]
     pub queue: String,
-    /// Unacknowledged requests the broker may send ahead; also the largest batch.
+    /// Unacknowledged requests the broker may send ahead; also the largest batch. With
+    /// `acks: auto` the broker ignores it: kv then pauses consuming while it holds more than
+    /// twice this many requests not yet handled.
     pub prefetch: u16,
+    pub acks: Acks,
     pub data_dir: PathBuf,
     pub durability: Durability,
     /// Appends one JSON object per applied write (JSON Lines).
@@ -48,6 +64,7 @@ impl Default for KvConfig {
             amqp_url: "amqp://127.0.0.1:5672/%2f".into(),
             queue: "weir.kv".into(),
             prefetch: 1000,
+            acks: Acks::Manual,
             data_dir: PathBuf::from("./weir-data/kv"),
             durability: Durability::Log,
             output: None,
@@ -99,6 +116,12 @@ impl KvConfig {
                 "needs a journal (durability log or fsync)",
             ));
         }
+        if self.acks == Acks::Auto && self.durability != Durability::None {
+            return Err(invalid(
+                "acks",
+                "auto needs durability none (a logged request is acknowledged only once it is logged)",
+            ));
+        }
         Ok(())
     }
 
@@ -113,6 +136,7 @@ impl KvConfig {
     /// One line for start-up output and the `weir up` banner; the password is left out.
     pub fn describe(&self) -> String {
         let storage = match self.durability {
+            Durability::None if self.acks == Acks::Auto => "none, in memory, auto-ack".to_string(),
             Durability::None => "none, in memory".to_string(),
             Durability::Log => format!("log, data dir {}", self.data_dir.display()),
             Durability::Fsync => format!("fsync, data dir {}", self.data_dir.display()),
@@ -163,6 +187,12 @@ pub struct KvFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefetch: Option<u16>,
+    /// manual (acknowledged once applied; nothing lost) or auto (acknowledged on delivery,
+    /// faster, loses what is in flight when the connection drops; durability none only)
+    /// [default: manual].
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acks: Option<Acks>,
     /// Where the snapshot and journal live [default: ./weir-data/kv].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -244,6 +274,21 @@ mod tests {
             "{}",
             config.describe()
         );
+    }
+
+    #[test]
+    fn auto_acks_with_a_journal_are_refused() {
+        let config = KvConfig {
+            acks: Acks::Auto,
+            ..KvConfig::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("acks"), "{err}");
+        let in_memory = KvConfig {
+            durability: Durability::None,
+            ..config
+        };
+        in_memory.validate().unwrap();
     }
 
     #[test]

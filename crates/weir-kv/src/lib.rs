@@ -11,12 +11,15 @@
 //! - [`journal`]: the data directory, a snapshot plus an append-only journal of writes.
 //! - [`output`]: `--output FILE`, one JSON line per write, reconciled with the journal.
 //! - [`server`]: the broker loop: consume, apply in order, log, reply, acknowledge.
+//! - [`auto_ack`]: `--acks auto`, deliveries of an auto-ack consumer with a bound on what kv
+//!   holds (the broker's prefetch window does not apply to them).
 //!
 //! Tools: [`client`] (request-reply over the broker, `weir kv client`) and [`bench`] (the load
 //! tool, `weir kv bench`).
 //!
 //! [`config`] holds the settings, validated at start.
 
+pub mod auto_ack;
 pub mod bench;
 pub mod client;
 pub mod config;

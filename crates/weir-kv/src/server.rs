@@ -34,17 +34,20 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use weir_runtime::logs::LogLimiter;
 use weir_runtime::Shutdown;
 
-use crate::config::{Durability, KvConfig};
+use crate::auto_ack::{AutoAckFeed, FeedEnded};
+use crate::config::{Acks, Durability, KvConfig};
 use crate::engine::{Engine, Incoming, Outcome};
 use crate::journal::{Journal, JournalError, Recovered};
 use crate::output::{Output, OutputError};
 use crate::protocol::Malformed;
 
+const CONSUMER_TAG: &str = "weir-kv";
 const DEAD_LETTERS: &str = "weir_kv_dead_letters_total";
 const QUEUE_DEPTH: &str = "weir_kv_queue_depth";
 /// How often the request queue's depth is read.
@@ -74,6 +77,63 @@ enum SessionError {
     ConsumerClosed,
     #[error(transparent)]
     Fatal(#[from] KvError),
+}
+
+impl From<FeedEnded> for SessionError {
+    fn from(ended: FeedEnded) -> Self {
+        match ended {
+            FeedEnded::Broker(err) => SessionError::Broker(err),
+            FeedEnded::ConsumerClosed => SessionError::ConsumerClosed,
+        }
+    }
+}
+
+/// Where a session's requests come from.
+enum Deliveries {
+    /// Manual acks: the broker's prefetch window bounds what kv holds.
+    Window(Consumer),
+    /// Automatic acks: the broker sends without a window; the feed bounds what kv holds.
+    Feed(AutoAckFeed),
+}
+
+impl Deliveries {
+    /// The next delivery if one is here already; `Ok(None)` once a stopped feed is drained.
+    fn ready(&mut self) -> Option<Result<Option<Delivery>, SessionError>> {
+        match self {
+            Deliveries::Window(consumer) => consumer.next().now_or_never().map(window_next),
+            Deliveries::Feed(feed) => match feed.deliveries.try_recv() {
+                Ok(fed) => Some(fed.map(Some).map_err(SessionError::from)),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => Some(Ok(None)),
+            },
+        }
+    }
+
+    async fn next(&mut self) -> Result<Option<Delivery>, SessionError> {
+        match self {
+            Deliveries::Window(consumer) => window_next(consumer.next().await),
+            Deliveries::Feed(feed) => match feed.deliveries.recv().await {
+                Some(fed) => fed.map(Some).map_err(SessionError::from),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// Whether shutdown ends reading at once. A feed stops itself at shutdown and must be
+    /// read to its end: the broker has already forgotten what it holds.
+    fn stops_on_shutdown(&self) -> bool {
+        matches!(self, Deliveries::Window(_))
+    }
+}
+
+/// A manual-ack consumer never ends by itself: its end is the broker cancelling it.
+fn window_next(
+    next: Option<Result<Delivery, lapin::Error>>,
+) -> Result<Option<Delivery>, SessionError> {
+    match next {
+        Some(delivery) => Ok(Some(delivery?)),
+        None => Err(SessionError::ConsumerClosed),
+    }
 }
 
 /// What `/readyz` reports.
@@ -119,6 +179,10 @@ pub fn register_metrics() {
         "From a batch's first delivery to its acknowledgement (apply, log, reply)."
     );
     metrics::describe_gauge!("weir_kv_store_keys", "Keys in the store.");
+    metrics::describe_counter!(
+        "weir_kv_consumer_pauses_total",
+        "Times kv stopped consuming because it held 2 x prefetch requests not yet handled (--acks auto only: the broker's prefetch window does not apply)."
+    );
     metrics::describe_gauge!(
         "weir_kv_store_bytes",
         "Bytes of keys and values in the store."
@@ -141,6 +205,7 @@ pub fn register_metrics() {
         .absolute(0);
     let _handles = register_dead_letters();
     metrics::counter!("weir_kv_reconnects_total").absolute(0);
+    metrics::counter!("weir_kv_consumer_pauses_total").absolute(0);
     metrics::gauge!(QUEUE_DEPTH).set(0.0);
     metrics::gauge!("weir_kv_broker_connected").set(0.0);
     // Set to the journal's real size once it is open; present from the first scrape either way.
@@ -265,18 +330,33 @@ impl Running {
         channel
             .basic_qos(self.config.prefetch, BasicQosOptions::default())
             .await?;
-        let options = BasicConsumeOptions {
-            exclusive: true,
-            ..BasicConsumeOptions::default()
+        let mut deliveries = match self.config.acks {
+            Acks::Manual => {
+                let options = BasicConsumeOptions {
+                    exclusive: true,
+                    ..BasicConsumeOptions::default()
+                };
+                let consumer = channel
+                    .basic_consume(
+                        self.config.queue.clone().into(),
+                        CONSUMER_TAG.into(),
+                        options,
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Deliveries::Window(consumer)
+            }
+            Acks::Auto => Deliveries::Feed(
+                AutoAckFeed::start(
+                    channel.clone(),
+                    self.config.queue.clone(),
+                    CONSUMER_TAG.into(),
+                    self.config.prefetch,
+                    self.token.child_token(),
+                )
+                .await?,
+            ),
         };
-        let mut consumer = channel
-            .basic_consume(
-                self.config.queue.clone().into(),
-                "weir-kv".into(),
-                options,
-                FieldTable::default(),
-            )
-            .await?;
         // On a channel of its own: a probe that fails cannot close the consuming channel.
         let _depth = QueueDepthProbe::start(
             connection.create_channel().await?,
@@ -285,45 +365,48 @@ impl Running {
         self.engine.new_session();
         self.set_connected(true);
         tracing::info!(queue = %self.config.queue, "kv consuming");
-        while !self.token.is_cancelled() {
-            let first = match consumer.next().now_or_never() {
+        loop {
+            if deliveries.stops_on_shutdown() && self.token.is_cancelled() {
+                break;
+            }
+            let first = match deliveries.ready() {
                 Some(next) => next,
                 None => {
                     // Idle: the round trip of the confirmation costs no throughput here.
                     self.confirm_acks(&channel).await?;
                     tokio::select! {
-                        next = consumer.next() => next,
-                        _ = self.token.cancelled() => break,
+                        next = deliveries.next() => next,
+                        _ = self.token.cancelled(), if deliveries.stops_on_shutdown() => break,
                     }
                 }
             };
-            let first = first.ok_or(SessionError::ConsumerClosed)??;
+            let Some(first) = first? else { break };
             let mut batch = vec![first];
             let mut ended = None;
             while batch.len() < usize::from(self.config.prefetch) {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(delivery))) => batch.push(delivery),
-                    Some(Some(Err(err))) => {
-                        ended = Some(SessionError::Broker(err));
-                        break;
-                    }
-                    Some(None) => {
-                        ended = Some(SessionError::ConsumerClosed);
+                match deliveries.ready() {
+                    Some(Ok(Some(delivery))) => batch.push(delivery),
+                    Some(end) => {
+                        ended = Some(end);
                         break;
                     }
                     None => break,
                 }
             }
             self.handle_batch(&channel, batch).await?;
-            if let Some(err) = ended {
-                return Err(err);
+            match ended {
+                Some(Err(err)) => return Err(err),
+                Some(Ok(_)) => break,
+                None => {}
             }
         }
         // Stop deliveries, then close: what was not acknowledged goes back to the queue.
         self.confirm_acks(&channel).await?;
-        let _ = channel
-            .basic_cancel("weir-kv".into(), BasicCancelOptions::default())
-            .await;
+        if deliveries.stops_on_shutdown() {
+            let _ = channel
+                .basic_cancel(CONSUMER_TAG.into(), BasicCancelOptions::default())
+                .await;
+        }
         let _ = connection.close(200, "weir kv shutting down".into()).await;
         Ok(())
     }
@@ -413,12 +496,17 @@ impl Running {
                 counter.increment(count);
             }
         }
-        if let Some(last) = batch.last() {
+        if self.config.acks == Acks::Auto {
+            // The broker forgot these when it sent them: nothing can come back to match.
+            self.engine.acked_through(self.engine.last_op());
+        } else if let Some(last) = batch.last() {
             channel
                 .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
                 .await?;
         }
-        self.ack_unconfirmed = Some(self.engine.last_op());
+        if self.config.acks == Acks::Manual {
+            self.ack_unconfirmed = Some(self.engine.last_op());
+        }
         metrics::histogram!("weir_kv_batch_seconds").record(started.elapsed().as_secs_f64());
         self.publish_sizes();
         // Under steady load the queue is never idle: confirm every few batches, which bounds

@@ -297,6 +297,7 @@ async fn every_metric_is_served_at_zero_from_the_start_and_readyz_follows_the_br
         r#"weir_kv_dead_letters_total{reason="bad_limit"} 0"#,
         "weir_kv_queue_depth 0",
         "weir_kv_reconnects_total 0",
+        "weir_kv_consumer_pauses_total 0",
     ] {
         assert!(
             page.lines().any(|line| line == sample),

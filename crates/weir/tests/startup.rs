@@ -154,3 +154,16 @@ fn weir_up_fails_naming_the_service_that_cannot_start() {
     let status = child.wait().expect("weir up exits");
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn kv_refuses_auto_acks_with_a_journal_naming_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_weir(dir.path(), &["kv", "serve", "--acks", "auto"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("acks: auto needs durability none"),
+        "{stderr}"
+    );
+    assert!(!text(&out.stdout).contains("kv: consuming"));
+}

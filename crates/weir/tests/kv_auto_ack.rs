@@ -1,0 +1,164 @@
+//! `weir kv serve --acks auto` against the real RabbitMQ: the broker forgets each request
+//! when it sends it, so kv must keep the queue's order while it pauses and resumes its
+//! consumer to bound what it holds, and must apply everything it was sent before it stops.
+
+mod kv_common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kv_common::*;
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+
+/// Scripts published before the server starts: a backlog the broker pushes at once, far
+/// more than a window of two, so kv has to pause its consumer again and again.
+#[tokio::test]
+async fn auto_acks_keep_each_clients_order_across_consumer_pauses() {
+    let Some(url) = amqp_url().await else { return };
+    let queue = TestQueue::new(&url, "auto_order");
+    queue.declare().await;
+    let (clients, steps) = (4, 400);
+    let replied = Arc::new(AtomicUsize::new(0));
+    let mut scripts = Vec::new();
+    for client in 0..clients {
+        scripts.push(
+            run_script(
+                url.clone(),
+                queue.name.clone(),
+                client,
+                steps,
+                replied.clone(),
+            )
+            .await,
+        );
+    }
+    let (_connection, channel) = channel(&url).await;
+    wait_for_ready(&channel, &queue.name, clients * steps).await;
+    let metrics_addr = free_addr();
+    let _server = Server::start(
+        &url,
+        &queue.name,
+        &[
+            "--durability",
+            "none",
+            "--acks",
+            "auto",
+            "--prefetch",
+            "1",
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+    )
+    .await;
+    for script in scripts {
+        script.await.unwrap();
+    }
+    assert_eq!(replied.load(Ordering::Relaxed), clients * steps);
+    assert_scripts_applied_once(&url, &queue.name, clients, steps).await;
+    let (_, page) = http_get(&metrics_addr, "/metrics").expect("metrics answer");
+    let pauses = page
+        .lines()
+        .find_map(|line| line.strip_prefix("weir_kv_consumer_pauses_total "))
+        .and_then(|count| count.parse::<u64>().ok())
+        .expect("the pause counter is served");
+    assert!(pauses > 0, "a backlog of 1,600 never filled a window of 2");
+}
+
+/// SIGTERM while a backlog is being drained: every request that left the queue is applied
+/// (it is in `--output`, in queue order), and every other one is still in the queue.
+#[tokio::test]
+async fn a_shutdown_with_auto_acks_applies_every_request_the_broker_sent() {
+    let Some(url) = amqp_url().await else { return };
+    let queue = TestQueue::new(&url, "auto_stop");
+    queue.declare().await;
+    let total = 50_000;
+    let (_connection, channel) = channel(&url).await;
+    for n in 0..total {
+        let body = format!(r#"{{"action": "add", "key": "k{n}", "value": "v"}}"#);
+        channel
+            .basic_publish(
+                "".into(),
+                queue.name.as_str().into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+    wait_for_ready(&channel, &queue.name, total).await;
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("applied.jsonl");
+    let mut server = Server::start(
+        &url,
+        &queue.name,
+        &[
+            "--durability",
+            "none",
+            "--acks",
+            "auto",
+            "--prefetch",
+            "100",
+            "--output",
+            output.to_str().unwrap(),
+        ],
+    )
+    .await;
+    wait_for("the first writes", Duration::from_secs(30), || {
+        std::fs::metadata(&output).is_ok_and(|meta| meta.len() > 0)
+    })
+    .await;
+    let pid = server.child.id().expect("running") as i32;
+    // SAFETY: plain kill(2) on a child we spawned and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
+        .await
+        .expect("the server stopped")
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    let text = std::fs::read_to_string(&output).unwrap();
+    let keys: Vec<String> = text
+        .lines()
+        .map(|line| {
+            let write: serde_json::Value = serde_json::from_str(line).unwrap();
+            write["key"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let expected: Vec<String> = (0..keys.len()).map(|n| format!("k{n}")).collect();
+    assert_eq!(keys, expected, "applied out of queue order");
+    let left = weir_kv::server::ready_messages(&channel, &queue.name)
+        .await
+        .unwrap() as usize;
+    assert_eq!(
+        keys.len() + left,
+        total,
+        "{} applied and {left} left in the queue: requests were lost",
+        keys.len()
+    );
+    assert!(left > 0, "the whole backlog was drained before the signal");
+}
+
+fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .unwrap()
+        .to_string()
+}
+
+async fn wait_for_ready(channel: &lapin::Channel, queue: &str, count: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = weir_kv::server::ready_messages(channel, queue).await;
+        if ready.unwrap() as usize == count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {count} ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
