@@ -75,20 +75,7 @@ async fn a_shutdown_with_auto_acks_applies_every_request_the_broker_sent() {
     queue.declare().await;
     let total = 50_000;
     let (_connection, channel) = channel(&url).await;
-    for n in 0..total {
-        let body = format!(r#"{{"action": "add", "key": "k{n}", "value": "v"}}"#);
-        channel
-            .basic_publish(
-                "".into(),
-                queue.name.as_str().into(),
-                BasicPublishOptions::default(),
-                body.as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .unwrap();
-    }
-    wait_for_ready(&channel, &queue.name, total).await;
+    prefill_adds(&channel, &queue.name, total).await;
     let dir = tempfile::tempdir().unwrap();
     let output = dir.path().join("applied.jsonl");
     let mut server = Server::start(
@@ -119,14 +106,7 @@ async fn a_shutdown_with_auto_acks_applies_every_request_the_broker_sent() {
         .unwrap();
     assert!(status.success(), "{status}");
 
-    let text = std::fs::read_to_string(&output).unwrap();
-    let keys: Vec<String> = text
-        .lines()
-        .map(|line| {
-            let write: serde_json::Value = serde_json::from_str(line).unwrap();
-            write["key"].as_str().unwrap().to_string()
-        })
-        .collect();
+    let keys = applied_keys(&output);
     let expected: Vec<String> = (0..keys.len()).map(|n| format!("k{n}")).collect();
     assert_eq!(keys, expected, "applied out of queue order");
     let left = weir_kv::server::ready_messages(&channel, &queue.name)
@@ -139,6 +119,113 @@ async fn a_shutdown_with_auto_acks_applies_every_request_the_broker_sent() {
         keys.len()
     );
     assert!(left > 0, "the whole backlog was drained before the signal");
+}
+
+/// The broker connection cut while a backlog drains: what was on the wire or waiting in kv
+/// may be lost (the broker forgot it when it sent it), but kv reconnects and drains the rest,
+/// and what it applied is in queue order, each request once.
+#[tokio::test]
+async fn a_cut_connection_with_auto_acks_keeps_order_and_drains_the_rest() {
+    let Some(url) = amqp_url().await else { return };
+    let queue = TestQueue::new(&url, "auto_cut");
+    queue.declare().await;
+    let total = 50_000;
+    let (_connection, channel) = channel(&url).await;
+    prefill_adds(&channel, &queue.name, total).await;
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("applied.jsonl");
+    let proxy = Proxy::start(&url).await;
+    let _server = Server::start(
+        &proxy.url,
+        &queue.name,
+        &[
+            "--durability",
+            "none",
+            "--acks",
+            "auto",
+            "--prefetch",
+            "100",
+            "--output",
+            output.to_str().unwrap(),
+        ],
+    )
+    .await;
+    wait_for("the first writes", Duration::from_secs(30), || {
+        std::fs::metadata(&output).is_ok_and(|meta| meta.len() > 0)
+    })
+    .await;
+    proxy.cut();
+    let left_at_cut = weir_kv::server::ready_messages(&channel, &queue.name)
+        .await
+        .unwrap();
+    assert!(
+        left_at_cut > 0,
+        "the whole backlog was drained before the cut"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while weir_kv::server::ready_messages(&channel, &queue.name)
+        .await
+        .unwrap()
+        > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "kv did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut client = requester(&url, &queue.name).await;
+    let reply = client
+        .call(br#"{"action": "get", "key": "missing"}"#, REPLY_TIMEOUT)
+        .await
+        .expect("kv answers after the cut");
+    assert!(String::from_utf8_lossy(&reply).contains(r#""found":false"#));
+    client.close().await;
+
+    let numbers: Vec<usize> = applied_keys(&output)
+        .iter()
+        .map(|key| key[1..].parse().unwrap())
+        .collect();
+    assert!(
+        numbers.windows(2).all(|pair| pair[0] < pair[1]),
+        "applied out of order or twice"
+    );
+    assert!(numbers.last().is_some_and(|&last| last < total));
+    eprintln!(
+        "{} of {total} applied; {} lost in flight at the cut",
+        numbers.len(),
+        total - numbers.len()
+    );
+}
+
+/// `count` fire-and-forget adds of keys k0, k1, ..., all in the queue before it returns.
+async fn prefill_adds(channel: &lapin::Channel, queue: &str, count: usize) {
+    for n in 0..count {
+        let body = format!(r#"{{"action": "add", "key": "k{n}", "value": "v"}}"#);
+        channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+    }
+    wait_for_ready(channel, queue, count).await;
+}
+
+/// The keys of the writes in an `--output` file, in the order applied.
+fn applied_keys(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let write: serde_json::Value = serde_json::from_str(line).unwrap();
+            write["key"].as_str().unwrap().to_string()
+        })
+        .collect()
 }
 
 fn free_addr() -> String {
