@@ -12,6 +12,9 @@ use kv_common::*;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 
+/// Requests waiting in the queue before kv starts, in the shutdown and cut tests.
+const BACKLOG: usize = 50_000;
+
 /// Scripts published before the server starts: a backlog the broker pushes at once, far
 /// more than a window of two, so kv has to pause its consumer again and again.
 #[tokio::test]
@@ -21,19 +24,7 @@ async fn auto_acks_keep_each_clients_order_across_consumer_pauses() {
     queue.declare().await;
     let (clients, steps) = (4, 400);
     let replied = Arc::new(AtomicUsize::new(0));
-    let mut scripts = Vec::new();
-    for client in 0..clients {
-        scripts.push(
-            run_script(
-                url.clone(),
-                queue.name.clone(),
-                client,
-                steps,
-                replied.clone(),
-            )
-            .await,
-        );
-    }
+    let scripts = start_scripts(&url, &queue.name, clients, steps, &replied).await;
     let (_connection, channel) = channel(&url).await;
     wait_for_ready(&channel, &queue.name, clients * steps).await;
     let metrics_addr = free_addr();
@@ -71,32 +62,9 @@ async fn auto_acks_keep_each_clients_order_across_consumer_pauses() {
 #[tokio::test]
 async fn a_shutdown_with_auto_acks_applies_every_request_the_broker_sent() {
     let Some(url) = amqp_url().await else { return };
-    let queue = TestQueue::new(&url, "auto_stop");
-    queue.declare().await;
-    let total = 50_000;
-    let (_connection, channel) = channel(&url).await;
-    prefill_adds(&channel, &queue.name, total).await;
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("applied.jsonl");
-    let mut server = Server::start(
-        &url,
-        &queue.name,
-        &[
-            "--durability",
-            "none",
-            "--acks",
-            "auto",
-            "--prefetch",
-            "100",
-            "--output",
-            output.to_str().unwrap(),
-        ],
-    )
-    .await;
-    wait_for("the first writes", Duration::from_secs(30), || {
-        std::fs::metadata(&output).is_ok_and(|meta| meta.len() > 0)
-    })
-    .await;
+    let backlog = Backlog::prefill(&url, "auto_stop", BACKLOG).await;
+    let (queue, channel, output) = (&backlog.queue, &backlog.channel, &backlog.output);
+    let mut server = start_draining(&url, &queue.name, output).await;
     let pid = server.child.id().expect("running") as i32;
     // SAFETY: plain kill(2) on a child we spawned and have not reaped.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
@@ -106,15 +74,15 @@ async fn a_shutdown_with_auto_acks_applies_every_request_the_broker_sent() {
         .unwrap();
     assert!(status.success(), "{status}");
 
-    let keys = applied_keys(&output);
+    let keys = applied_keys(output);
     let expected: Vec<String> = (0..keys.len()).map(|n| format!("k{n}")).collect();
     assert_eq!(keys, expected, "applied out of queue order");
-    let left = weir_kv::server::ready_messages(&channel, &queue.name)
+    let left = weir_kv::server::ready_messages(channel, &queue.name)
         .await
         .unwrap() as usize;
     assert_eq!(
         keys.len() + left,
-        total,
+        BACKLOG,
         "{} applied and {left} left in the queue: requests were lost",
         keys.len()
     );
@@ -127,35 +95,12 @@ async fn a_shutdown_with_auto_acks_applies_every_request_the_broker_sent() {
 #[tokio::test]
 async fn a_cut_connection_with_auto_acks_keeps_order_and_drains_the_rest() {
     let Some(url) = amqp_url().await else { return };
-    let queue = TestQueue::new(&url, "auto_cut");
-    queue.declare().await;
-    let total = 50_000;
-    let (_connection, channel) = channel(&url).await;
-    prefill_adds(&channel, &queue.name, total).await;
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("applied.jsonl");
+    let backlog = Backlog::prefill(&url, "auto_cut", BACKLOG).await;
+    let (queue, channel, output) = (&backlog.queue, &backlog.channel, &backlog.output);
     let proxy = Proxy::start(&url).await;
-    let _server = Server::start(
-        &proxy.url,
-        &queue.name,
-        &[
-            "--durability",
-            "none",
-            "--acks",
-            "auto",
-            "--prefetch",
-            "100",
-            "--output",
-            output.to_str().unwrap(),
-        ],
-    )
-    .await;
-    wait_for("the first writes", Duration::from_secs(30), || {
-        std::fs::metadata(&output).is_ok_and(|meta| meta.len() > 0)
-    })
-    .await;
+    let _server = start_draining(&proxy.url, &queue.name, output).await;
     proxy.cut();
-    let left_at_cut = weir_kv::server::ready_messages(&channel, &queue.name)
+    let left_at_cut = weir_kv::server::ready_messages(channel, &queue.name)
         .await
         .unwrap();
     assert!(
@@ -163,7 +108,7 @@ async fn a_cut_connection_with_auto_acks_keeps_order_and_drains_the_rest() {
         "the whole backlog was drained before the cut"
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while weir_kv::server::ready_messages(&channel, &queue.name)
+    while weir_kv::server::ready_messages(channel, &queue.name)
         .await
         .unwrap()
         > 0
@@ -182,7 +127,7 @@ async fn a_cut_connection_with_auto_acks_keeps_order_and_drains_the_rest() {
     assert!(String::from_utf8_lossy(&reply).contains(r#""found":false"#));
     client.close().await;
 
-    let numbers: Vec<usize> = applied_keys(&output)
+    let numbers: Vec<usize> = applied_keys(output)
         .iter()
         .map(|key| key[1..].parse().unwrap())
         .collect();
@@ -190,12 +135,63 @@ async fn a_cut_connection_with_auto_acks_keeps_order_and_drains_the_rest() {
         numbers.windows(2).all(|pair| pair[0] < pair[1]),
         "applied out of order or twice"
     );
-    assert!(numbers.last().is_some_and(|&last| last < total));
+    assert!(numbers.last().is_some_and(|&last| last < BACKLOG));
     eprintln!(
-        "{} of {total} applied; {} lost in flight at the cut",
+        "{} of {BACKLOG} applied; {} lost in flight at the cut",
         numbers.len(),
-        total - numbers.len()
+        BACKLOG - numbers.len()
     );
+}
+
+/// `weir kv serve --acks auto` writing `--output`, once it has applied its first requests.
+async fn start_draining(url: &str, queue: &str, output: &std::path::Path) -> Server {
+    let output_arg = output.to_str().unwrap();
+    let server = Server::start(
+        url,
+        queue,
+        &[
+            "--durability",
+            "none",
+            "--acks",
+            "auto",
+            "--prefetch",
+            "100",
+            "--output",
+            output_arg,
+        ],
+    )
+    .await;
+    wait_for("the first writes", Duration::from_secs(30), || {
+        std::fs::metadata(output).is_ok_and(|meta| meta.len() > 0)
+    })
+    .await;
+    server
+}
+
+/// A queue holding fire-and-forget adds of keys k0, k1, ..., and where `--output` goes.
+struct Backlog {
+    queue: TestQueue,
+    channel: lapin::Channel,
+    output: std::path::PathBuf,
+    _connection: lapin::Connection,
+    _dir: tempfile::TempDir,
+}
+
+impl Backlog {
+    async fn prefill(url: &str, test: &str, count: usize) -> Backlog {
+        let queue = TestQueue::new(url, test);
+        queue.declare().await;
+        let (connection, channel) = channel(url).await;
+        prefill_adds(&channel, &queue.name, count).await;
+        let dir = tempfile::tempdir().unwrap();
+        Backlog {
+            output: dir.path().join("applied.jsonl"),
+            queue,
+            channel,
+            _connection: connection,
+            _dir: dir,
+        }
+    }
 }
 
 /// `count` fire-and-forget adds of keys k0, k1, ..., all in the queue before it returns.

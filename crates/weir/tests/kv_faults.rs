@@ -18,28 +18,6 @@ const STEPS: usize = 4_000;
 /// Enough writes for the journal to pass the smallest `snapshotAfterBytes` (1 MiB).
 const KILL_STEPS: usize = 8_000;
 
-async fn start_scripts(
-    url: &str,
-    queue: &str,
-    steps: usize,
-    replied: &Arc<AtomicUsize>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let mut scripts = Vec::new();
-    for client in 0..CLIENTS {
-        scripts.push(
-            run_script(
-                url.to_string(),
-                queue.to_string(),
-                client,
-                steps,
-                replied.clone(),
-            )
-            .await,
-        );
-    }
-    scripts
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kill_9_under_load_loses_nothing_acknowledged_and_applies_nothing_twice() {
     let Some(url) = amqp_url().await else { return };
@@ -65,7 +43,7 @@ async fn a_kill_9_under_load_loses_nothing_acknowledged_and_applies_nothing_twic
     ];
     let mut server = Server::start(&url, &queue.name, &args).await;
     let replied = Arc::new(AtomicUsize::new(0));
-    let scripts = start_scripts(&url, &queue.name, KILL_STEPS, &replied).await;
+    let scripts = start_scripts(&url, &queue.name, CLIENTS, KILL_STEPS, &replied).await;
 
     for kill_at in [CLIENTS * KILL_STEPS / 4, CLIENTS * KILL_STEPS / 2] {
         wait_for("replies before the kill", Duration::from_secs(60), || {
@@ -102,7 +80,7 @@ async fn a_dropped_broker_connection_under_load_loses_nothing_and_applies_nothin
     let proxy = Proxy::start(&url).await;
     let _server = Server::start(&proxy.url, &queue.name, &["--durability", "none"]).await;
     let replied = Arc::new(AtomicUsize::new(0));
-    let scripts = start_scripts(&url, &queue.name, STEPS, &replied).await;
+    let scripts = start_scripts(&url, &queue.name, CLIENTS, STEPS, &replied).await;
 
     for cut_at in [CLIENTS * STEPS / 4, CLIENTS * STEPS / 2] {
         wait_for("replies before the cut", Duration::from_secs(60), || {

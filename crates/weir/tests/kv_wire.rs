@@ -148,19 +148,7 @@ async fn many_concurrent_clients_each_keep_their_order() {
     let _server = Server::start(&url, &queue.name, &["--durability", "none"]).await;
     let (clients, steps) = (12, 300);
     let replied = Arc::new(AtomicUsize::new(0));
-    let mut scripts = Vec::new();
-    for client in 0..clients {
-        scripts.push(
-            run_script(
-                url.clone(),
-                queue.name.clone(),
-                client,
-                steps,
-                replied.clone(),
-            )
-            .await,
-        );
-    }
+    let scripts = start_scripts(&url, &queue.name, clients, steps, &replied).await;
     for script in scripts {
         script.await.unwrap();
     }

@@ -367,6 +367,28 @@ pub async fn run_script(
     })
 }
 
+/// [`run_script`] for clients 0 to `clients - 1`, all publishing at once.
+pub async fn start_scripts(
+    url: &str,
+    queue: &str,
+    clients: usize,
+    steps: usize,
+    replied: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut scripts = Vec::new();
+    for client in 0..clients {
+        let script = run_script(
+            url.to_string(),
+            queue.to_string(),
+            client,
+            steps,
+            replied.clone(),
+        );
+        scripts.push(script.await);
+    }
+    scripts
+}
+
 /// Polls `done` until it holds, failing after `within`.
 pub async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + within;
