@@ -14,7 +14,7 @@
 //! - [`auto_ack`]: `--acks auto`, deliveries of an auto-ack consumer with a bound on what kv
 //!   holds (the broker's prefetch window does not apply to them).
 //!
-//! Tools: [`client`] (request-reply over the broker, `weir kv client`) and [`bench`] (the load
+//! Tools: [`client`] (request-reply over the broker, `weir kv client`) and [`bench`](mod@bench) (the load
 //! tool, `weir kv bench`).
 //!
 //! [`config`] holds the settings, validated at start.

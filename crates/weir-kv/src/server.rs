@@ -15,6 +15,13 @@
 //! answer proves it has the acks. This confirmation is made whenever the queue is idle and
 //! every few batches under load.
 //!
+//! With `--acks auto` (only without a journal) the broker forgets each request as it sends
+//! it: nothing is acknowledged or matched, and deliveries come through [`auto_ack`], which
+//! bounds what kv holds since the broker's prefetch window no longer does, and which is read
+//! to its end at shutdown.
+//!
+//! [`auto_ack`]: crate::auto_ack
+//!
 //! When the broker goes away the loop reconnects with capped exponential backoff, never
 //! spinning; the broker redelivers what was not acknowledged and the engine recognises the
 //! copies it already applied.
