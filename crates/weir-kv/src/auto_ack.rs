@@ -36,6 +36,7 @@ pub enum FeedEnded {
 /// with the session.
 pub struct AutoAckFeed {
     pub deliveries: mpsc::Receiver<Fed>,
+    stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -94,8 +95,28 @@ impl AutoAckFeed {
         let consumer = subscription.consume().await?;
         let places = 2 * usize::from(window);
         let (sender, deliveries) = mpsc::channel(places);
-        let task = tokio::spawn(forward(subscription, consumer, sender, places, stop));
-        Ok(AutoAckFeed { deliveries, task })
+        let task = tokio::spawn(forward(
+            subscription,
+            consumer,
+            sender,
+            places,
+            stop.clone(),
+        ));
+        Ok(AutoAckFeed {
+            deliveries,
+            stop,
+            task,
+        })
+    }
+
+    /// What the closed channel means: the end of a stop, or a task that ended without
+    /// saying why (which must not pass for a clean stop).
+    pub fn closed(&self) -> Result<Option<Delivery>, FeedEnded> {
+        if self.stop.is_cancelled() {
+            Ok(None)
+        } else {
+            Err(FeedEnded::ConsumerClosed)
+        }
     }
 }
 

@@ -111,7 +111,9 @@ impl Deliveries {
             Deliveries::Feed(feed) => match feed.deliveries.try_recv() {
                 Ok(fed) => Some(fed.map(Some).map_err(SessionError::from)),
                 Err(mpsc::error::TryRecvError::Empty) => None,
-                Err(mpsc::error::TryRecvError::Disconnected) => Some(Ok(None)),
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    Some(feed.closed().map_err(SessionError::from))
+                }
             },
         }
     }
@@ -121,7 +123,7 @@ impl Deliveries {
             Deliveries::Window(consumer) => window_next(consumer.next().await),
             Deliveries::Feed(feed) => match feed.deliveries.recv().await {
                 Some(fed) => fed.map(Some).map_err(SessionError::from),
-                None => Ok(None),
+                None => feed.closed().map_err(SessionError::from),
             },
         }
     }
