@@ -120,13 +120,28 @@ impl AutoAckFeed {
     }
 }
 
+/// Runs [`hand_on`] and passes on why it ended, if it says.
 async fn forward(
     subscription: Subscription,
-    mut consumer: Consumer,
+    consumer: Consumer,
     sender: mpsc::Sender<Fed>,
     places: usize,
     stop: CancellationToken,
 ) {
+    if let Err(ended) = hand_on(&subscription, consumer, &sender, places, &stop).await {
+        let _ = sender.send(Err(ended)).await;
+    }
+}
+
+/// Moves deliveries to `sender`, pausing and resuming the consumer. `Ok` once stopped with
+/// everything handed on, or once the receiver is gone (nobody to tell).
+async fn hand_on(
+    subscription: &Subscription,
+    mut consumer: Consumer,
+    sender: &mpsc::Sender<Fed>,
+    places: usize,
+    stop: &CancellationToken,
+) -> Result<(), FeedEnded> {
     // Whether a cancel was sent for the current consumer (to pause, or to stop).
     let mut cancelled = false;
     loop {
@@ -134,58 +149,37 @@ async fn forward(
             biased;
             _ = stop.cancelled(), if !cancelled => {
                 cancelled = true;
-                if let Err(err) = subscription.cancel().await {
-                    let _ = sender.send(Err(err.into())).await;
-                    return;
-                }
+                subscription.cancel().await?;
                 continue;
             }
             next = consumer.next() => next,
         };
         match next {
-            Some(Ok(delivery)) => match sender.try_send(Ok(delivery)) {
+            Some(delivery) => match sender.try_send(Ok(delivery?)) {
                 Ok(()) => {}
                 Err(mpsc::error::TrySendError::Full(fed)) => {
                     if !cancelled {
                         cancelled = true;
                         metrics::counter!("weir_kv_consumer_pauses_total").increment(1);
-                        if let Err(err) = subscription.cancel().await {
-                            let _ = sender.send(Err(err.into())).await;
-                            return;
-                        }
+                        subscription.cancel().await?;
                     }
                     if sender.send(fed).await.is_err() {
-                        return;
+                        return Ok(());
                     }
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
             },
-            Some(Err(err)) => {
-                let _ = sender.send(Err(err.into())).await;
-                return;
-            }
-            None if !cancelled => {
-                let _ = sender.send(Err(FeedEnded::ConsumerClosed)).await;
-                return;
-            }
+            None if !cancelled => return Err(FeedEnded::ConsumerClosed),
             // Stopped and everything the broker sent is handed on: closing the channel says so.
-            None if stop.is_cancelled() => return,
+            None if stop.is_cancelled() => return Ok(()),
             None => {
                 // Paused: resume once half the places are free.
                 tokio::select! {
-                    room = sender.reserve_many(places / 2) => if room.is_err() { return },
-                    _ = stop.cancelled() => return,
+                    room = sender.reserve_many(places / 2) => if room.is_err() { return Ok(()) },
+                    _ = stop.cancelled() => return Ok(()),
                 }
-                match subscription.consume().await {
-                    Ok(resumed) => {
-                        consumer = resumed;
-                        cancelled = false;
-                    }
-                    Err(err) => {
-                        let _ = sender.send(Err(err.into())).await;
-                        return;
-                    }
-                }
+                consumer = subscription.consume().await?;
+                cancelled = false;
             }
         }
     }

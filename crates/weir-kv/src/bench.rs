@@ -9,9 +9,10 @@
 //!   the server, in the three settings: transient with auto-ack against `--durability
 //!   none --acks auto`, persistent with manual acks against `--durability log`, and the latter
 //!   with a reply per message (plus, on request, transient with manual acks on both sides,
-//!   against `--durability none`). The server's RSS is sampled while it drains. With `--rounds N` every setting is
-//!   drained N times, the bare consumer and the server taking turns to go first, and the
-//!   medians are printed: on a shared machine one pair of drains says little.
+//!   against `--durability none`). The server's RSS is sampled while it drains. With
+//!   `--rounds N` every setting is drained N times, the bare consumer and the server taking
+//!   turns to go first, and the medians are printed: on a shared machine one pair of drains
+//!   says little.
 //!
 //! The requests cycle through a fixed set of keys, so the store stays the same size and a
 //! growing RSS would mean a leak, not data.

@@ -505,16 +505,19 @@ impl Running {
                 counter.increment(count);
             }
         }
-        if self.config.acks == Acks::Auto {
-            // The broker forgot these when it sent them: nothing can come back to match.
-            self.engine.acked_through(self.engine.last_op());
-        } else if let Some(last) = batch.last() {
-            channel
-                .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
-                .await?;
-        }
-        if self.config.acks == Acks::Manual {
-            self.ack_unconfirmed = Some(self.engine.last_op());
+        match self.config.acks {
+            Acks::Manual => {
+                if let Some(last) = batch.last() {
+                    channel
+                        .basic_ack(last.delivery_tag, BasicAckOptions { multiple: true })
+                        .await?;
+                }
+                self.ack_unconfirmed = Some(self.engine.last_op());
+            }
+            Acks::Auto => {
+                // The broker forgot these when it sent them: nothing can come back to match.
+                self.engine.acked_through(self.engine.last_op());
+            }
         }
         metrics::histogram!("weir_kv_batch_seconds").record(started.elapsed().as_secs_f64());
         self.publish_sizes();

@@ -65,9 +65,7 @@ async fn a_shutdown_with_auto_acks_applies_every_request_the_broker_sent() {
     let backlog = Backlog::prefill(&url, "auto_stop", BACKLOG).await;
     let (queue, channel, output) = (&backlog.queue, &backlog.channel, &backlog.output);
     let mut server = start_draining(&url, &queue.name, output).await;
-    let pid = server.child.id().expect("running") as i32;
-    // SAFETY: plain kill(2) on a child we spawned and have not reaped.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    server.signal(libc::SIGTERM);
     let status = tokio::time::timeout(Duration::from_secs(30), server.child.wait())
         .await
         .expect("the server stopped")
@@ -107,18 +105,8 @@ async fn a_cut_connection_with_auto_acks_keeps_order_and_drains_the_rest() {
         left_at_cut > 0,
         "the whole backlog was drained before the cut"
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while weir_kv::server::ready_messages(channel, &queue.name)
-        .await
-        .unwrap()
-        > 0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "kv did not come back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // kv came back and drained the rest.
+    wait_for_ready(channel, &queue.name, 0).await;
     let mut client = requester(&url, &queue.name).await;
     let reply = client
         .call(br#"{"action": "get", "key": "missing"}"#, REPLY_TIMEOUT)
@@ -222,26 +210,4 @@ fn applied_keys(path: &std::path::Path) -> Vec<String> {
             write["key"].as_str().unwrap().to_string()
         })
         .collect()
-}
-
-fn free_addr() -> String {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .unwrap()
-        .to_string()
-}
-
-async fn wait_for_ready(channel: &lapin::Channel, queue: &str, count: usize) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let ready = weir_kv::server::ready_messages(channel, queue).await;
-        if ready.unwrap() as usize == count {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never {count} ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

@@ -266,10 +266,7 @@ async fn a_second_server_on_the_same_queue_is_refused_and_takes_over_when_the_fi
 async fn every_metric_is_served_at_zero_from_the_start_and_readyz_follows_the_broker() {
     let Some(url) = amqp_url().await else { return };
     let queue = TestQueue::new(&url, "metrics");
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .unwrap()
-        .to_string();
+    let addr = free_addr();
     let _server = Server::start(
         &url,
         &queue.name,
@@ -329,15 +326,7 @@ async fn the_depth_probe_reads_the_messages_waiting_in_the_request_queue() {
             .await
             .unwrap();
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let ready = weir_kv::server::ready_messages(&channel, &queue.name).await;
-        if ready.unwrap() == 3 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never 3 ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_ready(&channel, &queue.name, 3).await;
     // A passive declare creates nothing: a queue that is not there is an error, not 0.
     let (_other, probe) = kv_common::channel(&url).await;
     let missing = format!("{}.missing", queue.name);

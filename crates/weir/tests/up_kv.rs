@@ -13,7 +13,7 @@ use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kv_common::{amqp_url, http_get, requester, TestQueue, REPLY_TIMEOUT, WEIR};
+use kv_common::{amqp_url, free_addr, http_get, requester, TestQueue, REPLY_TIMEOUT, WEIR};
 
 const INCREMENTS_PORT: u16 = 3333;
 
@@ -28,13 +28,6 @@ impl Drop for Up {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
@@ -53,7 +46,7 @@ fn start_up(dir: &std::path::Path, amqp_url: &str, queue: &str) -> Up {
         Duration::from_secs(120),
         || TcpListener::bind(("0.0.0.0", INCREMENTS_PORT)).is_ok(),
     );
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let metrics = free_addr();
     let mut child = Command::new(WEIR)
         .args(["--metrics-addr", &metrics, "up", "--grace-secs", "5"])
         .current_dir(dir)

@@ -147,9 +147,13 @@ impl Server {
     }
 
     pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    pub fn signal(&mut self, signal: libc::c_int) {
         let pid = self.child.id().expect("running") as i32;
         // SAFETY: plain kill(2) on a child we spawned and have not reaped.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -387,6 +391,30 @@ pub async fn start_scripts(
         scripts.push(script.await);
     }
     scripts
+}
+
+/// An address on loopback that nothing listens on (for a child process to bind).
+pub fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .to_string()
+}
+
+/// Polls the queue until exactly `count` messages are ready in it, failing after 60 s.
+pub async fn wait_for_ready(channel: &Channel, queue: &str, count: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = weir_kv::server::ready_messages(channel, queue).await;
+        if ready.expect("read the queue's depth") as usize == count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {count} ready in {queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Polls `done` until it holds, failing after `within`.
