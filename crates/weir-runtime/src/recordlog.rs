@@ -2,11 +2,14 @@
 //!
 //! A file starts with an 8-byte magic naming the format, then records of
 //! `[payload length: u32 LE][crc32c of payload: u32 LE][payload]`. A crash (or a power loss
-//! with writes still in the page cache) can leave the last record incomplete or the file's
-//! tail unwritten, and that is expected: the tail is cut, loudly. Anything else that fails its
-//! check, a record with intact records after it, is damage, and the data behind it was
-//! acknowledged: reading refuses with the file and byte offset, and only an explicit repair
-//! moves the file aside (never deletes it) to keep what came before the damage.
+//! with writes still in the page cache) can leave the last record short (its header or payload
+//! cut off by the end of the file) or the file's tail unwritten (zeros), and that is expected:
+//! the tail is cut, loudly. A complete record whose checksum fails is never a torn tail, even
+//! when it is the last one: a `write` either reached the file or did not, so a whole record
+//! with wrong bytes was changed after it was written. That, and any failed record with intact
+//! records after it, is damage, and the data behind it was acknowledged: reading refuses with
+//! the file and byte offset, and only an explicit repair moves the file aside (never deletes
+//! it) to keep what came before the damage.
 //!
 //! Zero-length payloads are not allowed, so a run of zero bytes (an unwritten tail) is never
 //! mistaken for records.
@@ -103,7 +106,8 @@ where
             Ok(None) => break,
             Err(Bad::Io(err)) => return Err(RecordLogError::io(path, err)),
             Err(Bad::Check(reason)) => {
-                if intact_record_after(path, offset + 1, max_record)? {
+                if reason == CHECKSUM_MISMATCH || intact_record_after(path, offset + 1, max_record)?
+                {
                     return Err(RecordLogError::Damaged {
                         path: path.to_path_buf(),
                         offset,
@@ -133,6 +137,9 @@ enum Bad {
     Check(&'static str),
 }
 
+/// The one failed check that a crash cannot cause: the record is all there.
+const CHECKSUM_MISMATCH: &str = "checksum mismatch on a complete record";
+
 /// `Ok(None)` at a clean end of file.
 fn next_record(
     reader: &mut impl Read,
@@ -155,7 +162,7 @@ fn next_record(
         return Err(Bad::Check("incomplete payload"));
     }
     if crc32c::crc32c(payload) != crc {
-        return Err(Bad::Check("checksum mismatch"));
+        return Err(Bad::Check(CHECKSUM_MISMATCH));
     }
     Ok(Some(()))
 }
@@ -417,6 +424,26 @@ mod tests {
                 "file untouched"
             );
         }
+    }
+
+    #[test]
+    fn a_flipped_byte_in_the_complete_last_record_is_damage_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let all = write_records(&path, 3);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - all[2].len() - HEADER;
+        let end = bytes.len();
+        bytes[end - 2] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        match read(&path) {
+            Err(RecordLogError::Damaged { offset, reason, .. }) => {
+                assert_eq!(offset, last as u64);
+                assert_eq!(reason, CHECKSUM_MISMATCH);
+            }
+            other => panic!("expected damage, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "file untouched");
     }
 
     #[test]
