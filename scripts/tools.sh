@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Installs the external tools the tests and load scripts call, when missing, from Debian's
-# packages: promtool (package prometheus; the default), wrk.
-#   scripts/tools.sh [promtool|wrk]...
+# Installs the external tools the tests, checks and load scripts call, when missing: promtool
+# (Debian's package prometheus; the default) and wrk from Debian's packages, cargo-machete from
+# crates.io (pinned by its own lock file).
+#   scripts/tools.sh [promtool|wrk|cargo-machete]...
 set -euo pipefail
 [ $# -gt 0 ] || set -- promtool
 for tool in "$@"; do
   command -v "$tool" >/dev/null && continue
   case $tool in
+    cargo-*)
+      cargo install --locked --quiet "$tool"
+      continue
+      ;;
     promtool) package=prometheus ;;
     *) package=$tool ;;
   esac
