@@ -196,6 +196,40 @@ async fn an_invalid_user_id_is_logged_counted_and_closed() {
 }
 
 #[tokio::test]
+async fn clients_past_max_clients_are_refused_counted_and_the_source_still_gets_in() {
+    let relay = Relay::start(RelayConfig {
+        max_clients: Some(3),
+        ..config()
+    })
+    .await;
+    let mut clients = Vec::new();
+    for user in 1..=3 {
+        clients.push(relay.client(&format!("{user}\n")).await);
+    }
+    // A connection that has not sent its id yet holds a place too.
+    for _ in 0..2 {
+        let mut extra = TcpStream::connect(relay.handle().clients_addr)
+            .await
+            .unwrap();
+        closed(&mut extra).await;
+    }
+    relay.wait(|s| s.counts.clients_refused == 2).await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|B\n").await.unwrap();
+    for client in &mut clients {
+        assert_eq!(read_until(client, "1|B").await, "1|B\n");
+    }
+    // A place given back is a place another client can take.
+    drop(clients.pop());
+    relay.wait(|s| s.clients_connected == 2).await;
+    let mut fourth = relay.client("4\n").await;
+    source.write_all(b"2|B\n").await.unwrap();
+    assert_eq!(read_until(&mut fourth, "2|B").await, "2|B\n");
+    assert_eq!(relay.handle().stats.snapshot().counts.clients_refused, 2);
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_disconnected_client_is_removed_at_once() {
     let relay = Relay::start(config()).await;
     let gone = relay.client("1\n").await;

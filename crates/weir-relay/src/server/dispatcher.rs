@@ -150,6 +150,7 @@ impl Dispatcher {
                 self.router.disconnect(conn);
             }
             Control::Rejected => self.counts.clients_rejected += 1,
+            Control::Refused => self.counts.clients_refused += 1,
         }
     }
 

@@ -243,6 +243,8 @@ enum Control {
         conn: ConnId,
     },
     Rejected,
+    /// A client connection closed at once: `maxClients` were open.
+    Refused,
 }
 
 enum SourceItem {
