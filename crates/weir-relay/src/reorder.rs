@@ -123,6 +123,18 @@ impl<T> ReorderWindow<T> {
         }
     }
 
+    /// Gives up on every missing number below `seq` and releases everything up to it, and
+    /// whatever follows contiguously. Used when the event numbered `seq` has waited too long:
+    /// every gap before it goes at once. Nothing happens if `seq` was already passed.
+    pub fn give_up_through(&mut self, seq: u64, out: &mut Vec<Released<T>>) {
+        if seq < self.next {
+            return;
+        }
+        // `seq` is a held number, so at most MAX_SEQUENCE: the floor fits.
+        self.release_below(seq.saturating_add(1), out);
+        self.release_ready(out);
+    }
+
     /// Releases everything held, skipping every gap: the stream has ended.
     pub fn drain_all(&mut self, out: &mut Vec<Released<T>>) {
         while self.held > 0 {
@@ -340,6 +352,22 @@ mod tests {
         );
         assert_eq!(window.next_expected(), 5);
         assert_eq!(window.held(), 1);
+    }
+
+    #[test]
+    fn give_up_through_releases_every_gap_below_the_number_at_once() {
+        let mut window = new_window(1, 100);
+        released(&mut window, &[2, 4, 6, 8, 9, 12]);
+        let mut out = Vec::new();
+        window.give_up_through(6, &mut out);
+        assert_eq!(events(&out), vec![2, 4, 6]);
+        assert_eq!(window.next_expected(), 7, "7 is missing and 6 is not late");
+        out.clear();
+        window.give_up_through(3, &mut out);
+        assert!(out.is_empty(), "already passed");
+        window.give_up_through(8, &mut out);
+        assert_eq!(events(&out), vec![8, 9], "9 follows 8 contiguously");
+        assert_eq!((window.next_expected(), window.held()), (10, 1));
     }
 
     #[test]

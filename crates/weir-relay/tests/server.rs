@@ -497,6 +497,33 @@ async fn a_gap_older_than_the_gap_timeout_is_skipped() {
     relay.stop().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn every_gap_whose_later_events_waited_the_timeout_is_given_up_at_once() {
+    let timeout = Duration::from_millis(500);
+    let relay = Relay::start(RelayConfig {
+        gap_timeout_ms: Some(timeout.as_millis() as u64),
+        ..config()
+    })
+    .await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    // Twenty gaps: every odd number up to 39 is missing, and the source stays connected.
+    let lines: String = (1..=20).map(|n| format!("{}|B\n", 2 * n)).collect();
+    source.write_all(lines.as_bytes()).await.unwrap();
+    relay.wait(|s| s.reorder_window == 20).await;
+    // Time is paused: it moves only to the relay's next timer, so this is virtual time.
+    let held = tokio::time::Instant::now();
+    assert_eq!(read_until(&mut client, "40|B").await, lines);
+    let waited = held.elapsed();
+    assert!(
+        waited < 2 * timeout,
+        "twenty gaps took {waited:?}: one timeout each instead of one for all"
+    );
+    let snapshot = relay.wait(|s| s.counts.events_delivered == 20).await;
+    assert_eq!(snapshot.counts.gaps_skipped, 20);
+    relay.stop().await;
+}
+
 #[tokio::test]
 async fn without_a_gap_timeout_a_connected_source_keeps_the_gap_open() {
     let relay = Relay::start(config()).await;
