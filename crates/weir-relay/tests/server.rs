@@ -426,6 +426,25 @@ async fn in_resume_mode_a_new_source_continues_the_stream_and_the_graph() {
     relay.stop().await;
 }
 
+#[tokio::test]
+async fn in_resume_mode_a_source_is_told_where_the_stream_continues() {
+    let relay = Relay::start(RelayConfig {
+        source_mode: SourceMode::Resume,
+        ..config()
+    })
+    .await;
+    let mut source = relay.source().await;
+    assert_eq!(read_until(&mut source, "\n").await, "next|1\n");
+    // 3 is held behind the missing 2 when the source leaves: 2 is where it continues.
+    source.write_all(b"1|B\n3|B\n").await.unwrap();
+    relay.wait(|s| s.counts.events_received == 2).await;
+    drop(source);
+    relay.wait(|s| s.sources_connected == 0).await;
+    let mut source = relay.source().await;
+    assert_eq!(read_until(&mut source, "\n").await, "next|2\n");
+    relay.stop().await;
+}
+
 fn state_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("relay.state")
 }

@@ -150,7 +150,7 @@ impl Dispatcher {
 
     fn on_source(&mut self, message: SourceMessage) {
         match message {
-            SourceMessage::Started { peer } => {
+            SourceMessage::Started { peer, position } => {
                 let resume = self.config.source_mode == SourceMode::Resume;
                 self.stats.set_sources_connected(1);
                 if !resume {
@@ -161,6 +161,8 @@ impl Dispatcher {
                     }
                     self.clock.clear();
                 }
+                // The session may be gone already; then there is nobody to tell.
+                let _ = position.send(self.window.next_expected());
                 info_limited!(
                     SOURCE_LOG,
                     %peer,

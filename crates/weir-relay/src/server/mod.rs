@@ -253,8 +253,11 @@ enum SourceItem {
 }
 
 enum SourceMessage {
+    /// A source connected. `position` is told the number the stream continues from, once
+    /// the dispatcher has taken the source on (so no event of it is read before).
     Started {
         peer: SocketAddr,
+        position: tokio::sync::oneshot::Sender<u64>,
     },
     /// The items of one read, and when that read returned (their receipt time).
     Batch {
