@@ -277,16 +277,16 @@ mod tests {
     #[test]
     fn a_far_jump_is_one_gap_not_a_walk() {
         let mut window = new_window(1, 10);
-        let out = released(&mut window, &[u64::MAX - 2]);
+        let out = released(&mut window, &[MAX_SEQUENCE - 2]);
         assert_eq!(
             out[0],
             Released::Gap {
                 first: 1,
-                count: u64::MAX - 12
+                count: MAX_SEQUENCE - 12
             }
         );
         assert_eq!(window.held(), 1);
-        assert_eq!(window.next_expected(), u64::MAX - 11);
+        assert_eq!(window.next_expected(), MAX_SEQUENCE - 11);
     }
 
     #[test]
@@ -319,20 +319,22 @@ mod tests {
             Insert::Accepted
         );
         assert_eq!(events(&out), vec![MAX_SEQUENCE]);
-        assert_eq!(window.next_expected(), u64::MAX);
-        assert_eq!(
-            window.insert(u64::MAX, 0, &mut out),
-            Insert::TooFarAhead,
-            "past the last number there is nothing"
-        );
+        assert_eq!(window.next_expected(), MAX_SEQUENCE + 1);
+        for past in [MAX_SEQUENCE + 1, u64::MAX] {
+            assert_eq!(
+                window.insert(past, 0, &mut out),
+                Insert::TooFarAhead,
+                "past the last number there is nothing"
+            );
+        }
         assert_eq!(window.insert(1, 1, &mut out), Insert::Stale);
-        assert_eq!(window.next_expected(), u64::MAX, "no wrap to 0");
-        let mut fresh = new_window(u64::MAX - 3, 2);
+        assert_eq!(window.next_expected(), MAX_SEQUENCE + 1, "no wrap to 0");
+        let mut fresh = new_window(MAX_SEQUENCE - 2, 2);
         assert_eq!(fresh.insert(u64::MAX, 0, &mut out), Insert::TooFarAhead);
         out.clear();
         fresh.insert(MAX_SEQUENCE, MAX_SEQUENCE, &mut out);
         fresh.drain_all(&mut out);
-        assert_eq!(fresh.next_expected(), u64::MAX);
+        assert_eq!(fresh.next_expected(), MAX_SEQUENCE + 1);
         assert_eq!(events(&out), vec![MAX_SEQUENCE]);
     }
 

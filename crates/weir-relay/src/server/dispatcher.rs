@@ -43,6 +43,8 @@ pub(super) struct Dispatcher {
     gaps: Option<GapTimer<tokio::time::Instant>>,
     state_dirty: bool,
     state_writer: Option<StateWriter>,
+    /// No save before this: a large graph is saved less often (see `state::save_spacing`).
+    next_save: tokio::time::Instant,
     /// Bytes queued for all clients together (see `QueuedBytes`).
     queued_total: Arc<AtomicUsize>,
     /// Receipt times of held events: the delivery latency samples and the oldest's age.
@@ -89,6 +91,7 @@ impl Dispatcher {
             gaps,
             state_dirty: false,
             state_writer,
+            next_save: tokio::time::Instant::now(),
             queued_total,
             clock: DeliveryClock::default(),
         })
@@ -372,15 +375,22 @@ impl Dispatcher {
             .set_gauges(self.router.client_count(), self.window.held(), oldest);
     }
 
-    /// Hands the state writer a snapshot if anything changed since the last one.
+    /// Hands the state writer a snapshot if anything changed since the last one, unless the
+    /// last save was too recent for what saves cost.
     fn save_state(&mut self) {
-        if !std::mem::take(&mut self.state_dirty) {
+        let now = tokio::time::Instant::now();
+        if !self.state_dirty || now < self.next_save {
             return;
         }
-        let snapshot = self.capture_state();
-        if let Some(writer) = &self.state_writer {
-            writer.submit(snapshot);
-        }
+        let Some(writer) = &self.state_writer else {
+            return;
+        };
+        self.state_dirty = false;
+        let started = Instant::now();
+        let snapshot = StreamState::capture(self.window.next_expected(), self.router.graph());
+        let cost = started.elapsed() + writer.last_cost();
+        writer.submit(snapshot);
+        self.next_save = now + crate::state::save_spacing(self.config.state_interval(), cost);
     }
 
     fn capture_state(&self) -> StreamState {
