@@ -55,6 +55,11 @@ pub struct RelayConfig {
     pub max_line_length: usize,
     /// How long a new client may take to send its user id.
     pub client_id_timeout_ms: u64,
+    /// Most user client connections open at once, those still to send their id included;
+    /// past it a new one is closed at once. Unset: the process's descriptor limit
+    /// (`ulimit -n`) less [`RESERVED_DESCRIPTORS`], so clients alone can never exhaust the
+    /// descriptors the source, the metrics page and the state file need.
+    pub max_clients: Option<usize>,
 }
 
 impl Default for RelayConfig {
@@ -73,6 +78,7 @@ impl Default for RelayConfig {
             max_queued_bytes: 64 << 20,
             max_line_length: 1_024,
             client_id_timeout_ms: 10_000,
+            max_clients: None,
         }
     }
 }
@@ -88,6 +94,11 @@ pub enum RelayConfigError {
 
 /// Shortest `maxLineLength`: room for a follow event with short ids and its terminator.
 pub const MIN_LINE_LENGTH: usize = 16;
+
+/// Descriptors user clients can never take: the event source (and a second one being
+/// refused), both listeners, the metrics listener and a few scrapes, the state file, its
+/// lock and temporary copy, the standard streams and the runtime's own.
+pub const RESERVED_DESCRIPTORS: u64 = 64;
 
 /// How many windows ahead an event may be when `maxSequenceAhead` is unset.
 const DEFAULT_WINDOWS_AHEAD: u64 = 10;
@@ -149,6 +160,7 @@ impl RelayConfig {
                 ),
             ));
         }
+        self.client_cap()?;
         if self.state_file.is_some() && self.source_mode == SourceMode::Reset {
             return Err(invalid(
                 "stateFile",
@@ -157,6 +169,11 @@ impl RelayConfig {
             ));
         }
         Ok(())
+    }
+
+    /// `maxClients`, or its default, checked against this process's descriptor limit.
+    pub fn client_cap(&self) -> Result<usize, RelayConfigError> {
+        client_cap(self.max_clients, descriptor_limit())
     }
 
     pub fn window_capacity(&self) -> Result<NonZeroUsize, RelayConfigError> {
@@ -180,6 +197,46 @@ impl RelayConfig {
     pub fn client_id_timeout(&self) -> Duration {
         Duration::from_millis(self.client_id_timeout_ms)
     }
+}
+
+fn client_cap(max_clients: Option<usize>, limit: u64) -> Result<usize, RelayConfigError> {
+    let room = limit.saturating_sub(RESERVED_DESCRIPTORS);
+    let room_usize = usize::try_from(room).unwrap_or(usize::MAX);
+    match max_clients {
+        Some(0) => Err(invalid("maxClients", "must be at least 1")),
+        Some(wanted) if wanted > room_usize => Err(invalid(
+            "maxClients",
+            format!(
+                "must leave {RESERVED_DESCRIPTORS} of the {limit} descriptors this process may \
+                 open (ulimit -n) to the event source, the metrics page and the state file: \
+                 at most {room}, got {wanted}"
+            ),
+        )),
+        Some(wanted) => Ok(wanted),
+        None if room == 0 => Err(invalid(
+            "maxClients",
+            format!(
+                "has no room: the descriptor limit (ulimit -n) is {limit} and \
+                 {RESERVED_DESCRIPTORS} are kept for the event source, the metrics page and \
+                 the state file; raise the limit"
+            ),
+        )),
+        None => Ok(room_usize),
+    }
+}
+
+/// The soft limit on open descriptors (`RLIM_INFINITY` reads as `u64::MAX`).
+fn descriptor_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is handed, which lives on this stack.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        // Unknown: the kernel enforces whatever it is, and accept errors are survived.
+        return u64::MAX;
+    }
+    limit.rlim_cur
 }
 
 fn positive(key: &'static str, value: u64) -> Result<(), RelayConfigError> {
@@ -254,6 +311,10 @@ pub struct ServeFlags {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_id_timeout_ms: Option<u64>,
+    /// Most user client connections at once [default: the descriptor limit less 64].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_clients: Option<usize>,
 }
 
 impl ServeFlags {
@@ -385,10 +446,43 @@ mod tests {
                 },
                 "stateFile",
             ),
+            (
+                RelayConfig {
+                    max_clients: Some(0),
+                    ..base()
+                },
+                "maxClients",
+            ),
+            (
+                RelayConfig {
+                    max_clients: Some(usize::MAX),
+                    ..base()
+                },
+                "maxClients",
+            ),
         ];
         for (config, key) in cases {
             assert_eq!(rejected_key(config), key);
         }
+    }
+
+    #[test]
+    fn the_client_cap_leaves_descriptors_for_the_source_and_metrics() {
+        assert_eq!(client_cap(None, 20_000).unwrap(), 20_000 - 64);
+        assert_eq!(client_cap(Some(100), 20_000).unwrap(), 100);
+        assert_eq!(client_cap(Some(19_936), 20_000).unwrap(), 19_936);
+        let too_many = client_cap(Some(19_937), 20_000).unwrap_err().to_string();
+        assert!(
+            too_many.contains("maxClients") && too_many.contains("at most 19936"),
+            "{too_many}"
+        );
+        let no_room = client_cap(None, 64).unwrap_err().to_string();
+        assert!(no_room.contains("maxClients"), "{no_room}");
+        assert_eq!(
+            client_cap(None, u64::MAX).unwrap() as u64,
+            u64::MAX - 64,
+            "no limit: no cap worth the name"
+        );
     }
 
     #[test]

@@ -7,9 +7,12 @@
 
 use std::fmt;
 
-/// The largest sequence number accepted: one below `u64::MAX`, so that "the number after the
-/// last one handled" always fits in a `u64` and nothing that counts sequence numbers wraps.
-pub const MAX_SEQUENCE: u64 = u64::MAX - 1;
+/// The largest sequence number accepted: 2^53 − 1, the largest integer every JSON reader
+/// holds exactly (the state file stores the next number), and more than a stream of 10M
+/// events a second reaches in 28 years. So a state file or event beyond it is corrupt, not a
+/// long stream, and "the number after the last one handled" fits in a `u64` with room to
+/// spare: nothing that counts sequence numbers wraps.
+pub const MAX_SEQUENCE: u64 = (1 << 53) - 1;
 
 /// Kinds of event, with the letter the protocol uses for each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +244,11 @@ mod tests {
         assert_eq!(
             bad("18446744073709551615|B\n").reason,
             "sequence number out of range"
+        );
+        assert_eq!(
+            bad("9007199254740992|B\n").reason,
+            "sequence number out of range",
+            "past 2^53 - 1"
         );
         assert_eq!(
             bad("5|X|1|2\n"),

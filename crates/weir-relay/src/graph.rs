@@ -15,8 +15,13 @@ impl FollowGraph {
         Self::default()
     }
 
-    /// `follower` now follows `followed`. Returns whether the edge is new.
+    /// `follower` now follows `followed`. Returns whether the edge is new. Following oneself
+    /// records nothing (the event is still delivered): a user's own status updates are not
+    /// sent back to them, and the state file never holds such an edge.
     pub fn follow(&mut self, follower: u64, followed: u64) -> bool {
+        if follower == followed {
+            return false;
+        }
         let added = self.followers.entry(followed).or_default().insert(follower);
         self.edges += usize::from(added);
         added
@@ -88,6 +93,13 @@ mod tests {
         followers.sort();
         assert_eq!(followers, vec![1, 3]);
         assert_eq!(graph.edges(), 2);
+    }
+
+    #[test]
+    fn a_self_follow_is_not_recorded() {
+        let mut graph = FollowGraph::new();
+        assert!(!graph.follow(4, 4));
+        assert_eq!((graph.edges(), graph.followers_of(4).count()), (0, 0));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Pure logic, synchronous and unit-tested:
 //! - [`event`]: one source line to an [`event::Event`] (or a reason it is malformed).
 //! - [`reorder`]: the bounded reorder window and its gap policy.
+//! - [`gap_timer`]: when `--gap-timeout-ms` gives up on missing numbers.
 //! - [`graph`]: who follows whom.
 //! - [`router`]: which connected clients an event notifies, batching their bytes.
 //! - [`queue_budget`]: which clients to drop when all queues together are over the cap.
@@ -22,6 +23,7 @@ pub mod check;
 pub mod config;
 pub mod delivery;
 pub mod event;
+pub mod gap_timer;
 pub mod graph;
 pub mod queue_budget;
 pub mod reorder;

@@ -123,6 +123,18 @@ impl<T> ReorderWindow<T> {
         }
     }
 
+    /// Gives up on every missing number below `seq` and releases everything up to it, and
+    /// whatever follows contiguously. Used when the event numbered `seq` has waited too long:
+    /// every gap before it goes at once. Nothing happens if `seq` was already passed.
+    pub fn give_up_through(&mut self, seq: u64, out: &mut Vec<Released<T>>) {
+        if seq < self.next {
+            return;
+        }
+        // `seq` is a held number, so at most MAX_SEQUENCE: the floor fits.
+        self.release_below(seq.saturating_add(1), out);
+        self.release_ready(out);
+    }
+
     /// Releases everything held, skipping every gap: the stream has ended.
     pub fn drain_all(&mut self, out: &mut Vec<Released<T>>) {
         while self.held > 0 {
@@ -265,16 +277,16 @@ mod tests {
     #[test]
     fn a_far_jump_is_one_gap_not_a_walk() {
         let mut window = new_window(1, 10);
-        let out = released(&mut window, &[u64::MAX - 2]);
+        let out = released(&mut window, &[MAX_SEQUENCE - 2]);
         assert_eq!(
             out[0],
             Released::Gap {
                 first: 1,
-                count: u64::MAX - 12
+                count: MAX_SEQUENCE - 12
             }
         );
         assert_eq!(window.held(), 1);
-        assert_eq!(window.next_expected(), u64::MAX - 11);
+        assert_eq!(window.next_expected(), MAX_SEQUENCE - 11);
     }
 
     #[test]
@@ -307,20 +319,22 @@ mod tests {
             Insert::Accepted
         );
         assert_eq!(events(&out), vec![MAX_SEQUENCE]);
-        assert_eq!(window.next_expected(), u64::MAX);
-        assert_eq!(
-            window.insert(u64::MAX, 0, &mut out),
-            Insert::TooFarAhead,
-            "past the last number there is nothing"
-        );
+        assert_eq!(window.next_expected(), MAX_SEQUENCE + 1);
+        for past in [MAX_SEQUENCE + 1, u64::MAX] {
+            assert_eq!(
+                window.insert(past, 0, &mut out),
+                Insert::TooFarAhead,
+                "past the last number there is nothing"
+            );
+        }
         assert_eq!(window.insert(1, 1, &mut out), Insert::Stale);
-        assert_eq!(window.next_expected(), u64::MAX, "no wrap to 0");
-        let mut fresh = new_window(u64::MAX - 3, 2);
+        assert_eq!(window.next_expected(), MAX_SEQUENCE + 1, "no wrap to 0");
+        let mut fresh = new_window(MAX_SEQUENCE - 2, 2);
         assert_eq!(fresh.insert(u64::MAX, 0, &mut out), Insert::TooFarAhead);
         out.clear();
         fresh.insert(MAX_SEQUENCE, MAX_SEQUENCE, &mut out);
         fresh.drain_all(&mut out);
-        assert_eq!(fresh.next_expected(), u64::MAX);
+        assert_eq!(fresh.next_expected(), MAX_SEQUENCE + 1);
         assert_eq!(events(&out), vec![MAX_SEQUENCE]);
     }
 
@@ -340,6 +354,22 @@ mod tests {
         );
         assert_eq!(window.next_expected(), 5);
         assert_eq!(window.held(), 1);
+    }
+
+    #[test]
+    fn give_up_through_releases_every_gap_below_the_number_at_once() {
+        let mut window = new_window(1, 100);
+        released(&mut window, &[2, 4, 6, 8, 9, 12]);
+        let mut out = Vec::new();
+        window.give_up_through(6, &mut out);
+        assert_eq!(events(&out), vec![2, 4, 6]);
+        assert_eq!(window.next_expected(), 7, "7 is missing and 6 is not late");
+        out.clear();
+        window.give_up_through(3, &mut out);
+        assert!(out.is_empty(), "already passed");
+        window.give_up_through(8, &mut out);
+        assert_eq!(events(&out), vec![8, 9], "9 follows 8 contiguously");
+        assert_eq!((window.next_expected(), window.held()), (10, 1));
     }
 
     #[test]

@@ -5,52 +5,49 @@
 //! leaves the previous state, never a torn one.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::event::MAX_SEQUENCE;
 use crate::graph::FollowGraph;
 
+/// Each message names the file and says what is wrong in full. The underlying error is in
+/// the message and deliberately not also a `source()`: `anyhow`'s `{:#}` prints the chain, and
+/// would print it twice ("X: X").
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot read the state file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("the state file {path} is not valid: {source}")]
+    #[error("cannot read the state file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
+    #[error("the state file {path} is not valid: {error}")]
     Corrupt {
         path: String,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error(
         "the state file {path} has version {version}; this relay reads version {FORMAT_VERSION}"
     )]
     Version { path: String, version: u32 },
-    #[error("cannot write the state file {path}: {source}")]
-    Write {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("cannot lock the state file {path}: {source}")]
-    Lock {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot write the state file {path}: {error}")]
+    Write { path: String, error: std::io::Error },
+    #[error("cannot lock the state file {path}: {error}")]
+    Lock { path: String, error: std::io::Error },
     #[error(
         "the state file {path} is in use by another relay ({holder}); \
          a state file belongs to one process at a time"
     )]
     Locked { path: String, holder: String },
-    #[error("the state file {path} is not valid: nextSequence must be at least 1")]
-    ZeroSequence { path: String },
+    /// Well-formed JSON that no relay writes: refused like a bad config value, naming the
+    /// field, rather than making every later event stale or the graph nonsense.
+    #[error("the state file {path} is not valid: {problem}")]
+    Invalid { path: String, problem: String },
 }
 
 const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StreamState {
     pub version: u32,
     pub next_sequence: u64,
@@ -80,17 +77,17 @@ pub fn load(path: &Path) -> Result<Option<StreamState>, StateError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
+        Err(error) => {
             return Err(StateError::Read {
                 path: display(),
-                source,
+                error,
             })
         }
     };
     let state: StreamState =
-        serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt {
+        serde_json::from_slice(&bytes).map_err(|error| StateError::Corrupt {
             path: display(),
-            source,
+            error,
         })?;
     if state.version != FORMAT_VERSION {
         return Err(StateError::Version {
@@ -98,10 +95,43 @@ pub fn load(path: &Path) -> Result<Option<StreamState>, StateError> {
             version: state.version,
         });
     }
-    if state.next_sequence == 0 {
-        return Err(StateError::ZeroSequence { path: display() });
+    if let Err(problem) = state.check() {
+        return Err(StateError::Invalid {
+            path: display(),
+            problem,
+        });
     }
     Ok(Some(state))
+}
+
+impl StreamState {
+    /// What a relay could have written: a next number in the sequence range (or just past
+    /// its end), and edges sorted, each once, none a self-follow (the graph records none).
+    fn check(&self) -> Result<(), String> {
+        let most = MAX_SEQUENCE + 1;
+        if !(1..=most).contains(&self.next_sequence) {
+            return Err(format!(
+                "nextSequence must be between 1 and {most} (sequence numbers end at \
+                 {MAX_SEQUENCE}), got {}",
+                self.next_sequence
+            ));
+        }
+        for (index, &(follower, followed)) in self.follows.iter().enumerate() {
+            if follower == followed {
+                return Err(format!(
+                    "follows[{index}] is a self-follow ({follower}, {followed}); the relay \
+                     records none"
+                ));
+            }
+            if index > 0 && self.follows[index - 1] >= (follower, followed) {
+                return Err(format!(
+                    "follows[{index}] ({follower}, {followed}) is repeated or out of order; \
+                     the relay writes each edge once, sorted"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Held while this process owns the state file; dropping it releases the lock.
@@ -114,9 +144,9 @@ pub struct StateLock {
 /// overwrite the other's position, so the second is refused and told who holds it. `flock`
 /// dies with its process, `kill -9` included, so a lock is never stale.
 pub fn lock(path: &Path) -> Result<StateLock, StateError> {
-    let fail = |source| StateError::Lock {
+    let fail = |error| StateError::Lock {
         path: path.display().to_string(),
-        source,
+        error,
     };
     match weir_runtime::datadir::lock_file(&lock_path(path)).map_err(fail)? {
         Ok(file) => Ok(StateLock { _file: file }),
@@ -133,19 +163,33 @@ fn lock_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// How many times its own cost a save waits before the next one: saving takes at most about
+/// a tenth of the time, however large the graph.
+pub const SAVE_COST_FACTOR: u32 = 10;
+
+/// How long after a save the next may start: `interval`, or longer when a save costs more
+/// than a tenth of it (`cost`: copying the graph plus writing the file, as last measured).
+/// A graph of millions of edges is then rewritten every few seconds instead of every
+/// second; the file is further behind, and a source resumes from it (see `next|N`).
+pub fn save_spacing(interval: Duration, cost: Duration) -> Duration {
+    interval.max(cost.saturating_mul(SAVE_COST_FACTOR))
+}
+
 /// Writes `state` whole (edges sorted, so the file is stable) and makes it durable.
 pub fn save(path: &Path, mut state: StreamState) -> Result<(), StateError> {
     state.follows.sort_unstable();
-    let fail = |source| StateError::Write {
+    let fail = |error| StateError::Write {
         path: path.display().to_string(),
-        source,
+        error,
     };
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
     tmp_name.push(".tmp");
     let tmp = path.with_file_name(tmp_name);
-    let bytes = serde_json::to_vec(&state).map_err(|err| fail(std::io::Error::other(err)))?;
-    let mut file = std::fs::File::create(&tmp).map_err(fail)?;
-    file.write_all(&bytes).map_err(fail)?;
+    let file = std::fs::File::create(&tmp).map_err(fail)?;
+    // Streamed: a 3M-edge graph is 41 MB of JSON, which need not exist in memory at once.
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    serde_json::to_writer(&mut out, &state).map_err(|err| fail(std::io::Error::other(err)))?;
+    let file = out.into_inner().map_err(|err| fail(err.into_error()))?;
     file.sync_all().map_err(fail)?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(fail)?;
@@ -217,14 +261,118 @@ mod tests {
     }
 
     #[test]
-    fn a_zero_next_sequence_is_corrupt() {
+    fn a_save_that_costs_more_than_a_tenth_of_the_interval_spaces_the_next_out() {
+        let second = Duration::from_secs(1);
+        assert_eq!(save_spacing(second, Duration::from_millis(20)), second);
+        assert_eq!(save_spacing(second, Duration::from_millis(100)), second);
+        assert_eq!(
+            save_spacing(second, Duration::from_millis(450)),
+            Duration::from_millis(4_500)
+        );
+    }
+
+    /// `cargo test --release -p weir-relay -- --ignored --nocapture cost_of_a_large_state`:
+    /// what one save of a 3M-edge graph costs (the README's figures).
+    #[test]
+    #[ignore]
+    fn cost_of_a_large_state() {
+        let edges = 3_000_000u64;
+        let graph = FollowGraph::from_edges((0..edges).map(|i| (i % 1_000 + 1, i / 1_000 + 1)));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.state");
+        for _ in 0..3 {
+            let started = std::time::Instant::now();
+            let state = StreamState::capture(123_456_789, &graph);
+            let captured = started.elapsed();
+            save(&path, state).unwrap();
+            let size = std::fs::metadata(&path).unwrap().len();
+            println!(
+                "{edges} edges: capture {captured:?}, capture + sort + write + fsync {:?}, {size} bytes",
+                started.elapsed()
+            );
+        }
+        let started = std::time::Instant::now();
+        let loaded = load(&path).unwrap().unwrap();
+        let graph = loaded.graph();
+        println!(
+            "load and rebuild: {:?}, {} edges",
+            started.elapsed(),
+            graph.edges()
+        );
+    }
+
+    /// The message and every `source()` after it, as `anyhow` prints them with `{:#}`.
+    fn chain(err: &dyn std::error::Error) -> String {
+        let mut text = err.to_string();
+        let mut cause = err.source();
+        while let Some(next) = cause {
+            text.push_str(": ");
+            text.push_str(&next.to_string());
+            cause = next.source();
+        }
+        text
+    }
+
+    fn refusal(json: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.state");
+        std::fs::write(&path, json).unwrap();
+        match load(&path) {
+            Err(err @ StateError::Invalid { .. }) => chain(&err),
+            other => panic!("{json} was not refused as invalid: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_state_no_relay_writes_is_refused_naming_the_field() {
+        let max = MAX_SEQUENCE + 1;
+        for next in [0, max + 1, 1_000_000_000_000_000_000, u64::MAX] {
+            let text = refusal(&format!(
+                r#"{{"version": 1, "nextSequence": {next}, "follows": []}}"#
+            ));
+            assert!(text.contains("nextSequence"), "{text}");
+        }
+        let text = refusal(r#"{"version": 1, "nextSequence": 5, "follows": [[1, 2], [3, 3]]}"#);
+        assert!(text.contains("follows[1] is a self-follow"), "{text}");
+        let text = refusal(r#"{"version": 1, "nextSequence": 5, "follows": [[1, 2], [1, 2]]}"#);
+        assert!(text.contains("follows[1] (1, 2) is repeated"), "{text}");
+        let text = refusal(r#"{"version": 1, "nextSequence": 5, "follows": [[3, 2], [1, 2]]}"#);
+        assert!(text.contains("out of order"), "{text}");
+        // The largest value a relay can write is accepted.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.state");
         std::fs::write(
             &path,
-            br#"{"version": 1, "nextSequence": 0, "follows": []}"#,
+            format!(r#"{{"version": 1, "nextSequence": {max}, "follows": [[1, 2]]}}"#),
         )
         .unwrap();
-        assert!(matches!(load(&path), Err(StateError::ZeroSequence { .. })));
+        assert_eq!(load(&path).unwrap().unwrap().next_sequence, max);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.state");
+        std::fs::write(
+            &path,
+            br#"{"version": 1, "nextSequence": 5, "follows": [], "nextSeq": 9}"#,
+        )
+        .unwrap();
+        let err = load(&path).unwrap_err();
+        assert!(matches!(err, StateError::Corrupt { .. }), "{err:?}");
+        assert!(chain(&err).contains("unknown field `nextSeq`"), "{err}");
+    }
+
+    #[test]
+    fn the_cause_of_a_refusal_is_printed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.state");
+        std::fs::write(&path, b"{\"version\": 1, \"nextSeq").unwrap();
+        let text = chain(&load(&path).unwrap_err());
+        assert_eq!(text.matches("EOF while parsing").count(), 1, "{text}");
+        let unreadable = dir.path().join("a-directory");
+        std::fs::create_dir(&unreadable).unwrap();
+        let text = chain(&load(&unreadable).unwrap_err());
+        assert_eq!(text.matches("Is a directory").count(), 1, "{text}");
     }
 }

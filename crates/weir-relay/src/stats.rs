@@ -23,6 +23,7 @@ pub struct Counts {
     pub clients_dropped_slow: u64,
     pub clients_dropped_queue_budget: u64,
     pub clients_rejected: u64,
+    pub clients_refused: u64,
     pub sources_refused: u64,
 }
 
@@ -47,6 +48,7 @@ const NOTIFICATIONS_SENT: &str = "weir_relay_notifications_sent_total";
 const CLIENTS_DROPPED_SLOW: &str = "weir_relay_clients_dropped_slow_total";
 const CLIENTS_DROPPED_QUEUE_BUDGET: &str = "weir_relay_clients_dropped_queue_budget_total";
 const CLIENTS_REJECTED: &str = "weir_relay_clients_rejected_total";
+const CLIENTS_REFUSED: &str = "weir_relay_clients_refused_total";
 const SOURCES_REFUSED: &str = "weir_relay_sources_refused_total";
 const CLIENTS_CONNECTED: &str = "weir_relay_clients_connected";
 const REORDER_WINDOW: &str = "weir_relay_reorder_window";
@@ -73,6 +75,7 @@ const METRICS: &[MetricSpec] = &[
     (CLIENTS_DROPPED_SLOW, MetricKind::Counter, "User clients disconnected because their own queue was full."),
     (CLIENTS_DROPPED_QUEUE_BUDGET, MetricKind::Counter, "User clients disconnected to keep the relay's total queued bytes within budget."),
     (CLIENTS_REJECTED, MetricKind::Counter, "User client connections closed without a valid user id line."),
+    (CLIENTS_REFUSED, MetricKind::Counter, "User client connections closed at once because maxClients connections were open."),
     (SOURCES_REFUSED, MetricKind::Counter, "Event source connections refused because another source was connected."),
     (CLIENTS_CONNECTED, MetricKind::Gauge, "User clients connected now."),
     (REORDER_WINDOW, MetricKind::Gauge, "Events held in the reorder window, waiting for an earlier sequence number."),
@@ -95,6 +98,7 @@ struct Handles {
     clients_dropped_slow: Counter,
     clients_dropped_queue_budget: Counter,
     clients_rejected: Counter,
+    clients_refused: Counter,
     sources_refused: Counter,
     clients_connected: Gauge,
     reorder_window: Gauge,
@@ -126,6 +130,7 @@ impl Handles {
             clients_dropped_slow: metrics::counter!(CLIENTS_DROPPED_SLOW),
             clients_dropped_queue_budget: metrics::counter!(CLIENTS_DROPPED_QUEUE_BUDGET),
             clients_rejected: metrics::counter!(CLIENTS_REJECTED),
+            clients_refused: metrics::counter!(CLIENTS_REFUSED),
             sources_refused: metrics::counter!(SOURCES_REFUSED),
             clients_connected: metrics::gauge!(CLIENTS_CONNECTED),
             reorder_window: metrics::gauge!(REORDER_WINDOW),
@@ -149,6 +154,7 @@ pub struct RelayStats {
     clients_dropped_slow: AtomicU64,
     clients_dropped_queue_budget: AtomicU64,
     clients_rejected: AtomicU64,
+    clients_refused: AtomicU64,
     sources_refused: AtomicU64,
     clients_connected: AtomicU64,
     reorder_window: AtomicU64,
@@ -177,6 +183,7 @@ impl RelayStats {
             clients_dropped_slow: zero(),
             clients_dropped_queue_budget: zero(),
             clients_rejected: zero(),
+            clients_refused: zero(),
             sources_refused: zero(),
             clients_connected: zero(),
             reorder_window: zero(),
@@ -229,6 +236,11 @@ impl RelayStats {
                 &self.clients_rejected,
                 counts.clients_rejected,
                 &h.clients_rejected,
+            ),
+            (
+                &self.clients_refused,
+                counts.clients_refused,
+                &h.clients_refused,
             ),
             (
                 &self.sources_refused,
@@ -292,6 +304,7 @@ impl RelayStats {
                 clients_dropped_slow: load(&self.clients_dropped_slow),
                 clients_dropped_queue_budget: load(&self.clients_dropped_queue_budget),
                 clients_rejected: load(&self.clients_rejected),
+                clients_refused: load(&self.clients_refused),
                 sources_refused: load(&self.sources_refused),
             },
             clients_connected: load(&self.clients_connected),
@@ -395,6 +408,7 @@ mod tests {
             clients_dropped_slow: 1,
             clients_dropped_queue_budget: 1,
             clients_rejected: 1,
+            clients_refused: 1,
             sources_refused: 1,
         };
         // The handles were made with the relay's stats: no lookup by name afterwards.

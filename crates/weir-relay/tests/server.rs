@@ -196,6 +196,40 @@ async fn an_invalid_user_id_is_logged_counted_and_closed() {
 }
 
 #[tokio::test]
+async fn clients_past_max_clients_are_refused_counted_and_the_source_still_gets_in() {
+    let relay = Relay::start(RelayConfig {
+        max_clients: Some(3),
+        ..config()
+    })
+    .await;
+    let mut clients = Vec::new();
+    for user in 1..=3 {
+        clients.push(relay.client(&format!("{user}\n")).await);
+    }
+    // A connection that has not sent its id yet holds a place too.
+    for _ in 0..2 {
+        let mut extra = TcpStream::connect(relay.handle().clients_addr)
+            .await
+            .unwrap();
+        closed(&mut extra).await;
+    }
+    relay.wait(|s| s.counts.clients_refused == 2).await;
+    let mut source = relay.source().await;
+    source.write_all(b"1|B\n").await.unwrap();
+    for client in &mut clients {
+        assert_eq!(read_until(client, "1|B").await, "1|B\n");
+    }
+    // A place given back is a place another client can take.
+    drop(clients.pop());
+    relay.wait(|s| s.clients_connected == 2).await;
+    let mut fourth = relay.client("4\n").await;
+    source.write_all(b"2|B\n").await.unwrap();
+    assert_eq!(read_until(&mut fourth, "2|B").await, "2|B\n");
+    assert_eq!(relay.handle().stats.snapshot().counts.clients_refused, 2);
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn a_disconnected_client_is_removed_at_once() {
     let relay = Relay::start(config()).await;
     let gone = relay.client("1\n").await;
@@ -392,6 +426,25 @@ async fn in_resume_mode_a_new_source_continues_the_stream_and_the_graph() {
     relay.stop().await;
 }
 
+#[tokio::test]
+async fn in_resume_mode_a_source_is_told_where_the_stream_continues() {
+    let relay = Relay::start(RelayConfig {
+        source_mode: SourceMode::Resume,
+        ..config()
+    })
+    .await;
+    let mut source = relay.source().await;
+    assert_eq!(read_until(&mut source, "\n").await, "next|1\n");
+    // 3 is held behind the missing 2 when the source leaves: 2 is where it continues.
+    source.write_all(b"1|B\n3|B\n").await.unwrap();
+    relay.wait(|s| s.counts.events_received == 2).await;
+    drop(source);
+    relay.wait(|s| s.sources_connected == 0).await;
+    let mut source = relay.source().await;
+    assert_eq!(read_until(&mut source, "\n").await, "next|2\n");
+    relay.stop().await;
+}
+
 fn state_path(dir: &tempfile::TempDir) -> PathBuf {
     dir.path().join("relay.state")
 }
@@ -460,6 +513,33 @@ async fn a_gap_older_than_the_gap_timeout_is_skipped() {
             .events_delivered,
         2
     );
+    relay.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_gap_whose_later_events_waited_the_timeout_is_given_up_at_once() {
+    let timeout = Duration::from_millis(500);
+    let relay = Relay::start(RelayConfig {
+        gap_timeout_ms: Some(timeout.as_millis() as u64),
+        ..config()
+    })
+    .await;
+    let mut client = relay.client("1\n").await;
+    let mut source = relay.source().await;
+    // Twenty gaps: every odd number up to 39 is missing, and the source stays connected.
+    let lines: String = (1..=20).map(|n| format!("{}|B\n", 2 * n)).collect();
+    source.write_all(lines.as_bytes()).await.unwrap();
+    relay.wait(|s| s.reorder_window == 20).await;
+    // Time is paused: it moves only to the relay's next timer, so this is virtual time.
+    let held = tokio::time::Instant::now();
+    assert_eq!(read_until(&mut client, "40|B").await, lines);
+    let waited = held.elapsed();
+    assert!(
+        waited < 2 * timeout,
+        "twenty gaps took {waited:?}: one timeout each instead of one for all"
+    );
+    let snapshot = relay.wait(|s| s.counts.events_delivered == 20).await;
+    assert_eq!(snapshot.counts.gaps_skipped, 20);
     relay.stop().await;
 }
 

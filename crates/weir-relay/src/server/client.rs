@@ -2,7 +2,7 @@
 //! dispatcher queues until either side goes away.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -26,6 +26,9 @@ pub(super) async fn accept_clients(
     queued_total: Arc<AtomicUsize>,
     shutdown: Shutdown,
 ) {
+    // Validated at start; the fallback is never taken.
+    let cap = config.client_cap().unwrap_or(usize::MAX);
+    let open = Arc::new(AtomicUsize::new(0));
     let mut next_conn: ConnId = 0;
     loop {
         let Some((stream, peer)) =
@@ -33,11 +36,28 @@ pub(super) async fn accept_clients(
         else {
             return;
         };
+        // Accepted and closed rather than left in the backlog: the peer learns at once, and
+        // the descriptor it held is free again before the next accept.
+        let Some(slot) = OpenSlot::take(&open, cap) else {
+            drop(stream);
+            let _ = control.send(Control::Refused);
+            warn_limited!(
+                REFUSED_LOG,
+                %peer,
+                max_clients = cap,
+                "refused a user client: maxClients connections are open"
+            );
+            continue;
+        };
         next_conn += 1;
-        let session = client_session(
+        let accepted = Accepted {
             stream,
             peer,
-            next_conn,
+            conn: next_conn,
+            slot,
+        };
+        let session = client_session(
+            accepted,
             config.clone(),
             control.clone(),
             QueuedBytes::new(queued_total.clone()),
@@ -47,17 +67,52 @@ pub(super) async fn accept_clients(
     }
 }
 
-static REJECTED_LOG: LogLimiter = LogLimiter::per_second();
-
-async fn client_session(
+/// A connection let in, with the place it holds.
+struct Accepted {
     stream: TcpStream,
     peer: SocketAddr,
     conn: ConnId,
+    slot: OpenSlot,
+}
+
+/// One open client connection counted against `maxClients`, given back when dropped (so a
+/// session that ends any way at all, panics included, frees its place).
+struct OpenSlot(Arc<AtomicUsize>);
+
+impl OpenSlot {
+    fn take(open: &Arc<AtomicUsize>, cap: usize) -> Option<OpenSlot> {
+        // Only the accept loop adds, so a plain load and add cannot overshoot the cap.
+        if open.load(Ordering::Acquire) >= cap {
+            return None;
+        }
+        open.fetch_add(1, Ordering::AcqRel);
+        Some(OpenSlot(open.clone()))
+    }
+}
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+static REFUSED_LOG: LogLimiter = LogLimiter::per_second();
+
+static REJECTED_LOG: LogLimiter = LogLimiter::per_second();
+
+async fn client_session(
+    accepted: Accepted,
     config: Arc<RelayConfig>,
     control: mpsc::UnboundedSender<Control>,
     queued: QueuedBytes,
     token: CancellationToken,
 ) {
+    let Accepted {
+        stream,
+        peer,
+        conn,
+        slot,
+    } = accepted;
     let _ = stream.set_nodelay(true);
     let (mut reader, writer) = stream.into_split();
     let user = tokio::select! {
@@ -83,6 +138,8 @@ async fn client_session(
     }
     tracing::debug!(%peer, user, conn, "user client connected");
     write_until_gone(reader, writer, rx, &queued, &kick).await;
+    // The socket is closed: its place is free before the dispatcher hears it is gone.
+    drop(slot);
     let _ = control.send(Control::Disconnect { conn });
     tracing::debug!(%peer, user, conn, "user client disconnected");
 }

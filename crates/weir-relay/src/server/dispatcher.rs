@@ -17,6 +17,7 @@ use super::{ClientHandle, Control, SourceItem, SourceMessage};
 use crate::config::{RelayConfig, RelayConfigError, SourceMode};
 use crate::delivery::DeliveryClock;
 use crate::event::Event;
+use crate::gap_timer::GapTimer;
 use crate::graph::FollowGraph;
 use crate::queue_budget;
 use crate::reorder::{Insert, Released, ReorderWindow};
@@ -38,10 +39,12 @@ pub(super) struct Dispatcher {
     window: ReorderWindow<Slot>,
     released: Vec<Released<Slot>>,
     counts: Counts,
-    /// When the current head gap started blocking held events, and at which number.
-    blocked: Option<(u64, tokio::time::Instant)>,
+    /// With `--gap-timeout-ms`: how long held events have waited behind their gaps.
+    gaps: Option<GapTimer<tokio::time::Instant>>,
     state_dirty: bool,
     state_writer: Option<StateWriter>,
+    /// No save before this: a large graph is saved less often (see `state::save_spacing`).
+    next_save: tokio::time::Instant,
     /// Bytes queued for all clients together (see `QueuedBytes`).
     queued_total: Arc<AtomicUsize>,
     /// Receipt times of held events: the delivery latency samples and the oldest's age.
@@ -77,6 +80,7 @@ impl Dispatcher {
         };
         let window =
             ReorderWindow::new(next, config.window_capacity()?, config.max_sequence_ahead());
+        let gaps = config.gap_timeout().map(GapTimer::new);
         Ok(Dispatcher {
             window,
             router: Router::new(graph),
@@ -84,9 +88,10 @@ impl Dispatcher {
             stats,
             released: Vec::new(),
             counts: Counts::default(),
-            blocked: None,
+            gaps,
             state_dirty: false,
             state_writer,
+            next_save: tokio::time::Instant::now(),
             queued_total,
             clock: DeliveryClock::default(),
         })
@@ -100,27 +105,19 @@ impl Dispatcher {
     ) {
         let mut state_tick = tokio::time::interval(self.config.state_interval());
         state_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let gap_timeout = self.config.gap_timeout();
         // While events are held and nothing arrives, their age still grows: the gauge is
         // refreshed at least this often.
         let mut gauge_tick = tokio::time::interval(GAUGE_REFRESH);
         gauge_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let gap_deadline = match (gap_timeout, self.blocked) {
-                (Some(timeout), Some((_, since))) => Some(since + timeout),
-                _ => None,
-            };
+            let next = self.window.next_expected();
+            let gap_deadline = self.gaps.as_mut().and_then(|gaps| gaps.deadline(next));
             tokio::select! {
                 biased;
                 _ = token.cancelled() => break,
                 Some(message) = control.recv() => self.on_control(message),
                 Some(message) = source.recv() => self.on_source(message),
-                _ = sleep_until(gap_deadline), if gap_deadline.is_some() => {
-                    let mut released = std::mem::take(&mut self.released);
-                    self.window.skip_gap(&mut released);
-                    self.released = released;
-                    self.deliver_released();
-                }
+                _ = sleep_until(gap_deadline), if gap_deadline.is_some() => self.give_up_late_gaps(),
                 _ = state_tick.tick(), if self.state_writer.is_some() => self.save_state(),
                 _ = gauge_tick.tick(), if self.window.held() > 0 => {}
             }
@@ -150,20 +147,25 @@ impl Dispatcher {
                 self.router.disconnect(conn);
             }
             Control::Rejected => self.counts.clients_rejected += 1,
+            Control::Refused => self.counts.clients_refused += 1,
         }
     }
 
     fn on_source(&mut self, message: SourceMessage) {
         match message {
-            SourceMessage::Started { peer } => {
+            SourceMessage::Started { peer, position } => {
                 let resume = self.config.source_mode == SourceMode::Resume;
                 self.stats.set_sources_connected(1);
                 if !resume {
                     self.window.reset(1);
                     self.router.graph_mut().clear();
-                    self.blocked = None;
+                    if let Some(gaps) = &mut self.gaps {
+                        gaps.clear();
+                    }
                     self.clock.clear();
                 }
+                // The session may be gone already; then there is nobody to tell.
+                let _ = position.send(self.window.next_expected());
                 info_limited!(
                     SOURCE_LOG,
                     %peer,
@@ -179,6 +181,9 @@ impl Dispatcher {
                     let mut released = std::mem::take(&mut self.released);
                     self.window.drain_all(&mut released);
                     self.released = released;
+                    if let Some(gaps) = &mut self.gaps {
+                        gaps.clear();
+                    }
                     self.deliver_released();
                 }
                 info_limited!(
@@ -244,8 +249,30 @@ impl Dispatcher {
             }
         }
         self.released = released;
-        self.clock
-            .read(received, highest, self.window.next_expected());
+        let next = self.window.next_expected();
+        self.clock.read(received, highest, next);
+        if let (Some(gaps), Some(highest)) = (&mut self.gaps, highest) {
+            if highest >= next {
+                // The dispatcher's clock, not the read's: tests pause tokio's.
+                gaps.held(tokio::time::Instant::now(), highest);
+            }
+        }
+        self.deliver_released();
+    }
+
+    /// The gap timeout passed for some held events: every missing number before the last
+    /// of them is given up on at once.
+    fn give_up_late_gaps(&mut self) {
+        let Some(through) = self
+            .gaps
+            .as_mut()
+            .and_then(|gaps| gaps.expired(tokio::time::Instant::now()))
+        else {
+            return;
+        };
+        let mut released = std::mem::take(&mut self.released);
+        self.window.give_up_through(through, &mut released);
+        self.released = released;
         self.deliver_released();
     }
 
@@ -272,7 +299,6 @@ impl Dispatcher {
         self.hand_out_pending();
         self.enforce_queue_budget();
         self.state_dirty = true;
-        self.update_blocked();
         let stats = &self.stats;
         self.clock
             .released(self.window.next_expected(), Instant::now, |wait| {
@@ -339,18 +365,6 @@ impl Dispatcher {
         }
     }
 
-    fn update_blocked(&mut self) {
-        if self.window.held() == 0 {
-            self.blocked = None;
-            return;
-        }
-        let next = self.window.next_expected();
-        match self.blocked {
-            Some((blocked_at, _)) if blocked_at == next => {}
-            _ => self.blocked = Some((next, tokio::time::Instant::now())),
-        }
-    }
-
     fn publish(&mut self) {
         self.stats.add(&std::mem::take(&mut self.counts));
         let oldest = self
@@ -361,15 +375,22 @@ impl Dispatcher {
             .set_gauges(self.router.client_count(), self.window.held(), oldest);
     }
 
-    /// Hands the state writer a snapshot if anything changed since the last one.
+    /// Hands the state writer a snapshot if anything changed since the last one, unless the
+    /// last save was too recent for what saves cost.
     fn save_state(&mut self) {
-        if !std::mem::take(&mut self.state_dirty) {
+        let now = tokio::time::Instant::now();
+        if !self.state_dirty || now < self.next_save {
             return;
         }
-        let snapshot = self.capture_state();
-        if let Some(writer) = &self.state_writer {
-            writer.submit(snapshot);
-        }
+        let Some(writer) = &self.state_writer else {
+            return;
+        };
+        self.state_dirty = false;
+        let started = Instant::now();
+        let snapshot = StreamState::capture(self.window.next_expected(), self.router.graph());
+        let cost = started.elapsed() + writer.last_cost();
+        writer.submit(snapshot);
+        self.next_save = now + crate::state::save_spacing(self.config.state_interval(), cost);
     }
 
     fn capture_state(&self) -> StreamState {

@@ -44,11 +44,13 @@ use crate::stats::RelayStats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    #[error("cannot bind {what} on {addr}: {source}")]
+    // Causes are part of each message and not also a `source()`, which `{:#}` would print
+    // a second time.
+    #[error("cannot bind {what} on {addr}: {error}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot read a listener's address: {0}")]
     Address(std::io::Error),
@@ -57,7 +59,7 @@ pub enum RelayError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error("the relay task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
+    Task(tokio::task::JoinError),
 }
 
 /// The two listening sockets, bound before the relay starts so callers (and tests, on port
@@ -93,7 +95,7 @@ async fn bind(
     let addr = SocketAddr::new(ip, port);
     TcpListener::bind(addr)
         .await
-        .map_err(|source| RelayError::Bind { what, addr, source })
+        .map_err(|error| RelayError::Bind { what, addr, error })
 }
 
 /// A running relay.
@@ -108,7 +110,7 @@ impl RelayHandle {
     /// Resolves when the relay has stopped (after `shutdown.token` is cancelled and the
     /// final flush is done).
     pub async fn wait(self) -> Result<(), RelayError> {
-        self.dispatcher.await?;
+        self.dispatcher.await.map_err(RelayError::Task)?;
         Ok(())
     }
 }
@@ -243,6 +245,8 @@ enum Control {
         conn: ConnId,
     },
     Rejected,
+    /// A client connection closed at once: `maxClients` were open.
+    Refused,
 }
 
 enum SourceItem {
@@ -251,8 +255,11 @@ enum SourceItem {
 }
 
 enum SourceMessage {
+    /// A source connected. `position` is told the number the stream continues from, once
+    /// the dispatcher has taken the source on (so no event of it is read before).
     Started {
         peer: SocketAddr,
+        position: tokio::sync::oneshot::Sender<u64>,
     },
     /// The items of one read, and when that read returned (their receipt time).
     Batch {

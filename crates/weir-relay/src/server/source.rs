@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -15,7 +15,7 @@ use weir_runtime::logs::LogLimiter;
 use weir_runtime::warn_limited;
 
 use super::{next_connection, SourceItem, SourceMessage};
-use crate::config::RelayConfig;
+use crate::config::{RelayConfig, SourceMode};
 use crate::event::{self, Malformed};
 
 pub(super) async fn accept_sources(
@@ -64,8 +64,28 @@ async fn source_session(
     tx: mpsc::Sender<SourceMessage>,
     token: CancellationToken,
 ) {
-    if tx.send(SourceMessage::Started { peer }).await.is_err() {
+    let (position, next) = tokio::sync::oneshot::channel();
+    if tx
+        .send(SourceMessage::Started { peer, position })
+        .await
+        .is_err()
+    {
         return;
+    }
+    let Ok(next) = next.await else { return };
+    if config.source_mode == SourceMode::Resume {
+        // A resuming source cannot know how far a relay that crashed had got (its state
+        // file may be a few intervals behind what it delivered): it is told, and sends
+        // everything from there. A source that never reads loses nothing: the line waits in
+        // its receive buffer.
+        let line = position_line(next);
+        let told = tokio::select! {
+            _ = token.cancelled() => return,
+            told = stream.write_all(line.as_bytes()) => told,
+        };
+        if let Err(err) = told {
+            warn_limited!(READ_ERROR_LOG, %peer, %err, "could not tell the event source where the stream continues");
+        }
     }
     let max_line = config.max_line_length;
     let mut buf = vec![0u8; (64 * 1024).max(max_line * 2)];
@@ -120,6 +140,12 @@ async fn source_session(
             .await;
     }
     let _ = tx.send(SourceMessage::Ended { peer }).await;
+}
+
+/// What a source is sent on connecting in resume mode: the first sequence number the relay
+/// has not handled, the one to send first.
+pub fn position_line(next: u64) -> String {
+    format!("next|{next}\n")
 }
 
 static MALFORMED_LOG: LogLimiter = LogLimiter::per_second();
