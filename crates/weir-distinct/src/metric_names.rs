@@ -12,6 +12,7 @@ pub const REJECTED: &str = "weir_distinct_rejected_total";
 pub const FOLDS: &str = "weir_distinct_folds_total";
 pub const PENDING_BYTES: &str = "weir_distinct_pending_bytes";
 pub const FOLD_LAG: &str = "weir_distinct_fold_lag_seconds";
+pub const DAMAGED_SHARDS: &str = "weir_distinct_damaged_shards";
 pub const REQUEST_SECONDS: &str = "weir_distinct_request_duration_seconds";
 
 /// Statuses `POST /items` answers: the `status` label of [`REQUESTS`].
@@ -39,6 +40,7 @@ const METRICS: &[MetricSpec] = &[
     (ITEMS_ACCEPTED, MetricKind::Counter, "Items acknowledged (durable), duplicates included."),
     (ITEMS_FOLDED, MetricKind::Counter, "Acknowledged items folded from the shard logs into the index (and so counted)."),
     (PENDING_BYTES, MetricKind::Gauge, "Bytes of acknowledged items logged and not yet folded into the index."),
+    (DAMAGED_SHARDS, MetricKind::Gauge, "Shards whose files failed their checks: their counts and writes are refused until `weir distinct repair` (see GET /readyz)."),
     (FOLD_LAG, MetricKind::Gauge, "Age of the oldest acknowledged item waiting for a fold into its shard's index (so not yet counted); 0 when none waits, and with the Postgres store, which counts at commit."),
 ];
 

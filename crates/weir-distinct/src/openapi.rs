@@ -62,7 +62,8 @@ pub fn document() -> Value {
                         "pid": {"type": ["integer", "null"]},
                         "restarts": {"type": "integer"},
                         "shards": {"type": "integer", "description": "shards it last committed for this coordinator (it holds their locks)"},
-                        "error": {"type": ["string", "null"], "description": "why it was last found down"}
+                        "error": {"type": ["string", "null"], "description": "why it was last found down"},
+                        "damaged": {"type": "array", "items": {"$ref": "#/components/schemas/Damage"}, "description": "damaged shards its last health answer listed"}
                     }
                 },
                 "Health": {
@@ -72,17 +73,28 @@ pub fn document() -> Value {
                         "service": {"type": "string"},
                         "alive": {"type": "integer"},
                         "workers": {"type": "array", "items": {"$ref": "#/components/schemas/Worker"}},
+                        "damaged": {"type": "array", "items": {"$ref": "#/components/schemas/Damage"}, "description": "shards whose files failed their checks: their counts and writes are answered 503 until `weir distinct repair`"},
                         "config_error": {"type": ["string", "null"], "description": "why the config file was last refused at a reload (the previous config stays in force)"}
+                    }
+                },
+                "Damage": {
+                    "type": "object",
+                    "properties": {
+                        "shard": {"type": "integer"},
+                        "file": {"type": "string"},
+                        "offset": {"type": "integer", "description": "byte offset in the file where the damage starts"},
+                        "error": {"type": "string"}
                     }
                 },
                 "Readiness": {
                     "type": "object",
                     "required": ["ready", "alive", "workers", "failures"],
                     "properties": {
-                        "ready": {"type": "boolean", "description": "at least one worker is alive"},
+                        "ready": {"type": "boolean", "description": "at least one worker is alive and no shard is damaged"},
                         "alive": {"type": "integer"},
                         "workers": {"type": "integer"},
-                        "failures": {"type": "array", "items": {"type": "object", "properties": {"worker": {"type": "string"}, "error": {"type": "string"}}}}
+                        "failures": {"type": "array", "items": {"type": "object", "properties": {"worker": {"type": "string"}, "error": {"type": "string"}}}},
+                        "damaged": {"type": "array", "items": {"$ref": "#/components/schemas/Damage"}}
                     }
                 }
             }
@@ -117,10 +129,10 @@ pub fn document() -> Value {
                 "responses": {"200": {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}}}
             }},
             "/readyz": {"get": {
-                "summary": "Whether requests can be placed: at least one worker is alive",
+                "summary": "Whether requests can be placed: at least one worker is alive and no shard is damaged",
                 "responses": {
                     "200": json_response("ready", json!({"$ref": "#/components/schemas/Readiness"})),
-                    "503": json_response("no worker is alive", json!({"$ref": "#/components/schemas/Readiness"}))
+                    "503": json_response("no worker is alive, or a shard is damaged", json!({"$ref": "#/components/schemas/Readiness"}))
                 }
             }},
             "/metrics": {"get": {

@@ -5,7 +5,12 @@
 //!   stored; 503 with `Retry-After` when a shard cannot be written (owned by another worker,
 //!   or the disk failed), after which resending the same items is safe.
 //! - `GET /items/{tenant}/count`: `{"count": N}`, one lookup.
-//! - `/healthz` (the process answers), `/readyz` (the store can be read), `/metrics`.
+//! - A shard found damaged answers both with 503 naming the shard, the file and the byte
+//!   offset, and the header [`DAMAGED_HEADER`] (no other worker can do better: they all
+//!   read the same files), until `weir distinct repair` moves the damage aside.
+//! - `/healthz`: the process answers, `{"status": "ok", "pid", "damaged": [...]}` (the
+//!   coordinator shows the damaged shards); `/readyz`: the store can be read and no shard
+//!   is damaged; `/metrics`.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -41,6 +46,10 @@ pub enum ServeError {
     #[error("the worker's HTTP server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
+
+/// Set on a 503 for a damaged shard (its number): the coordinator answers it at once
+/// rather than trying other workers.
+pub const DAMAGED_HEADER: &str = "weir-damaged-shard";
 
 /// Tables of the Postgres store: `distinct_items`, `distinct_counts`.
 pub const TABLE_PREFIX: &str = "distinct";
@@ -95,7 +104,7 @@ pub fn router(store: Store) -> Router {
     Router::new()
         .route("/items", post(post_items))
         .route("/items/{tenant}/count", get(count))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(store)
         .merge(weir_runtime::http::metrics_router())
@@ -232,7 +241,36 @@ fn unavailable(err: StoreError) -> Response {
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    if let StoreError::Damaged(damage) = &err {
+        response
+            .headers_mut()
+            .insert(DAMAGED_HEADER, HeaderValue::from(damage.shard));
+    }
     response
+}
+
+fn damaged_json(store: &Store) -> Vec<serde_json::Value> {
+    store
+        .damaged()
+        .into_iter()
+        .map(|damage| {
+            json!({
+                "shard": damage.shard,
+                "file": damage.file,
+                "offset": damage.offset,
+                "error": damage.to_string(),
+            })
+        })
+        .collect()
+}
+
+async fn healthz(State(store): State<Store>) -> Response {
+    Json(json!({
+        "status": "ok",
+        "pid": std::process::id(),
+        "damaged": damaged_json(&store),
+    }))
+    .into_response()
 }
 
 async fn count(State(store): State<Store>, Path(tenant): Path<String>) -> Response {
@@ -257,6 +295,19 @@ async fn count_of(store: &Store, tenant: &str) -> Response {
 }
 
 async fn readyz(State(store): State<Store>) -> Response {
+    // Part of the data is unreadable: some counts would be refused.
+    let damaged = damaged_json(&store);
+    if !damaged.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "ready": false,
+                "error": format!("{} shard(s) damaged", damaged.len()),
+                "damaged": damaged,
+            })),
+        )
+            .into_response();
+    }
     // Any tenant's count reads a shard file: proof the store can be read.
     match store.count("readyz").await {
         Ok(_) => (StatusCode::OK, "ready").into_response(),

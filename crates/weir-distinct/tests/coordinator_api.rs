@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{count, items_json, post_items, request, Worker};
+use common::{count, flip_byte, items_json, leave_log, post_items, request, Worker};
 use tokio::net::TcpListener;
 use weir_distinct::config::{Database, DistinctConfig, RawConfig};
 use weir_distinct::coordinator::{self, Coordinator, Settings};
@@ -37,7 +37,16 @@ fn worker_config(dir: &std::path::Path, workers: Vec<String>) -> DistinctConfig 
 
 /// `live` workers on one store, plus `dead` addresses where nothing listens.
 async fn cluster(live: usize, dead: usize, deadline: Duration) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
+    cluster_in(tempfile::tempdir().unwrap(), live, dead, deadline).await
+}
+
+/// As [`cluster`], on a store already in `dir`.
+async fn cluster_in(
+    dir: tempfile::TempDir,
+    live: usize,
+    dead: usize,
+    deadline: Duration,
+) -> Cluster {
     let mut workers = Vec::new();
     let mut names = Vec::new();
     for _ in 0..live {
@@ -451,5 +460,43 @@ async fn a_shard_held_by_another_worker_is_found_and_remembered() {
     for tenant in &tenants[1..] {
         settled(cluster.addr, tenant, 3).await;
     }
+    cluster.stop().await;
+}
+
+#[tokio::test]
+async fn a_damaged_shard_is_shown_fails_readiness_and_is_answered_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = leave_log(dir.path(), "hurt", &[&["1"], &["2"]]);
+    flip_byte(&path, 8 + 8 + 3);
+    let shard = weir_distinct::shard::shard_of("hurt", weir_distinct::shard::SHARDS);
+    // Were a damaged shard retried on other workers until the deadline, this test would
+    // hang past the runner's limit: each answer below must come at once.
+    let cluster = cluster_in(dir, 2, 0, Duration::from_secs(600)).await;
+
+    let health = cluster.health().await;
+    assert_eq!(health["damaged"][0]["shard"], shard, "{health}");
+    assert_eq!(health["damaged"][0]["offset"], 8, "{health}");
+    let ready = request(cluster.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert_eq!(ready.json()["damaged"][0]["shard"], shard);
+
+    let read = request(cluster.addr, "GET", "/items/hurt/count", &[], b"").await;
+    assert_eq!(read.status, 503, "{}", read.body);
+    let error = read.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        error.contains(&format!("shard {shard} is damaged")) && error.contains("at byte 8"),
+        "{error}"
+    );
+    let pairs = vec![("hurt".to_string(), "3".to_string())];
+    let write = post_items(cluster.addr, &items_json(&pairs)).await;
+    assert_eq!(write.status, 503, "{}", write.body);
+    assert!(
+        write.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("shard {shard} is damaged")),
+        "{}",
+        write.body
+    );
     cluster.stop().await;
 }

@@ -1,8 +1,11 @@
 //! The SQLite shard store: exact under concurrent duplicates, durable across a restart, and
 //! one writer per shard.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 
+use common::{flip_byte, leave_log};
 use weir_distinct::shard::{shard_of, Item};
 use weir_distinct::store::{SqliteStore, Store, StoreError, StoreOptions};
 
@@ -133,25 +136,6 @@ async fn a_database_path_that_is_a_file_is_refused() {
     assert!(err.to_string().contains("not a directory"), "{err}");
 }
 
-/// Writes what a worker that died before folding would leave: `records` in the shard's
-/// first log, each a group of encoded items.
-fn leave_log(root: &std::path::Path, tenant: &str, records: &[&[&str]]) -> std::path::PathBuf {
-    let shard = shard_of(tenant, StoreOptions::default().shards);
-    let dir = root.join(format!("shard-{shard:02}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("log-0");
-    let mut log = weir_runtime::recordlog::RecordWriter::open(&path, 0).unwrap();
-    for ids in records {
-        let mut payload = Vec::new();
-        for id in *ids {
-            weir_distinct::shard::encode_item(&mut payload, tenant, id);
-        }
-        log.append(&payload);
-    }
-    log.commit(true).unwrap();
-    path
-}
-
 #[tokio::test]
 async fn items_left_in_a_log_are_counted_when_the_store_opens() {
     let dir = tempfile::tempdir().unwrap();
@@ -178,26 +162,114 @@ async fn items_left_in_a_log_are_counted_when_the_store_opens() {
     store.close().await;
 }
 
+/// Offsets in a log: the 8-byte magic, then per record an 8-byte header and the payload
+/// (2 + tenant + 2 + id bytes per item).
+fn record_len(tenant: &str, ids: &[&str]) -> usize {
+    8 + ids
+        .iter()
+        .map(|id| 4 + tenant.len() + id.len())
+        .sum::<usize>()
+}
+
+fn expect_damaged(err: StoreError, shard: u16, offset: u64) -> String {
+    match &err {
+        StoreError::Damaged(damage) => {
+            assert_eq!(damage.shard, shard, "{err}");
+            assert_eq!(damage.offset, offset, "{err}");
+            assert!(damage.file.ends_with("log-0"), "{err}");
+        }
+        other => panic!("not damage: {other}"),
+    }
+    err.to_string()
+}
+
 #[tokio::test]
-async fn a_damaged_log_is_refused_with_its_file_and_offset() {
+async fn a_damaged_log_refuses_reads_and_writes_with_its_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let path = leave_log(dir.path(), "damaged", &[&["1"], &["2"]]);
+    let shard = shard_of("damaged", StoreOptions::default().shards);
     // Flip a byte of the first record's payload: intact records follow, so it is damage.
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[8 + 8 + 3] ^= 0xff;
-    std::fs::write(&path, &bytes).unwrap();
+    let bytes = flip_byte(&path, 8 + 8 + 3);
 
     let store = open(dir.path());
-    let err = store
-        .insert(vec![item("damaged", "3")])
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("log-0") && err.contains("byte 8"), "{err}");
+    let write = store.insert(vec![item("damaged", "3")]).await.unwrap_err();
+    let text = expect_damaged(write, shard, 8);
+    assert!(text.contains("weir distinct repair"), "{text}");
+    // A count without the logged items would be wrong in silence: refused the same way.
+    let read = store.count("damaged").await.unwrap_err();
+    expect_damaged(read, shard, 8);
+    assert_eq!(store.damaged().len(), 1);
+    assert_eq!(store.damaged()[0].shard, shard);
     // Nothing was dropped to get past it.
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
-    assert_eq!(store.count("damaged").await.unwrap(), 0);
     store.close().await;
+}
+
+#[tokio::test]
+async fn a_complete_last_record_that_fails_its_check_is_damage_not_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = leave_log(dir.path(), "lastbad", &[&["1"], &["2"], &["3"]]);
+    let shard = shard_of("lastbad", StoreOptions::default().shards);
+    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    // The last byte of the last record: the record is whole, so no crash made it.
+    flip_byte(&path, len - 1);
+
+    let store = open(dir.path());
+    let last = (8 + 2 * record_len("lastbad", &["1"])) as u64;
+    expect_damaged(store.count("lastbad").await.unwrap_err(), shard, last);
+    expect_damaged(
+        store.insert(vec![item("lastbad", "4")]).await.unwrap_err(),
+        shard,
+        last,
+    );
+    assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, len);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn repair_moves_the_damage_aside_keeps_every_intact_record_and_the_shard_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = leave_log(dir.path(), "mend", &[&["1", "2"], &["3"], &["4", "5"]]);
+    let shard = shard_of("mend", StoreOptions::default().shards);
+    let second = 8 + record_len("mend", &["1", "2"]);
+    let third = second + record_len("mend", &["3"]);
+    let damaged = flip_byte(&path, second + 9);
+    let store = open(dir.path());
+    assert!(store.count("mend").await.is_err());
+
+    // The running store holds no lock on a damaged shard, so repair runs beside it.
+    let done = weir_distinct::store::repair::repair(dir.path(), 64, Some(shard)).unwrap();
+    let weir_distinct::store::repair::ShardRepair::Repaired(logs) = &done[0].1 else {
+        panic!("not repaired: {done:?}");
+    };
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0].dropped, vec![(second as u64, third as u64)]);
+    assert_eq!((logs[0].kept_records, logs[0].kept_items), (2, 4));
+    // The damaged file is kept whole for inspection.
+    assert_eq!(std::fs::read(&logs[0].aside).unwrap(), damaged);
+
+    // The store notices the repair on its own (its check of unfolded logs); no restart.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let counted = loop {
+        match store.count("mend").await {
+            Ok(n) => break n,
+            Err(err) => assert!(std::time::Instant::now() < deadline, "{err}"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        counted, 4,
+        "items 1, 2, 4, 5 kept; 3 was in the damaged record"
+    );
+    assert!(store.damaged().is_empty());
+    store.insert(vec![item("mend", "6")]).await.unwrap();
+    store.flush().await.unwrap();
+    assert_eq!(store.count("mend").await.unwrap(), 5);
+    store.close().await;
+
+    // A second repair finds nothing to do.
+    let again = weir_distinct::store::repair::repair(dir.path(), 64, Some(shard)).unwrap();
+    assert_eq!(again[0].1, weir_distinct::store::repair::ShardRepair::Clean);
 }
 
 #[tokio::test]

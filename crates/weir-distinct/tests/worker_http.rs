@@ -4,7 +4,9 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
-use common::{config, count, items_json, post_items, request, Worker};
+use common::{config, count, flip_byte, items_json, leave_log, post_items, request, Worker};
+use weir_distinct::shard::shard_of;
+use weir_distinct::store::StoreOptions;
 
 fn pair(tenant: &str, id: &str) -> (String, String) {
     (tenant.to_string(), id.to_string())
@@ -272,5 +274,78 @@ async fn the_fold_lag_shows_how_long_items_wait_and_refusals_are_counted_by_reas
     }
     let timed = r#"weir_distinct_request_duration_seconds_count{route="items"}"#;
     assert!(metric(a, timed).await >= 3.0);
+    worker.stop().await;
+}
+
+/// Polls `path` until it answers `status`.
+async fn wait_status(addr: std::net::SocketAddr, path: &str, status: u16) -> common::Reply {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let reply = request(addr, "GET", path, &[], b"").await;
+        if reply.status == status {
+            return reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never {status}: {reply:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_shard_answers_503_for_counts_and_writes_until_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = leave_log(dir.path(), "hurt", &[&["1"], &["2"]]);
+    flip_byte(&path, 8 + 8 + 3);
+    let shard = shard_of("hurt", StoreOptions::default().shards);
+    let worker = Worker::start(config(dir.path())).await;
+
+    let read = request(worker.addr, "GET", "/items/hurt/count", &[], b"").await;
+    assert_eq!(read.status, 503, "{}", read.body);
+    assert_eq!(
+        read.header("weir-damaged-shard"),
+        Some(shard.to_string().as_str())
+    );
+    let error = read.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        error.contains(&format!("shard {shard} is damaged")) && error.contains("log-0 at byte 8"),
+        "{error}"
+    );
+    let write = post_items(worker.addr, &items_json(&[pair("hurt", "3")])).await;
+    assert_eq!(write.status, 503, "{}", write.body);
+    assert_eq!(write.json()["error"].as_str(), Some(error.as_str()));
+    // The other shards are not held up by it.
+    let other = (0..)
+        .map(|n| format!("fine{n}"))
+        .find(|t| shard_of(t, StoreOptions::default().shards) != shard)
+        .unwrap();
+    let fine = post_items(worker.addr, &items_json(&[pair(&other, "1")])).await;
+    assert_eq!(fine.status, 200, "{}", fine.body);
+
+    let ready = request(worker.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert_eq!(ready.json()["damaged"][0]["shard"], shard);
+    assert_eq!(ready.json()["damaged"][0]["offset"], 8);
+    let health = request(worker.addr, "GET", "/healthz", &[], b"").await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["damaged"][0]["shard"], shard);
+    assert_eq!(
+        metric(worker.addr, "weir_distinct_damaged_shards").await,
+        1.0
+    );
+
+    let done = weir_distinct::store::repair::repair(dir.path(), 64, None).unwrap();
+    assert_eq!(
+        done.len(),
+        2,
+        "the damaged shard and the written one: {done:?}"
+    );
+    wait_status(worker.addr, "/readyz", 200).await;
+    // The damaged record held item 1; item 2 was intact and is counted.
+    assert_eq!(count(worker.addr, "hurt").await, 1);
+    let write = post_items(worker.addr, &items_json(&[pair("hurt", "3")])).await;
+    assert_eq!(write.status, 200, "{}", write.body);
+    assert_eq!(count(worker.addr, "hurt").await, 2);
     worker.stop().await;
 }

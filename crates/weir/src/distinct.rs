@@ -1,4 +1,4 @@
-//! `weir distinct worker` and `weir distinct coordinator`, and distinct's part of `weir up`.
+//! `weir distinct worker`, `coordinator` and `repair`, and distinct's part of `weir up`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -29,6 +29,16 @@ pub enum DistinctCommand {
         #[command(flatten)]
         flags: CoordinatorFlags,
     },
+    /// Gets a damaged SQLite shard going again: moves each damaged log aside (kept as
+    /// `<log>.damaged-<unix time>`), keeps every intact record, and says which bytes it
+    /// dropped. Safe while the service runs: a shard a worker holds is left alone.
+    Repair {
+        #[command(flatten)]
+        flags: Flags,
+        /// Only this shard (every shard by default).
+        #[arg(long)]
+        shard: Option<u16>,
+    },
     /// Load against a coordinator (started here, or `--url`), then check every count.
     Bench(weir_distinct::bench::BenchFlags),
 }
@@ -37,6 +47,7 @@ pub async fn run(command: DistinctCommand, shutdown: Shutdown) -> anyhow::Result
     match command {
         DistinctCommand::Worker { flags, listen } => worker(flags, listen, shutdown).await,
         DistinctCommand::Coordinator { flags } => coordinator(flags, shutdown).await,
+        DistinctCommand::Repair { flags, shard } => repair(&flags, shard),
         DistinctCommand::Bench(flags) => {
             let passed = weir_distinct::bench::run(flags, shutdown.token.clone()).await?;
             Ok(if passed {
@@ -61,6 +72,42 @@ async fn worker(flags: Flags, listen: SocketAddr, shutdown: Shutdown) -> anyhow:
     );
     weir_distinct::server::serve(listener, opened, shutdown.clone()).await?;
     shutdown.drain(Duration::from_secs(10)).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn repair(flags: &Flags, shard: Option<u16>) -> anyhow::Result<ExitCode> {
+    use weir_distinct::store::repair::ShardRepair;
+    let config = flags.load()?;
+    let Database::Sqlite(root) = &config.database else {
+        anyhow::bail!(
+            "repair is for the SQLite store (database: a directory); Postgres checks its own data"
+        );
+    };
+    if !root.is_dir() {
+        anyhow::bail!("database {}: no such directory", root.display());
+    }
+    let shards = weir_distinct::store::StoreOptions::default().shards;
+    let done = weir_distinct::store::repair::repair(root, shards, shard)?;
+    let mut repaired = 0;
+    for (shard, outcome) in &done {
+        match outcome {
+            ShardRepair::Clean => {}
+            ShardRepair::Held(holder) => {
+                println!("shard {shard:02}: held by {holder}, so it opened cleanly; left alone")
+            }
+            ShardRepair::Repaired(logs) => {
+                repaired += 1;
+                for log in logs {
+                    println!("shard {shard:02}: {log}");
+                }
+            }
+        }
+    }
+    println!(
+        "{} shard(s) checked in {}, {repaired} repaired",
+        done.len(),
+        root.display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

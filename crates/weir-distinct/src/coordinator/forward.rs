@@ -76,6 +76,9 @@ enum Failure {
     Answered(String),
     /// Anything else: too late, cut off.
     Failed(String),
+    /// The shard is damaged: every worker reads the same files, so no other can do better,
+    /// and the answer is given at once.
+    Damaged(String),
 }
 
 /// One request to `worker`, bounded by `timeout` (the wait for a permit included). A 2xx
@@ -100,6 +103,9 @@ async fn attempt(
             }
         })?;
         let status = response.status();
+        let damaged = response
+            .headers()
+            .contains_key(crate::server::DAMAGED_HEADER);
         let body = response
             .into_body()
             .collect()
@@ -108,6 +114,11 @@ async fn attempt(
             .to_bytes();
         if status.is_success() {
             Ok(body)
+        } else if damaged {
+            // Whole (a few hundred bytes): it names the shard, the file and the offset.
+            Err(Failure::Damaged(
+                String::from_utf8_lossy(&body[..body.len().min(2048)]).into_owned(),
+            ))
         } else {
             Err(Failure::Answered(format!(
                 "answered {status}: {}",
@@ -200,7 +211,9 @@ impl Forwarder {
                 }
                 error.clone()
             }
-            Failure::Answered(error) | Failure::Failed(error) => error.clone(),
+            Failure::Answered(error) | Failure::Failed(error) | Failure::Damaged(error) => {
+                error.clone()
+            }
         }
     }
 
@@ -241,7 +254,8 @@ impl Forwarder {
                         // A worker that answered refused the request whole for one of its
                         // shards (a worker commits shard by shard), so the others are
                         // tried on it again first; one that did not answer is skipped.
-                        let again = shards.len() > 1 && matches!(failure, Failure::Answered(_));
+                        let again = shards.len() > 1
+                            && matches!(failure, Failure::Answered(_) | Failure::Damaged(_));
                         let skip = (!again).then(|| worker.clone());
                         shards.into_iter().map(|s| (s, skip.clone())).collect()
                     }
@@ -361,6 +375,9 @@ impl Forwarder {
                         Err(failure) => {
                             let error = self.mark(&worker, &failure);
                             last_error = format!("{}: {error}", worker.name);
+                            if matches!(failure, Failure::Damaged(_)) {
+                                return Err(last_error);
+                            }
                             tried.push(worker);
                         }
                     }

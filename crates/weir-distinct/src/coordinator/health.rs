@@ -1,5 +1,6 @@
 //! Each worker's health check, on its own interval: `GET /healthz` with a short timeout.
-//! A worker is routed to only while its last check (or request) succeeded.
+//! A worker is routed to only while its last check (or request) succeeded. The answer also
+//! lists the shards the worker found damaged, which `GET /` and `/readyz` show.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,9 @@ pub async fn check_loop(
     loop {
         let verdict = check(&client, &worker, timeout).await;
         let alive = verdict.is_ok();
+        if let Ok(damaged) = &verdict {
+            worker.set_damaged(damaged.clone());
+        }
         if worker.set_alive(alive, verdict.err()) {
             pool.publish_alive();
             if alive {
@@ -46,7 +50,11 @@ pub async fn check_loop(
     }
 }
 
-async fn check(client: &HttpClient, worker: &Worker, timeout: Duration) -> Result<(), String> {
+async fn check(
+    client: &HttpClient,
+    worker: &Worker,
+    timeout: Duration,
+) -> Result<Vec<serde_json::Value>, String> {
     let request = Request::builder()
         .method(Method::GET)
         .uri(format!("http://{}/healthz", worker.authority))
@@ -59,9 +67,14 @@ async fn check(client: &HttpClient, worker: &Worker, timeout: Duration) -> Resul
             .map_err(|err| super::forward::error_chain(&err))?;
         let status = response.status();
         // Read to the end so the connection can be reused.
-        let _ = response.into_body().collect().await;
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|body| body.to_bytes())
+            .unwrap_or_default();
         if status.is_success() {
-            Ok(())
+            Ok(damaged_of(&body))
         } else {
             Err(format!("GET /healthz answered {status}"))
         }
@@ -74,4 +87,12 @@ async fn check(client: &HttpClient, worker: &Worker, timeout: Duration) -> Resul
                 timeout.as_millis()
             ))
         })
+}
+
+/// The `damaged` list of a worker's health answer (none from a worker that does not say).
+fn damaged_of(body: &[u8]) -> Vec<serde_json::Value> {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|answer| answer.get("damaged")?.as_array().cloned())
+        .unwrap_or_default()
 }

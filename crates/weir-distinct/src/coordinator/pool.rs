@@ -30,6 +30,8 @@ pub struct Worker {
     /// The pid of its process, 0 when none runs (or it is not ours).
     pub pid: AtomicU32,
     last_error: Mutex<Option<String>>,
+    /// The damaged shards its last health answer listed.
+    damaged: Mutex<Vec<Value>>,
     /// Ends its health checks and, for a local worker, its process.
     pub stop: CancellationToken,
 }
@@ -46,6 +48,7 @@ impl Worker {
             restarts: AtomicU64::new(0),
             pid: AtomicU32::new(0),
             last_error: Mutex::new(None),
+            damaged: Mutex::new(Vec::new()),
             stop: CancellationToken::new(),
         }
     }
@@ -66,6 +69,20 @@ impl Worker {
         self.alive.swap(alive, Ordering::AcqRel) != alive
     }
 
+    pub fn set_damaged(&self, damaged: Vec<Value>) {
+        if let Ok(mut slot) = self.damaged.lock() {
+            *slot = damaged;
+        }
+    }
+
+    /// The damaged shards the worker reported: `{"shard", "file", "offset", "error"}`.
+    pub fn damaged(&self) -> Vec<Value> {
+        self.damaged
+            .lock()
+            .map(|damaged| damaged.clone())
+            .unwrap_or_default()
+    }
+
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|last| last.clone())
     }
@@ -79,6 +96,7 @@ impl Worker {
             "pid": (pid != 0).then_some(pid),
             "restarts": self.restarts.load(Ordering::Relaxed),
             "error": self.last_error(),
+            "damaged": self.damaged(),
         })
     }
 }

@@ -4,9 +4,11 @@
 //!   `200 {"accepted": n}` once every shard's worker has committed, else 503 with
 //!   `Retry-After` (resending the same items is then safe).
 //! - `GET /items/{tenant}/count`: `{"count": N}` from a worker.
-//! - `GET /`: every configured worker, alive or not. `/healthz`: the process answers.
-//!   `/readyz`: at least one worker is alive (any worker can take any shard whose owner has
-//!   died), with the failing ones listed. `/metrics`, `/openapi.json`.
+//! - `GET /`: every configured worker, alive or not, and the damaged shards (`damaged`).
+//!   `/healthz`: the process answers. `/readyz`: at least one worker is alive (any worker
+//!   can take any shard whose owner has died) and no shard is damaged (its counts and
+//!   writes are refused), with the failing workers and damaged shards listed. `/metrics`,
+//!   `/openapi.json`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -196,9 +198,24 @@ async fn health(State(coordinator): State<Arc<Coordinator>>) -> Response {
         "service": "distinct coordinator",
         "alive": alive,
         "workers": workers,
+        "damaged": damaged_shards(&table),
         "config_error": coordinator.reload_error(),
     }))
     .into_response()
+}
+
+/// Each damaged shard once, as the alive workers report it (every worker reads the same
+/// files, so they agree).
+fn damaged_shards(table: &super::pool::Table) -> Vec<serde_json::Value> {
+    let mut seen = std::collections::BTreeMap::new();
+    for worker in table.workers.iter().filter(|w| w.is_alive()) {
+        for damage in worker.damaged() {
+            if let Some(shard) = damage.get("shard").and_then(serde_json::Value::as_u64) {
+                seen.entry(shard).or_insert(damage);
+            }
+        }
+    }
+    seen.into_values().collect()
 }
 
 async fn readyz(State(coordinator): State<Arc<Coordinator>>) -> Response {
@@ -215,7 +232,8 @@ async fn readyz(State(coordinator): State<Arc<Coordinator>>) -> Response {
             })
         })
         .collect();
-    let ready = alive > 0;
+    let damaged = damaged_shards(&table);
+    let ready = alive > 0 && damaged.is_empty();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -228,6 +246,7 @@ async fn readyz(State(coordinator): State<Arc<Coordinator>>) -> Response {
             "alive": alive,
             "workers": table.workers.len(),
             "failures": failures,
+            "damaged": damaged,
         })),
     )
         .into_response()

@@ -8,6 +8,7 @@
 //! a count is one primary-key lookup.
 
 pub mod postgres;
+pub mod repair;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -17,8 +18,33 @@ use crate::shard::{decode_items, group_by_shard, Batch, Item};
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
+/// A shard whose files fail their checks: acknowledged items are in it that cannot be
+/// read, so neither its count nor a write to it can be trusted until it is repaired.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Damage {
+    pub shard: u16,
+    /// The damaged file.
+    pub file: String,
+    /// Where in it the damage starts.
+    pub offset: u64,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Damage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "shard {} is damaged: {} at byte {}: {}; its counts and writes are refused until \
+             `weir distinct repair --shard {}` moves the damage aside",
+            self.shard, self.file, self.offset, self.reason, self.shard
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("{0}")]
+    Damaged(Damage),
     /// Another process holds the shard: the caller should send its items to that process.
     #[error("shard {shard} is owned by another worker: {reason}")]
     Busy { shard: u16, reason: String },
@@ -153,6 +179,14 @@ impl Store {
         match self {
             Store::Sqlite(store) => store.count(tenant).await,
             Store::Postgres(store) => store.count(tenant).await,
+        }
+    }
+
+    /// The shards known to be damaged (SQLite; Postgres checks its own pages).
+    pub fn damaged(&self) -> Vec<Damage> {
+        match self {
+            Store::Sqlite(store) => store.damaged(),
+            Store::Postgres(_) => Vec::new(),
         }
     }
 

@@ -32,17 +32,17 @@ use tokio::sync::{mpsc, oneshot};
 use weir_runtime::datadir::{self, DataDirError, DataDirLock};
 use weir_runtime::recordlog::{self, RecordWriter};
 
-use super::{StoreError, StoreOptions};
-use crate::metric_names::{FOLDS, FOLD_LAG, ITEMS_FOLDED, PENDING_BYTES};
+use super::{Damage, StoreError, StoreOptions};
+use crate::metric_names::{DAMAGED_SHARDS, FOLDS, FOLD_LAG, ITEMS_FOLDED, PENDING_BYTES};
 use crate::shard::{decode_items, Batch};
 
-const DB_FILE: &str = "items.sqlite";
-const LOG_FILES: [&str; 2] = ["log-0", "log-1"];
+pub(crate) const DB_FILE: &str = "items.sqlite";
+pub(crate) const LOG_FILES: [&str; 2] = ["log-0", "log-1"];
 /// Requests waiting for the appender before senders wait too.
 const QUEUE_DEPTH: usize = 4096;
 /// Largest log record: one request's items for one shard, 10,000 items of two 256-byte
 /// fields at most.
-const MAX_RECORD: usize = 8 << 20;
+pub(crate) const MAX_RECORD: usize = 8 << 20;
 /// A shard's pending bytes that start a fold without waiting for `fold_after`: folds big
 /// enough that each index page is written once for many items.
 const FOLD_BYTES: usize = 4 << 20;
@@ -76,12 +76,33 @@ struct Shared {
     root: PathBuf,
     options: StoreOptions,
     shards: Vec<Mutex<Option<Arc<Shard>>>>,
+    /// Shards found damaged, and what their logs looked like then: a shard is tried again
+    /// only once its files change (a repair), and refused at once until then.
+    damage: Vec<Mutex<Option<KnownDamage>>>,
     pending_bytes: AtomicUsize,
     /// Signalled after every fold (appends waiting for room) and on a nudge (folders).
     folded: Condvar,
     nudge: Condvar,
     wake: Mutex<Wake>,
     stopping: AtomicBool,
+}
+
+struct KnownDamage {
+    damage: Damage,
+    files: Vec<Option<(u64, u64, i64, i64)>>,
+}
+
+/// Each log's inode, length and modification time: a repair replaces the file.
+fn log_identity(dir: &Path) -> Vec<Option<(u64, u64, i64, i64)>> {
+    use std::os::unix::fs::MetadataExt;
+    LOG_FILES
+        .iter()
+        .map(|name| {
+            std::fs::metadata(dir.join(name))
+                .ok()
+                .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+        })
+        .collect()
 }
 
 #[derive(Default)]
@@ -133,6 +154,7 @@ impl SqliteStore {
             root: root.to_path_buf(),
             options,
             shards: (0..options.shards).map(|_| Mutex::new(None)).collect(),
+            damage: (0..options.shards).map(|_| Mutex::new(None)).collect(),
             pending_bytes: AtomicUsize::new(0),
             folded: Condvar::new(),
             nudge: Condvar::new(),
@@ -224,8 +246,21 @@ impl SqliteStore {
             .map_err(|err| StoreError::Task(err.to_string()))?
     }
 
+    /// The shards found damaged (by any process: a write, or the check of unfolded logs
+    /// at open and every second after) and not repaired since: their marks on disk.
+    pub fn damaged(&self) -> Vec<Damage> {
+        (0..self.inner.options.shards)
+            .filter_map(|shard| damage_mark(&self.shard_dir(shard), shard))
+            .collect()
+    }
+
     fn count_blocking(&self, shard: u16, tenant: &str) -> Result<u64, StoreError> {
         let sqlite = |source| StoreError::Sqlite { shard, source };
+        // Acknowledged items are in the damaged part: any count would be short, silently.
+        // The mark on disk, not this process's memory: another worker may have found it.
+        if let Some(damage) = damage_mark(&self.shard_dir(shard), shard) {
+            return Err(StoreError::Damaged(damage));
+        }
         let Some(slot) = self.inner.readers.get(usize::from(shard)) else {
             return Err(StoreError::Task(format!("no shard {shard}")));
         };
@@ -324,17 +359,21 @@ impl Shared {
                 std::fs::metadata(dir.join(name))
                     .is_ok_and(|m| m.len() > recordlog::MAGIC.len() as u64)
             });
-            if !logged {
+            // A damaged shard is looked at again after a repair, even if that left its
+            // logs empty.
+            let damaged = lock(&self.damage[usize::from(id)]).is_some();
+            if !logged && !damaged {
                 continue;
             }
             let slot = lock(slot);
             if slot.is_some() {
                 continue;
             }
-            match open_shard(id, &dir, self.options) {
+            match self.open_checked(id) {
                 Ok(shard) => drop(shard),
-                // Its owner is alive and folds them itself.
-                Err(StoreError::Busy { .. }) => {}
+                // Its owner is alive and folds them itself; damage is logged once, when
+                // found.
+                Err(StoreError::Busy { .. } | StoreError::Damaged(_)) => {}
                 Err(err) => {
                     weir_runtime::warn_limited!(RECOVERY_ERRORS, shard = id, %err, "cannot fold a shard's logged items");
                 }
@@ -360,9 +399,94 @@ impl Shared {
             drop(lock(&broken.db));
             drop(broken);
         }
-        let shard = Arc::new(open_shard(id, &shard_dir(&self.root, id), self.options)?);
+        let shard = Arc::new(self.open_checked(id)?);
         *slot = Some(shard.clone());
         Ok(shard)
+    }
+
+    /// [`open_shard`], remembering damage: a shard found damaged is refused at once (no
+    /// re-reading of its logs) until its files change, and is reported until it opens.
+    fn open_checked(&self, id: u16) -> Result<Shard, StoreError> {
+        let dir = shard_dir(&self.root, id);
+        let Some(slot) = self.damage.get(usize::from(id)) else {
+            return Err(StoreError::Task(format!("no shard {id}")));
+        };
+        if let Some(known) = lock(slot).as_ref() {
+            if known.files == log_identity(&dir) {
+                return Err(StoreError::Damaged(known.damage.clone()));
+            }
+        }
+        let opened = open_shard(id, &dir, self.options);
+        let mut known = lock(slot);
+        match &opened {
+            Ok(_) => {
+                if known.take().is_some() {
+                    tracing::warn!(
+                        shard = id,
+                        "the damaged shard opens cleanly again (repaired); it takes reads and writes"
+                    );
+                }
+            }
+            Err(StoreError::Damaged(damage)) => {
+                if known.as_ref().map(|k| &k.damage) != Some(damage) {
+                    tracing::error!(
+                        shard = id,
+                        file = %damage.file,
+                        offset = damage.offset,
+                        reason = %damage.reason,
+                        "a shard is damaged: its counts and writes are refused until `weir distinct repair` moves the damage aside"
+                    );
+                }
+                *known = Some(KnownDamage {
+                    damage: damage.clone(),
+                    files: log_identity(&dir),
+                });
+            }
+            Err(_) => {}
+        }
+        drop(known);
+        let damaged = self.damage.iter().filter(|s| lock(s).is_some()).count();
+        metrics::gauge!(DAMAGED_SHARDS).set(damaged as f64);
+        opened
+    }
+}
+
+/// A log that fails its checks is damage (acknowledged items cannot be read); only an
+/// I/O error is an ordinary failure, retried.
+fn log_error(shard: u16, err: recordlog::RecordLogError) -> StoreError {
+    use recordlog::RecordLogError;
+    let damage = |path: &Path, offset: u64, reason: String| {
+        StoreError::Damaged(Damage {
+            shard,
+            file: path.display().to_string(),
+            offset,
+            reason,
+        })
+    };
+    match err {
+        RecordLogError::Damaged {
+            path,
+            offset,
+            reason,
+        } => damage(&path, offset, reason.to_string()),
+        RecordLogError::Format { path } => damage(
+            &path,
+            0,
+            "not a Weir record file (its magic is wrong)".into(),
+        ),
+        RecordLogError::Rejected {
+            path,
+            offset,
+            reason,
+        } => damage(
+            &path,
+            offset,
+            format!("a record's items do not decode: {reason}"),
+        ),
+        err @ RecordLogError::Io { .. } => StoreError::Log {
+            shard,
+            message: err.to_string(),
+        },
     }
 }
 
@@ -376,11 +500,69 @@ fn open_shard(id: u16, dir: &Path, options: StoreOptions) -> Result<Shard, Store
         },
         source => StoreError::Open { shard: id, source },
     })?;
+    let opened = open_locked(id, dir, options);
+    // Marked (or cleared) while the lock is held: a reader that found the shard busy sees
+    // the verdict of the scan that was running.
+    match &opened {
+        Ok(_) => clear_damage_mark(dir),
+        Err(StoreError::Damaged(damage)) => mark_damaged(dir, damage),
+        Err(_) => {}
+    }
+    let (conn, writers) = opened?;
+    Ok(Shard {
+        id,
+        dir: dir.to_path_buf(),
+        log: Mutex::new(Log {
+            writers,
+            active: 0,
+            pending: Vec::new(),
+            since: None,
+        }),
+        db: Mutex::new(conn),
+        broken: AtomicBool::new(false),
+        _lock: lock,
+    })
+}
+
+/// Written into a damaged shard's directory by whoever finds the damage, so that every
+/// process reading the shard's counts refuses them, not only the one that scanned its logs;
+/// removed by a clean open (after `weir distinct repair`).
+pub(crate) const DAMAGE_MARK: &str = "DAMAGED";
+
+fn mark_damaged(dir: &Path, damage: &Damage) {
+    let tmp = dir.join(format!("{DAMAGE_MARK}.tmp-{}", std::process::id()));
+    let text = serde_json::to_vec(damage).unwrap_or_default();
+    let written =
+        std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, dir.join(DAMAGE_MARK)));
+    if let Err(err) = written {
+        // The in-memory verdict still refuses this process's reads and writes.
+        tracing::error!(shard = damage.shard, %err, "cannot mark the damaged shard on disk");
+    }
+}
+
+pub(crate) fn clear_damage_mark(dir: &Path) {
+    let _ = std::fs::remove_file(dir.join(DAMAGE_MARK));
+}
+
+/// The damage recorded in `dir`, if any: one `stat` when there is none.
+fn damage_mark(dir: &Path, shard: u16) -> Option<Damage> {
+    let text = std::fs::read(dir.join(DAMAGE_MARK)).ok()?;
+    Some(serde_json::from_slice(&text).unwrap_or_else(|_| Damage {
+        shard,
+        file: dir.join(DAMAGE_MARK).display().to_string(),
+        offset: 0,
+        reason: "marked damaged (the mark itself does not parse)".into(),
+    }))
+}
+
+/// Opens the index of a shard whose lock is held and folds what its logs hold.
+pub(crate) fn open_locked(
+    id: u16,
+    dir: &Path,
+    options: StoreOptions,
+) -> Result<(Connection, [RecordWriter; 2]), StoreError> {
     let sqlite = |source| StoreError::Sqlite { shard: id, source };
-    let log_error = |err: recordlog::RecordLogError| StoreError::Log {
-        shard: id,
-        message: err.to_string(),
-    };
+    let log_error = |err| log_error(id, err);
     let mut conn = open_connection(&dir.join(DB_FILE), options.fsync).map_err(sqlite)?;
     let mut recovered = Vec::new();
     for name in LOG_FILES {
@@ -419,19 +601,7 @@ fn open_shard(id: u16, dir: &Path, options: StoreOptions) -> Result<Shard, Store
     // Emptied only once what they held is committed to the index.
     let open = |name: &str| RecordWriter::open(&dir.join(name), 0).map_err(log_error);
     let writers = [open(LOG_FILES[0])?, open(LOG_FILES[1])?];
-    Ok(Shard {
-        id,
-        dir: dir.to_path_buf(),
-        log: Mutex::new(Log {
-            writers,
-            active: 0,
-            pending: Vec::new(),
-            since: None,
-        }),
-        db: Mutex::new(conn),
-        broken: AtomicBool::new(false),
-        _lock: lock,
-    })
+    Ok((conn, writers))
 }
 
 fn open_connection(path: &Path, fsync: bool) -> rusqlite::Result<Connection> {
@@ -550,6 +720,7 @@ fn append(shared: &Shared, jobs: &[Job]) -> Vec<Result<(), StoreError>> {
                                 shard: *shard,
                                 reason: reason.clone(),
                             },
+                            StoreError::Damaged(damage) => StoreError::Damaged(damage.clone()),
                             _ => StoreError::Commit {
                                 shard: id,
                                 message: message.clone(),

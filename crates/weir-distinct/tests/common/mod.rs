@@ -158,6 +158,35 @@ pub async fn count_within(
     }
 }
 
+/// Writes what a worker that died before folding would leave: `records` in the first log
+/// of `tenant`'s shard, each a group of encoded items. Returns the log's path.
+pub fn leave_log(root: &std::path::Path, tenant: &str, records: &[&[&str]]) -> std::path::PathBuf {
+    let shards = weir_distinct::store::StoreOptions::default().shards;
+    let shard = weir_distinct::shard::shard_of(tenant, shards);
+    let dir = root.join(format!("shard-{shard:02}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("log-0");
+    let mut log = weir_runtime::recordlog::RecordWriter::open(&path, 0).unwrap();
+    for ids in records {
+        let mut payload = Vec::new();
+        for id in *ids {
+            weir_distinct::shard::encode_item(&mut payload, tenant, id);
+        }
+        log.append(&payload);
+    }
+    log.commit(true).unwrap();
+    path
+}
+
+/// Flips every bit of the byte at `offset` of `path`, as a failing disk or a stray write
+/// would; returns the file's new bytes.
+pub fn flip_byte(path: &std::path::Path, offset: usize) -> Vec<u8> {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[offset] ^= 0xff;
+    std::fs::write(path, &bytes).unwrap();
+    bytes
+}
+
 /// A worker on port 0; cancel `shutdown.token` and await the handle to stop it.
 pub struct Worker {
     pub addr: SocketAddr,
