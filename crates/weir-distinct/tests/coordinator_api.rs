@@ -523,3 +523,12 @@ async fn a_reload_that_moves_the_database_is_refused_and_shown() {
     coordinator.stop_all().await;
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_that_is_not_utf8_is_a_json_400() {
+    let cluster = cluster(1, 0, Duration::from_secs(10)).await;
+    let reply = request(cluster.addr, "GET", "/items/%FF/count", &[], b"").await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(reply.json()["field"], "tenant", "{}", reply.body);
+    cluster.stop().await;
+}
