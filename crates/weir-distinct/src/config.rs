@@ -34,6 +34,16 @@ pub enum ConfigError {
     Layers(#[from] Box<figment::Error>),
     #[error("{key}: {message}")]
     Invalid { key: &'static str, message: String },
+    #[error(
+        "config file {0} is empty: a reload that would set every key to its default is refused \
+         (an editor that truncates before writing does this); the running config is kept"
+    )]
+    Empty(String),
+    #[error(
+        "database: changed from {old} to {new}; where the data lives changes only with a \
+         restart, so the running config is kept"
+    )]
+    DatabaseMoved { old: String, new: String },
 }
 
 impl ConfigError {
@@ -333,6 +343,33 @@ pub fn load_raw<F: Serialize>(
         .map_err(|err| ConfigError::Layers(Box::new(err)))
 }
 
+/// For a reload: as [`load`], but a file that is empty (or sets no key) is refused, since
+/// taking it would swap every worker and the store for the defaults.
+pub fn load_for_reload<F: Serialize>(
+    file: Option<&Path>,
+    flags: &F,
+) -> Result<DistinctConfig, ConfigError> {
+    if let Some(path) = file {
+        if let serde_norway::Value::Mapping(keys) = read_yaml(path)? {
+            if keys.is_empty() {
+                return Err(ConfigError::Empty(path.display().to_string()));
+            }
+        }
+    }
+    load(file, flags)
+}
+
+/// How a store is named in messages: a Postgres URL without its credentials.
+pub fn describe_database(database: &Database) -> String {
+    match database {
+        Database::Sqlite(root) => root.display().to_string(),
+        Database::Postgres(url) => match url.split_once('@') {
+            Some((_, host)) => format!("postgres://…@{host}"),
+            None => url.clone(),
+        },
+    }
+}
+
 /// [`load_raw`] from the process environment, then [`RawConfig::validate`].
 pub fn load<F: Serialize>(file: Option<&Path>, flags: &F) -> Result<DistinctConfig, ConfigError> {
     load_raw(file, |key| std::env::var(key).ok(), flags)?.validate(&hostname())
@@ -436,6 +473,11 @@ impl CoordinatorFlags {
     pub fn load(&self) -> Result<DistinctConfig, ConfigError> {
         load(self.common.config.as_deref(), self)
     }
+
+    /// [`load`](Self::load) for a reload: an empty file is refused ([`load_for_reload`]).
+    pub fn reload(&self) -> Result<DistinctConfig, ConfigError> {
+        load_for_reload(self.common.config.as_deref(), self)
+    }
 }
 
 /// What a reload changes.
@@ -521,6 +563,19 @@ mod tests {
             ConfigError::Invalid { key, .. } => key.to_string(),
             other => other.to_string(),
         }
+    }
+
+    #[test]
+    fn a_reload_of_an_empty_file_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for body in ["", "\n  \n", "{}\n", "# all commented out\n"] {
+            let path = yaml(&dir, body);
+            let err = load_for_reload(Some(&path), &Flags::default()).unwrap_err();
+            assert!(matches!(err, ConfigError::Empty(_)), "{body:?}: {err}");
+            assert!(err.to_string().contains("config.yaml"), "{err}");
+        }
+        let path = yaml(&dir, SEED);
+        assert!(load_for_reload(Some(&path), &Flags::default()).is_ok());
     }
 
     const SEED: &str = "workers:\n  - localhost:5001\n  - localhost:5002\n  - localhost:5003\n  - localhost:5004\ndatabase: db/\nworker_logs: logs/\nworker_persist: 2\nconfig_check: 5\n";

@@ -273,11 +273,25 @@ async fn healthz(State(store): State<Store>) -> Response {
     .into_response()
 }
 
-async fn count(State(store): State<Store>, Path(tenant): Path<String>) -> Response {
+async fn count(
+    State(store): State<Store>,
+    tenant: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
     let started = Instant::now();
-    let response = count_of(&store, &tenant).await;
+    let response = match tenant {
+        Ok(Path(tenant)) => count_of(&store, &tenant).await,
+        Err(rejection) => bad_tenant(&rejection),
+    };
     handles().seconds[1].record(started.elapsed().as_secs_f64());
     response
+}
+
+/// A tenant the path does not hold as UTF-8 (`%FF`): the JSON error shape, like every
+/// other refusal, not the router's plain text.
+pub(crate) fn bad_tenant(rejection: &axum::extract::rejection::PathRejection) -> Response {
+    ApiError::bad_request(format!("the tenant in the path is not valid: {rejection}"))
+        .with_field("tenant")
+        .into_response()
 }
 
 async fn count_of(store: &Store, tenant: &str) -> Response {

@@ -500,3 +500,35 @@ async fn a_damaged_shard_is_shown_fails_readiness_and_is_answered_at_once() {
     );
     cluster.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_that_moves_the_database_is_refused_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let worker = Worker::start(worker_config(dir.path(), vec!["127.0.0.1:1".into()])).await;
+    let names = vec![worker.addr.to_string()];
+    let moved = worker_config(elsewhere.path(), names.clone());
+    let mut settings = Settings::new(worker_config(dir.path(), names));
+    settings.loader = Some(Arc::new(move || Ok(moved.clone())));
+    let coordinator = Coordinator::start(settings).await.expect("starts");
+
+    coordinator.reload().await;
+    let error = coordinator.reload_error().expect("refused");
+    assert!(error.starts_with("database: changed from"), "{error}");
+    assert_eq!(
+        coordinator.config().database,
+        Database::Sqlite(dir.path().to_path_buf()),
+        "the running config was replaced"
+    );
+    coordinator.stop_all().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_tenant_that_is_not_utf8_is_a_json_400() {
+    let cluster = cluster(1, 0, Duration::from_secs(10)).await;
+    let reply = request(cluster.addr, "GET", "/items/%FF/count", &[], b"").await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(reply.json()["field"], "tenant", "{}", reply.body);
+    cluster.stop().await;
+}

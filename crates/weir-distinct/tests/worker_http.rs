@@ -349,3 +349,13 @@ async fn a_damaged_shard_answers_503_for_counts_and_writes_until_repaired() {
     assert_eq!(count(worker.addr, "hurt").await, 2);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_that_is_not_utf8_is_a_json_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = Worker::start(config(dir.path())).await;
+    let reply = request(worker.addr, "GET", "/items/%FF/count", &[], b"").await;
+    assert_eq!(reply.status, 400, "{}", reply.body);
+    assert_eq!(reply.json()["field"], "tenant", "{}", reply.body);
+    worker.stop().await;
+}

@@ -156,7 +156,7 @@ async fn start(
 async fn coordinator(flags: CoordinatorFlags, shutdown: Shutdown) -> anyhow::Result<ExitCode> {
     let config = flags.load()?;
     let reload_flags = flags.clone();
-    let loader: weir_distinct::coordinator::Loader = Arc::new(move || reload_flags.load());
+    let loader: weir_distinct::coordinator::Loader = Arc::new(move || reload_flags.reload());
     let (listener, coordinator, description) = start(config, Some(loader)).await?;
     println!("{description}");
     weir_distinct::coordinator::serve(listener, coordinator, shutdown.clone()).await?;

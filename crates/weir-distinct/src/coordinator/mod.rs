@@ -295,13 +295,24 @@ impl Coordinator {
         let Some(loader) = &self.settings.loader else {
             return;
         };
-        let loaded = loader();
+        let old = self.config();
+        // Moving the store under running workers would serve counts from an empty one and
+        // strand what was acknowledged in the old one.
+        let loaded = loader().and_then(|new| {
+            if new.database == old.database {
+                Ok(new)
+            } else {
+                Err(ConfigError::DatabaseMoved {
+                    old: crate::config::describe_database(&old.database),
+                    new: crate::config::describe_database(&new.database),
+                })
+            }
+        });
         if let Ok(mut last) = self.reload_error.lock() {
             *last = loaded.as_ref().err().map(ToString::to_string);
         }
         match loaded {
             Ok(new) => {
-                let old = self.config();
                 if new == old {
                     return;
                 }
@@ -319,7 +330,7 @@ impl Coordinator {
                 weir_runtime::warn_limited!(
                     reload::BAD_CONFIG,
                     error = %err,
-                    "the config file is invalid; keeping the last good config"
+                    "the config file is refused; keeping the last good config"
                 );
             }
         }

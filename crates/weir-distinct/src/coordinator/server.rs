@@ -159,9 +159,17 @@ async fn accept(coordinator: &Coordinator, headers: &HeaderMap, body: Body) -> R
 
 async fn count(
     State(coordinator): State<Arc<Coordinator>>,
-    Path(tenant): Path<String>,
+    tenant: Result<Path<String>, axum::extract::rejection::PathRejection>,
 ) -> Response {
     let started = Instant::now();
+    let tenant = match tenant {
+        Ok(Path(tenant)) => tenant,
+        Err(rejection) => {
+            let response = crate::server::bad_tenant(&rejection);
+            answered("count", response.status().as_u16(), started);
+            return response;
+        }
+    };
     let response = if tenant.is_empty() || tenant.len() > MAX_FIELD_BYTES {
         ApiError::bad_request(format!(
             "must be a non-empty tenant of at most {MAX_FIELD_BYTES} bytes"
