@@ -31,8 +31,8 @@ pub enum RecordLogError {
     #[error("{path}: not a Weir record file (it does not start with {MAGIC:?})")]
     Format { path: PathBuf },
     #[error(
-        "{path}: damaged record at byte {offset} ({reason}) with intact records after it; \
-         refusing to start rather than drop acknowledged data"
+        "{path}: damaged record at byte {offset} ({reason}); refusing it rather than drop \
+         acknowledged data"
     )]
     Damaged {
         path: PathBuf,
