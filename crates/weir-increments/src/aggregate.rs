@@ -55,6 +55,7 @@ pub struct Aggregator {
     keys: HashMap<Uuid, KeyEntries>,
     len: usize,
     oldest_ms: Option<u64>,
+    lowest_id: Option<EntryId>,
 }
 
 impl Aggregator {
@@ -72,6 +73,12 @@ impl Aggregator {
         slot.entries.push((item.id, item.value));
         self.len += 1;
         self.oldest_ms = Some(self.oldest_ms.map_or(received_ms, |ms| ms.min(received_ms)));
+        self.lowest_id = Some(self.lowest_id.map_or(item.id, |id| id.min(item.id)));
+    }
+
+    /// The lowest entry id held: the low-water mark must not pass it while it is held.
+    pub fn lowest_id(&self) -> Option<EntryId> {
+        self.lowest_id
     }
 
     pub fn len(&self) -> usize {
@@ -102,6 +109,7 @@ impl Aggregator {
         };
         self.len = 0;
         self.oldest_ms = None;
+        self.lowest_id = None;
         pending
     }
 }

@@ -28,8 +28,14 @@ pub struct IncrementsConfig {
     /// Postgres for the totals; unset: `<dataDir>/increments.sqlite`.
     #[serde(rename = "DATABASE_URL")]
     pub database_url: Option<String>,
-    /// Bearer API keys; empty: no authentication. A comma-separated string is accepted too.
-    #[serde(rename = "WEIR_INCREMENTS_API_KEYS", deserialize_with = "keys")]
+    /// Bearer API keys; absent: no authentication. A comma-separated string is accepted
+    /// too. Present but naming no key is refused: a typo must not turn auth off.
+    #[serde(
+        rename = "WEIR_INCREMENTS_API_KEYS",
+        deserialize_with = "keys",
+        // Absent, not `[]`, in the defaults layer: only a list someone wrote reaches `keys`.
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub api_keys: Vec<String>,
     /// Requests per second per API key (or per client address without auth); unset: none.
     pub rate_limit_per_second: Option<u32>,
@@ -186,9 +192,10 @@ impl IncrementsConfig {
                 limit: self.max_staleness_ms,
             });
         }
-        if self.claim_idle_ms <= self.flush_interval_ms {
+        if self.redis_url.is_some() && self.claim_idle_ms <= self.flush_interval_ms {
             // Entries wait up to a flush interval before they are acknowledged; claiming
-            // them sooner would hand a live worker's entries to another one.
+            // them sooner would hand a live worker's entries to another one. The embedded
+            // log has one reader and no claims: there the setting means nothing.
             return Err(InvalidConfig::MustExceed {
                 key: "claimIdleMs",
                 value: self.claim_idle_ms,
@@ -302,11 +309,18 @@ fn keys<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Er
         Keys::One(text) => text.split(',').map(str::to_string).collect(),
         Keys::Many(list) => list,
     };
-    Ok(list
+    let keys: Vec<String> = list
         .into_iter()
         .map(|key| key.trim().to_string())
         .filter(|key| !key.is_empty())
-        .collect())
+        .collect();
+    if keys.is_empty() {
+        return Err(serde::de::Error::custom(
+            "WEIR_INCREMENTS_API_KEYS (--api-keys) is set but names no key; list at least \
+             one key, or unset it to run without authentication",
+        ));
+    }
+    Ok(keys)
 }
 
 fn networks<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Cidr>, D::Error> {
@@ -450,6 +464,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_api_key_list_that_is_present_but_blank_is_refused_naming_the_key() {
+        for blank in [" , ", ",", "", " "] {
+            let flags = IncrementsFlags {
+                api_keys: Some(blank.to_string()),
+                ..IncrementsFlags::default()
+            };
+            let err = flags.load().unwrap_err().to_string();
+            assert!(err.contains("WEIR_INCREMENTS_API_KEYS"), "{blank:?}: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.json");
+        std::fs::write(&path, r#"{"WEIR_INCREMENTS_API_KEYS": []}"#).unwrap();
+        let flags = IncrementsFlags {
+            config_file: Some(path),
+            ..IncrementsFlags::default()
+        };
+        let err = flags.load().unwrap_err().to_string();
+        assert!(err.contains("WEIR_INCREMENTS_API_KEYS"), "{err}");
+        // Absent: no authentication, as documented.
+        let config = IncrementsFlags::default().load().unwrap();
+        assert!(config.api_keys.is_empty());
+    }
+
+    #[test]
     fn file_flags_and_comma_separated_keys() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.json");
@@ -534,15 +572,22 @@ mod tests {
     }
 
     #[test]
-    fn claim_idle_must_exceed_the_flush_interval() {
+    fn claim_idle_must_exceed_the_flush_interval_where_there_are_claims() {
         let err = invalid(IncrementsConfig {
             claim_idle_ms: 1_000,
+            redis_url: Some("redis://127.0.0.1:6379".into()),
             ..IncrementsConfig::default()
         });
         assert!(
             err.contains("claimIdleMs must exceed flushIntervalMs"),
             "{err}"
         );
+        // The embedded log has one reader and claims nothing.
+        let embedded = IncrementsConfig {
+            claim_idle_ms: 1_000,
+            ..IncrementsConfig::default()
+        };
+        assert_eq!(embedded.validate(), Ok(()));
     }
 
     #[test]

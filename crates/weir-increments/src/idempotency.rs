@@ -71,11 +71,17 @@ fn unquote(rest: &str) -> Result<String, BadKey> {
 }
 
 /// The key as stored: scoped by the caller's API key when auth is on, so two clients
-/// choosing the same key never see each other's requests. The API key itself is not
-/// stored, only its CRC-32C.
+/// choosing the same key never see each other's requests. The scope is the first 128 bits
+/// of the API key's SHA-256: the key itself is not stored, and no two keys share a scope
+/// (a 32-bit checksum did: colliding keys are found by brute force in under a second).
 pub fn scoped(key: &str, api_key: Option<&str>) -> String {
+    use sha2::Digest as _;
     match api_key {
-        Some(api_key) => format!("{:08x}/{key}", crc32c::crc32c(api_key.as_bytes())),
+        Some(api_key) => {
+            let digest = sha2::Sha256::digest(api_key.as_bytes());
+            let scope: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+            format!("{scope}/{key}")
+        }
         None => format!("-/{key}"),
     }
 }
@@ -222,6 +228,13 @@ mod tests {
         assert_ne!(scoped("k", Some("a")), scoped("k", None));
         assert_eq!(scoped("k", None), scoped("k", None));
         assert!(!scoped("k", Some("secret")).contains("secret"));
+    }
+
+    #[test]
+    fn api_keys_with_the_same_crc32c_have_their_own_scopes() {
+        let (a, b) = ("tenant-1371838", "tenant-2000402");
+        assert_eq!(crc32c::crc32c(a.as_bytes()), crc32c::crc32c(b.as_bytes()));
+        assert_ne!(scoped("k", Some(a)), scoped("k", Some(b)));
     }
 
     #[test]

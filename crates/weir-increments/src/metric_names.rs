@@ -81,7 +81,6 @@ const METRICS: &[MetricSpec] = &[
     (STREAM_LOST, MetricKind::Counter, "Times the Redis stream or its consumer group was found gone and recreated."),
     (LAST_COMMIT_TIMESTAMP, MetricKind::Gauge, "When any worker last committed a flush, read from the database (Unix seconds; 0 before the first)."),
     (IDEMPOTENT_REPLAYS, MetricKind::Counter, "Requests whose Idempotency-Key was already accepted with the same body: answered 202 again, nothing added."),
-    (IDEMPOTENCY_CONFLICTS, MetricKind::Counter, "Requests refused for their Idempotency-Key, by reason: in_flight (409) or mismatch (422)."),
     (IDEMPOTENCY_KEYS_PRUNED, MetricKind::Counter, "Idempotency keys forgotten after their retention window."),
     (ENTRIES_RELEASED, MetricKind::Counter, "Held stream entries a flush left to the worker that had taken them over (this worker was paused or slow): not applied here, not acknowledged here."),
     (REQUEST_DURATION, MetricKind::Histogram, "Time to answer POST /increment, from the request's headers to its answer, whatever the answer."),
@@ -109,7 +108,16 @@ pub fn register() {
         "reason",
         DEAD_LETTER_REASONS,
     );
+    weir_runtime::telemetry::register_labelled_counters(
+        IDEMPOTENCY_CONFLICTS,
+        "Requests refused for their Idempotency-Key, by reason: in_flight (409) or mismatch (422).",
+        "reason",
+        IDEMPOTENCY_CONFLICT_REASONS,
+    );
 }
+
+/// The `reason` values of [`IDEMPOTENCY_CONFLICTS`].
+pub const IDEMPOTENCY_CONFLICT_REASONS: &[&str] = &["in_flight", "mismatch"];
 
 /// The `reason` values of [`DEAD_LETTERS`].
 pub const DEAD_LETTER_REASONS: &[&str] = &["overflow", "malformed", "max_deliveries"];
@@ -162,7 +170,11 @@ mod tests {
             let series = format!("\n{DEAD_LETTERS}{{reason=\"{reason}\"}} 0\n");
             assert!(text.contains(&series), "{series}:\n{text}");
         }
-        for family in [REQUESTS, DEAD_LETTERS] {
+        for reason in IDEMPOTENCY_CONFLICT_REASONS {
+            let series = format!("\n{IDEMPOTENCY_CONFLICTS}{{reason=\"{reason}\"}} 0\n");
+            assert!(text.contains(&series), "{series}:\n{text}");
+        }
+        for family in [REQUESTS, DEAD_LETTERS, IDEMPOTENCY_CONFLICTS] {
             assert!(
                 !text.contains(&format!("\n{family} ")),
                 "{family} unlabelled:\n{text}"

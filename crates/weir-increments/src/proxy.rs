@@ -131,14 +131,40 @@ pub fn client_address<'a>(
         if !trusted.iter().any(|net| net.contains(current)) {
             return current;
         }
-        match IpAddr::from_str(hop.trim()) {
-            Ok(address) => current = address.to_canonical(),
+        match hop_address(hop) {
+            Some(address) => current = address.to_canonical(),
             // A trusted proxy wrote something that is not an address: the proxy itself is
             // the last hop anyone vouches for.
-            Err(_) => return current,
+            None => return current,
         }
     }
     current
+}
+
+/// The address of one `X-Forwarded-For` entry: bare (`7.7.7.7`, `2001:db8::1`) or with the
+/// port some balancers add (`7.7.7.7:5555`, `[2001:db8::1]:5555`, `[2001:db8::1]`).
+fn hop_address(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
+    if let Ok(address) = IpAddr::from_str(hop) {
+        return Some(address);
+    }
+    if let Ok(socket) = std::net::SocketAddr::from_str(hop) {
+        return Some(socket.ip());
+    }
+    hop.strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .and_then(|inner| std::net::Ipv6Addr::from_str(inner).ok())
+        .map(IpAddr::V6)
+}
+
+/// The rate-limit bucket of a client address: the address itself for IPv4, its /64 for
+/// IPv6, the smallest network a site is normally given; one host holds a whole /64 and could
+/// otherwise take a new bucket with every request.
+pub fn bucket(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        IpAddr::V6(_) => mask(address.to_canonical(), 64),
+        v4 => v4,
+    }
 }
 
 #[cfg(test)]
@@ -211,6 +237,39 @@ mod tests {
             ["1.1.1.1, 7.7.7.7", "10.9.9.9"].into_iter(),
         );
         assert_eq!(client, ip("7.7.7.7"));
+    }
+
+    #[test]
+    fn forwarded_entries_with_a_port_name_the_client() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        for (entry, client) in [
+            ("7.7.7.7:5555", "7.7.7.7"),
+            ("[2001:db8::7]:5555", "2001:db8::7"),
+            ("[2001:db8::7]", "2001:db8::7"),
+            ("2001:db8::7", "2001:db8::7"),
+        ] {
+            let found = client_address(&trusted, ip("10.0.0.2"), ["1.1.1.1", entry].into_iter());
+            assert_eq!(found, ip(client), "{entry}");
+        }
+        // Through a trusted hop written with its port too.
+        let found = client_address(
+            &trusted,
+            ip("10.0.0.2"),
+            ["7.7.7.7:1, 10.0.0.9:2"].into_iter(),
+        );
+        assert_eq!(found, ip("7.7.7.7"));
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64_and_ipv4_ones_have_their_own() {
+        assert_eq!(
+            bucket(ip("2001:db8:1:2:aaaa::1")),
+            bucket(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+        );
+        assert_ne!(bucket(ip("2001:db8:1:2::1")), bucket(ip("2001:db8:1:3::1")));
+        assert_eq!(bucket(ip("2001:db8:1:2::1")), ip("2001:db8:1:2::"));
+        assert_ne!(bucket(ip("7.7.7.7")), bucket(ip("7.7.7.8")));
+        assert_eq!(bucket(ip("::ffff:7.7.7.7")), ip("7.7.7.7"));
     }
 
     #[test]

@@ -76,6 +76,13 @@ impl AppState {
         store: Option<Store>,
         worker: Option<Arc<WorkerHealth>>,
     ) -> Self {
+        // Said at every start: whether a request needs a key should never be a surprise.
+        match config.api_keys.len() {
+            0 => tracing::info!(
+                "authentication is off: WEIR_INCREMENTS_API_KEYS (--api-keys) is not set"
+            ),
+            keys => tracing::info!(keys, "authentication is on: a bearer API key is required"),
+        }
         let limiter = config.rate_limit_per_second.and_then(|rate| {
             let rate = std::num::NonZeroU32::new(rate)?;
             let burst = config
@@ -289,7 +296,8 @@ fn check(state: &AppState, request: &Request) -> Option<Box<Refusal>> {
         limit_key = Some(LimitKey::ApiKey(matched.clone()));
     }
     if let Some(limiter) = &state.limiter {
-        let key = limit_key.unwrap_or_else(|| LimitKey::Address(client_of(state, request)));
+        let key = limit_key
+            .unwrap_or_else(|| LimitKey::Address(crate::proxy::bucket(client_of(state, request))));
         if let Err(not_until) = limiter.check_key(&key) {
             let wait = not_until.wait_time_from(DefaultClock::default().now());
             let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -377,13 +385,16 @@ async fn accept(
             return Err(Refusal::new(rejection.reason, error));
         }
     };
-    if let Some(raw) = headers.get(IDEMPOTENCY_KEY) {
-        return accept_keyed(state, headers, raw.as_bytes(), increment).await;
-    }
-    if let Some(depth) = state.producer.depth() {
+    // A keyed request of the embedded mode goes straight to the store, not into the log.
+    let queued =
+        !(headers.contains_key(IDEMPOTENCY_KEY) && matches!(state.producer, Producer::Embedded(_)));
+    if let Some(depth) = state.producer.depth().filter(|_| queued) {
         if depth >= state.max_queue_depth {
             return Err(unavailable(QueueError::Full(depth)));
         }
+    }
+    if let Some(raw) = headers.get(IDEMPOTENCY_KEY) {
+        return accept_keyed(state, headers, raw.as_bytes(), increment).await;
     }
     match state.producer.enqueue(increment).await {
         Ok(()) => Ok(StatusCode::ACCEPTED.into_response()),
@@ -660,7 +671,9 @@ async fn readiness(
         None => None,
         Some(producer) => Some(match tokio::time::timeout(budget, producer.check()).await {
             Ok(Ok(())) => match producer.depth() {
-                Some(depth) if depth >= max_queue_depth => format!("full ({depth} unflushed)"),
+                Some(depth) if depth >= max_queue_depth => {
+                    format!("full ({depth} waiting, maxQueueDepth {max_queue_depth})")
+                }
                 _ => "ok".to_string(),
             },
             Ok(Err(err)) => err.to_string(),

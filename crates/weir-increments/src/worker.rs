@@ -316,7 +316,12 @@ impl Worker {
         }
         self.last_prune = Instant::now();
         let bound = match self.consumer.prune_bound().await {
-            Ok(Some(bound)) => bound,
+            // Not past what this worker holds: after the group was lost and recreated, the
+            // group's state says nothing of the entries read from the old one.
+            Ok(Some(bound)) => self
+                .aggregator
+                .lowest_id()
+                .map_or(bound, |held| bound.min(held)),
             Ok(None) => return,
             Err(err) => {
                 tracing::warn!(%err, "cannot read the queue position for pruning");

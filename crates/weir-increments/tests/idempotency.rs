@@ -61,6 +61,54 @@ async fn a_repeat_is_replayed_another_body_is_422_and_a_restart_remembers_the_ke
 }
 
 #[tokio::test]
+async fn two_api_keys_with_the_same_crc32c_do_not_share_idempotency_keys() {
+    // Two keys an operator could hand to two tenants, with one CRC-32C (0x23e73430).
+    let tenants = ["tenant-1371838", "tenant-2000402"];
+    let dir = tempfile::tempdir().unwrap();
+    let config = weir_increments::config::IncrementsConfig {
+        api_keys: tenants.iter().map(|t| t.to_string()).collect(),
+        ..base_config(dir.path())
+    };
+    let server = start(config, Role::Serve).await;
+    for (tenant, value) in tenants.iter().zip([10, 5]) {
+        let bearer = format!("Bearer {tenant}");
+        let body = format!(r#"{{"key": "{KEY}", "value": {value}}}"#);
+        let reply = request(
+            server.addr,
+            "POST",
+            "/increment",
+            &[
+                JSON,
+                ("Authorization", &bearer),
+                ("Idempotency-Key", "order-1"),
+            ],
+            body.as_bytes(),
+        )
+        .await;
+        // The second tenant's request is its own, not a different body under the first's key.
+        assert_eq!(reply.status, 202, "{tenant}: {}", reply.body);
+        assert_eq!(reply.header("idempotent-replayed"), None, "{tenant}");
+    }
+    let bearer = format!("Bearer {}", tenants[0]);
+    eventually(|| async {
+        let reply = request(
+            server.addr,
+            "GET",
+            &format!("/counts/{KEY}"),
+            &[("Authorization", &bearer)],
+            b"",
+        )
+        .await;
+        match reply.json()["total"].as_i64() {
+            Some(15) => Ok(()),
+            _ => Err(format!("both tenants' increments: {}", reply.body)),
+        }
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn concurrent_repeats_of_one_key_count_once() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(base_config(dir.path()), Role::Serve).await;

@@ -727,3 +727,163 @@ async fn a_retry_after_a_commit_it_could_not_confirm_counts_nothing_twice() {
     assert_eq!((fast.applied, fast.released.len()), (0, 4));
     assert_eq!(total(store, key).await, 10);
 }
+
+/// A flush as the worker makes it: its first attempt on the fast path, then the exclusive
+/// path while that fails.
+async fn flush_as_worker(
+    store: &Store,
+    consumer: &mut RedisConsumer,
+    items: &[Item],
+) -> weir_increments::store::FlushReport {
+    let mut agg = weir_increments::aggregate::Aggregator::default();
+    items.iter().for_each(|item| agg.push(*item));
+    let pending = std::sync::Arc::new(agg.take());
+    let stream = consumer.stream().to_string();
+    let mut exclusive = false;
+    loop {
+        let fencing = weir_increments::store::Fencing {
+            fence: &mut *consumer,
+            exclusive,
+        };
+        match store
+            .flush(&stream, Dedupe::Ids, pending.clone(), 1, Some(fencing))
+            .await
+        {
+            Ok(report) => return report,
+            Err(err) if !exclusive => {
+                eprintln!("first attempt: {err}");
+                exclusive = true;
+            }
+            Err(err) => panic!("the exclusive path failed: {err}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn entries_read_before_redis_lost_the_stream_are_applied_by_the_worker_holding_them() {
+    let Some(fx) = Fenced::with_entries(10).await else {
+        return;
+    };
+    let (store, config, key) = (&fx.store, &fx.config, fx.key);
+    let mut paused = fx.consumer("paused").await;
+    let mut live = fx.consumer("live").await;
+    let held = read_batch(&mut paused).await;
+    assert_eq!(held.len(), 10);
+
+    // Redis loses the stream and its group while "paused" holds the entries; the API's next
+    // append recreates the stream, and "live" finds the group gone first and recreates it.
+    let mut conn = redis_conn(config).await;
+    let _: () = conn.del(&config.stream).await.unwrap();
+    let later = Uuid::new_v4();
+    add_entry(&mut conn, config, &later.to_string(), 100).await;
+    assert!(matches!(
+        live.next(Duration::from_millis(50)).await,
+        Err(QueueError::StreamLost(_))
+    ));
+    live.recover_lost_group(Some(store)).await.unwrap();
+    let after = read_batch(&mut live).await;
+    let flushed = flush_as_worker(store, &mut live, &after).await;
+    assert_eq!(flushed.applied, 1);
+    live.ack(&[after[0].id]).await.unwrap();
+    // "live" prunes by the new group's state, which knows nothing of the old entries.
+    let bound = live.prune_bound().await.unwrap().unwrap();
+    store.prune_applied(live.stream(), bound).await.unwrap();
+
+    // "paused" wakes: the new group knows nothing of its entries, and nobody else has them.
+    let resumed = flush_as_worker(store, &mut paused, &held).await;
+    assert_eq!((resumed.applied, resumed.released.len()), (10, 0));
+    assert_eq!(
+        total(store, key).await,
+        55,
+        "every entry read before the loss"
+    );
+    assert_eq!(total(store, later).await, 100);
+    // A retry of the same flush (its commit unconfirmed) finds the records.
+    let retried = fenced_flush(store, &mut paused, &held, true).await;
+    assert_eq!(retried.applied, 0);
+    assert_eq!(total(store, key).await, 55, "each entry counted once");
+}
+
+#[tokio::test]
+async fn a_worker_that_recreates_the_lost_group_itself_still_applies_what_it_held() {
+    let Some(fx) = Fenced::with_entries(4).await else {
+        return;
+    };
+    let (store, config, key) = (&fx.store, &fx.config, fx.key);
+    let mut consumer = fx.consumer("w").await;
+    let held = read_batch(&mut consumer).await;
+    let mut conn = redis_conn(config).await;
+    let _: () = conn.del(&config.stream).await.unwrap();
+    add_entry(&mut conn, config, &Uuid::new_v4().to_string(), 1).await;
+    assert!(matches!(
+        consumer.next(Duration::from_millis(50)).await,
+        Err(QueueError::StreamLost(_))
+    ));
+    consumer.recover_lost_group(Some(store)).await.unwrap();
+    let report = flush_as_worker(store, &mut consumer, &held).await;
+    assert_eq!((report.applied, report.released.len()), (4, 0));
+    assert_eq!(total(store, key).await, 10);
+}
+
+#[tokio::test]
+async fn max_queue_depth_holds_in_redis_mode_until_a_worker_drains_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(mut config) = config(dir.path()).await else {
+        return;
+    };
+    let _cleanup = Cleanup::new(&config);
+    config.max_queue_depth = 5;
+    let store = Store::open(&config).await.unwrap();
+    // No worker yet: every entry appended waits.
+    let api = start(config.clone(), Role::Api).await;
+    let key = Uuid::new_v4();
+    let mut accepted = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let refused = loop {
+        let reply = post_increment(api.addr, &key.to_string(), 1).await;
+        match reply.status {
+            202 => accepted += 1,
+            503 => break reply,
+            other => panic!("unexpected {other}: {}", reply.body),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "maxQueueDepth 5 never refused a request ({accepted} accepted)"
+        );
+    };
+    assert!(refused.body.contains("maxQueueDepth"), "{}", refused.body);
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let ready = request(api.addr, "GET", "/readyz", &[], b"").await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(
+        ready.json()["queue"].as_str().unwrap().starts_with("full"),
+        "{}",
+        ready.body
+    );
+    // A keyed request would append too: refused the same way.
+    let keyed = request(
+        api.addr,
+        "POST",
+        "/increment",
+        &[JSON, ("Idempotency-Key", "while-full")],
+        format!(r#"{{"key": "{key}", "value": 1}}"#).as_bytes(),
+    )
+    .await;
+    assert_eq!(keyed.status, 503, "{}", keyed.body);
+
+    // A worker drains the stream: the API is ready and accepts again.
+    let worker = start(worker(&config, "w"), Role::Worker).await;
+    eventually(|| async {
+        let ready = request(api.addr, "GET", "/readyz", &[], b"").await;
+        match ready.status {
+            200 => Ok(()),
+            _ => Err(format!("never ready again: {}", ready.body)),
+        }
+    })
+    .await;
+    let reply = post_increment(api.addr, &key.to_string(), 1).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    wait_for_store_total(&store, key, accepted + 1).await;
+    worker.stop().await;
+    api.stop().await;
+}

@@ -3,7 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -267,6 +267,8 @@ enum ReadPhase {
 struct RequestUnderWay {
     active: AtomicBool,
     reader: Mutex<Option<Waker>>,
+    /// Requests handed to the router on this connection.
+    routed: AtomicU64,
 }
 
 impl RequestUnderWay {
@@ -275,7 +277,12 @@ impl RequestUnderWay {
     }
 
     fn start(&self) {
+        self.routed.fetch_add(1, Ordering::AcqRel);
         self.active.store(true, Ordering::Release);
+    }
+
+    fn routed(&self) -> u64 {
+        self.routed.load(Ordering::Acquire)
     }
 
     fn wake_reader_when_done(&self, waker: &Waker) {
@@ -306,6 +313,50 @@ struct TimedIo {
     /// Set while a write waits for the peer to read: a client that stops reading would
     /// otherwise hold the connection forever. Made only when a write first has to wait.
     write_stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Requests routed when the last write went out: a write made while no request was
+    /// routed since can only be hyper answering a request it could not parse.
+    routed_at_last_write: u64,
+    /// hyper's own error answer, rewritten with a JSON body, and how much of it is out.
+    rewrite: Option<Rewrite>,
+}
+
+struct Rewrite {
+    bytes: Vec<u8>,
+    written: usize,
+    /// What hyper handed over, reported as written once all of `bytes` is.
+    replaces: usize,
+}
+
+/// hyper answers a request it cannot parse (a control character in a header, obsolete
+/// line folding, an oversized head) by itself, before any router sees it, with an empty
+/// body. Every 4xx here has a JSON body naming what was wrong, so such a head is given one.
+/// `None` for anything else.
+fn json_error_response(head: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(head).ok()?;
+    let status: u16 = text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    if !(400..500).contains(&status) || !text.ends_with("\r\n\r\n") {
+        return None;
+    }
+    let empty = "\r\ncontent-length: 0\r\n";
+    let at = text.find(empty)?;
+    let error = match status {
+        431 => "the request's headers are too large",
+        414 => "the request's URI is too long",
+        _ => {
+            "the request is not valid HTTP/1.1: its request line or a header is malformed \
+              (for example a control character in a header, or a folded header line)"
+        }
+    };
+    let body = serde_json::json!({ "error": error }).to_string();
+    let mut out = String::with_capacity(text.len() + body.len() + 64);
+    out.push_str(&text[..at]);
+    out.push_str(&format!(
+        "\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+        body.len()
+    ));
+    out.push_str(&text[at + empty.len()..]);
+    out.push_str(&body);
+    Some(out.into_bytes())
 }
 
 impl TimedIo {
@@ -317,6 +368,49 @@ impl TimedIo {
             phase: ReadPhase::Idle,
             deadline: Box::pin(tokio::time::sleep(limits.idle_timeout)),
             write_stall: None,
+            routed_at_last_write: 0,
+            rewrite: None,
+        }
+    }
+
+    /// Starts rewriting `head` if it is hyper's own error answer (see
+    /// [`json_error_response`]); otherwise notes that a write went out.
+    fn inspect_write(&mut self, head: &[u8]) {
+        let routed = self.request.routed();
+        if routed == self.routed_at_last_write && !self.request.is_under_way() {
+            if let Some(bytes) = json_error_response(head) {
+                self.rewrite = Some(Rewrite {
+                    bytes,
+                    written: 0,
+                    replaces: head.len(),
+                });
+                return;
+            }
+        }
+        self.routed_at_last_write = routed;
+    }
+
+    fn write_rewrite(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        loop {
+            let Some(rewrite) = self.rewrite.as_mut() else {
+                return Poll::Ready(Ok(0));
+            };
+            if rewrite.written == rewrite.bytes.len() {
+                let replaces = rewrite.replaces;
+                self.rewrite = None;
+                return Poll::Ready(Ok(replaces));
+            }
+            let written =
+                Pin::new(&mut self.stream).poll_write(cx, &rewrite.bytes[rewrite.written..]);
+            match self.bound_write(cx, written) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+                Poll::Ready(Ok(n)) => {
+                    if let Some(rewrite) = self.rewrite.as_mut() {
+                        rewrite.written += n;
+                    }
+                }
+                other => return other,
+            }
         }
     }
 
@@ -409,6 +503,12 @@ impl AsyncWrite for TimedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.rewrite.is_none() {
+            self.inspect_write(buf);
+        }
+        if self.rewrite.is_some() {
+            return self.write_rewrite(cx);
+        }
         let written = Pin::new(&mut self.stream).poll_write(cx, buf);
         self.bound_write(cx, written)
     }
@@ -418,6 +518,19 @@ impl AsyncWrite for TimedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if self.rewrite.is_none() {
+            // hyper's error answer is a lone head; only a write that small is looked at.
+            let total: usize = bufs.iter().map(|buf| buf.len()).sum();
+            if total <= 1024 {
+                let joined: Vec<u8> = bufs.iter().flat_map(|buf| buf.iter().copied()).collect();
+                self.inspect_write(&joined);
+            } else {
+                self.routed_at_last_write = self.request.routed();
+            }
+        }
+        if self.rewrite.is_some() {
+            return self.write_rewrite(cx);
+        }
         let written = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
         self.bound_write(cx, written)
     }
@@ -675,6 +788,57 @@ mod tests {
             .await
             .unwrap();
         read_until_closed(&mut stream).await.0
+    }
+
+    #[tokio::test]
+    async fn requests_hyper_cannot_parse_get_a_json_body() {
+        let server = start(ListenerLimits {
+            idle_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(30),
+            ..short_limits()
+        })
+        .await;
+        let malformed: [&[u8]; 3] = [
+            b"GET /ok HTTP/1.1\r\nHost: t\r\nX-Bad: a\x7fb\r\n\r\n",
+            b"GET /ok HTTP/1.1\r\nHost: t\r\nX-Bad: a\x00b\r\n\r\n",
+            b"GET /ok HTTP/1.1\r\nHost: t\r\nX-Folded: a\r\n b\r\n\r\n",
+        ];
+        for request in malformed {
+            let mut stream = TcpStream::connect(server.addr).await.unwrap();
+            stream.write_all(request).await.unwrap();
+            let (answer, _) = read_until_closed(&mut stream).await;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+            assert!(
+                answer.contains("content-type: application/json"),
+                "{answer:?}"
+            );
+            let (_, body) = answer.split_once("\r\n\r\n").unwrap();
+            let json: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert!(
+                json["error"].as_str().unwrap().contains("malformed"),
+                "{body}"
+            );
+        }
+        // A keep-alive connection: a good request, then one hyper refuses.
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream
+            .write_all(b"GET /ok HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = vec![0u8; 1024];
+        let n = stream.read(&mut first).await.unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).starts_with("HTTP/1.1 200"));
+        stream
+            .write_all(b"GET /ok HTTP/1.1\r\nHost: t\r\nX-Bad: \x7f\r\n\r\n")
+            .await
+            .unwrap();
+        let (answer, _) = read_until_closed(&mut stream).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+        assert!(answer.ends_with('}'), "{answer:?}");
+        // Answers of the router are left as they are.
+        assert!(get_ok(server.addr).await.ends_with("\r\n\r\nok"));
+        server.token.cancel();
+        server.served.await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -37,7 +37,7 @@ pub enum QueueError {
     Redis(#[from] ::redis::RedisError),
     #[error("cannot append to the stream: {0}")]
     Append(String),
-    #[error("the queue holds {0} unflushed increments, its limit")]
+    #[error("the queue is full: {0} waiting (increments, or stream entries in Redis mode), at least maxQueueDepth")]
     Full(u64),
     #[error("the stream {0} or its consumer group is gone")]
     StreamLost(String),
@@ -70,11 +70,12 @@ impl Producer {
         }
     }
 
-    /// Unflushed increments, when this process can know.
+    /// Unflushed increments (embedded) or unacknowledged entries (Redis, as last read),
+    /// when this process knows.
     pub fn depth(&self) -> Option<u64> {
         match self {
             Producer::Embedded(producer) => Some(producer.depth()),
-            Producer::Redis(_) => None,
+            Producer::Redis(producer) => producer.depth(),
         }
     }
 

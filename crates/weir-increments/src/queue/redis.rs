@@ -10,8 +10,16 @@
 //! `FLUSHALL`) while the API's `XADD`s recreate the stream at once. A worker that finds its
 //! group gone (`NOGROUP`) says so loudly and recreates it from the start of the stream, so
 //! everything accepted after the loss is still counted.
+//!
+//! Entries a worker read before the loss are in its memory only: the recreated group has
+//! never heard of them, so its silence about them does not mean another worker took them
+//! over. Every group is created with an epoch (a random value beside the stream, set in the
+//! same script), and a worker remembers the epoch it knew before it read what it holds; at
+//! a flush, if the epoch moved, the held entries the new group knows nothing of are kept
+//! and applied unless the store's records say they were (see `store::fence`).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +38,7 @@ use crate::aggregate::{DeadLetter, EntryId, Item};
 use crate::config::IncrementsConfig;
 use crate::idempotency::Recorded;
 use crate::metric_names::{DEAD_LETTERS, STREAM_LOST};
-use crate::store::{floor, Store};
+use crate::store::{floor, Owned, Store};
 use crate::validate::Increment;
 
 const ACK_CHUNK: usize = 1_000;
@@ -55,6 +63,62 @@ pub struct RedisProducer {
     group: String,
     keyed: std::sync::Arc<redis::Script>,
     appends: mpsc::Sender<Append>,
+    /// The backlog as last read ([`UNKNOWN_DEPTH`] before the first read or while Redis
+    /// does not answer), refreshed every [`DEPTH_EVERY`] by [`watch_depth`].
+    depth: Arc<AtomicU64>,
+}
+
+const UNKNOWN_DEPTH: u64 = u64::MAX;
+
+/// How often an API process reads the backlog to apply `maxQueueDepth`: one `XINFO GROUPS`
+/// per interval, not one per request; the limit may be overshot by what is appended
+/// meanwhile.
+pub const DEPTH_EVERY: Duration = Duration::from_millis(200);
+
+/// Keeps `depth` current until every producer sharing it is gone.
+async fn watch_depth(producer: RedisProducer) {
+    let depth = Arc::downgrade(&producer.depth);
+    let RedisProducer {
+        conn,
+        stream,
+        group,
+        ..
+    } = producer;
+    let mut tick = tokio::time::interval(DEPTH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(depth) = depth.upgrade() else {
+            return;
+        };
+        let read = tokio::time::timeout(Duration::from_secs(1), backlog(&conn, &stream, &group));
+        let value = match read.await {
+            Ok(Ok(backlog)) => backlog.unwrap_or(0),
+            _ => UNKNOWN_DEPTH,
+        };
+        depth.store(value, Ordering::Relaxed);
+    }
+}
+
+/// Entries `group` has not acknowledged: its lag plus its pending entries; every entry of
+/// the stream while the group does not exist (nobody has read any); `None` without a
+/// stream (nothing accepted since Redis started).
+async fn backlog(
+    conn: &ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<Option<u64>, QueueError> {
+    let mut conn = conn.clone();
+    let groups: StreamInfoGroupsReply = match conn.xinfo_groups(stream).await {
+        Ok(groups) => groups,
+        // No stream yet: nothing was ever accepted.
+        Err(err) if matches!(err.kind(), redis::ErrorKind::Server(_)) => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
+    match unacknowledged(&groups, group) {
+        Some(depth) => Ok(Some(depth)),
+        None => Ok(Some(conn.xlen(stream).await?)),
+    }
 }
 
 /// An increment waiting to be appended, and where to say it was.
@@ -199,13 +263,33 @@ impl RedisProducer {
         let conn = connect(url, Some(Duration::from_secs(5))).await?;
         let (appends, waiting) = mpsc::channel(APPEND_QUEUE);
         tokio::spawn(append_loop(conn.clone(), config.stream.clone(), waiting));
-        Ok(RedisProducer {
+        let producer = RedisProducer {
             conn,
             stream: config.stream.clone(),
             group: config.group.clone(),
             keyed: std::sync::Arc::new(redis::Script::new(KEYED_XADD)),
             appends,
-        })
+            depth: Arc::new(AtomicU64::new(UNKNOWN_DEPTH)),
+        };
+        tokio::spawn(watch_depth(producer.clone_for_watch()));
+        Ok(producer)
+    }
+
+    /// A copy for [`watch_depth`] that does not keep the append loop alive.
+    fn clone_for_watch(&self) -> RedisProducer {
+        let (appends, _) = mpsc::channel(1);
+        RedisProducer {
+            appends,
+            ..self.clone()
+        }
+    }
+
+    /// The backlog as last read (see [`DEPTH_EVERY`]); `None` until it is known.
+    pub fn depth(&self) -> Option<u64> {
+        match self.depth.load(Ordering::Relaxed) {
+            UNKNOWN_DEPTH => None,
+            depth => Some(depth),
+        }
     }
 
     /// Appends a keyed increment unless its key is stored (see [`KEYED_XADD`]). The keys
@@ -234,17 +318,11 @@ impl RedisProducer {
         })
     }
 
-    /// Entries the workers have not acknowledged yet: the group's lag plus its pending
-    /// entries (`None` before the group exists).
+    /// Entries the workers have not acknowledged yet (see [`backlog`]), read now.
     pub async fn backlog(&self) -> Result<Option<u64>, QueueError> {
-        let mut conn = self.conn.clone();
-        let groups: StreamInfoGroupsReply = match conn.xinfo_groups(&self.stream).await {
-            Ok(groups) => groups,
-            // No stream yet: nothing was ever accepted.
-            Err(err) if matches!(err.kind(), redis::ErrorKind::Server(_)) => return Ok(None),
-            Err(err) => return Err(err.into()),
-        };
-        Ok(unacknowledged(&groups, &self.group))
+        let depth = backlog(&self.conn, &self.stream, &self.group).await?;
+        self.depth.store(depth.unwrap_or(0), Ordering::Relaxed);
+        Ok(depth)
     }
 
     /// Resolves once the entry holding `increment` is appended (see [`append_loop`]).
@@ -283,9 +361,19 @@ pub struct RedisConsumer {
     streams_lost: u64,
     /// Entries were taken over since the last flush began (see `store::fence`).
     claimed: bool,
+    /// The epoch of the group this worker read everything it holds from (or an older one):
+    /// set at start, and after a flush left it holding nothing.
+    epoch: Option<String>,
+    /// The epoch the last ownership check found, adopted once that flush is acknowledged.
+    checked_epoch: Option<Option<String>>,
     /// When the last read returned fewer entries than it asked for (see [`READ_LINGER`]).
     short_read_at: Option<Instant>,
 }
+
+/// How long the low-water mark stays put after a lost group is recreated: a worker paused across
+/// the loss of the old group for up to this long still applies what it had read from it
+/// (the mark moves by the new group's state, which knows nothing of those entries).
+pub const LOST_GROUP_HOLD_MS: u64 = 60_000;
 
 /// How long a worker lets entries gather after a read that found only a few: small beside
 /// the flush interval, long enough for a busy stream to fill the next read with dozens.
@@ -324,9 +412,11 @@ impl RedisConsumer {
             claim_cursor: "0-0".into(),
             streams_lost: 0,
             claimed: false,
+            epoch: None,
+            checked_epoch: None,
             short_read_at: None,
         };
-        consumer.ensure_group(store).await?;
+        consumer.epoch = consumer.ensure_group(store).await?;
         Ok(consumer)
     }
 
@@ -334,10 +424,10 @@ impl RedisConsumer {
     /// behind the ids acknowledged before a loss: the store's mark comes down to a new
     /// stream's first entry first, or its entries would be taken for duplicates; only then
     /// is the group created, so no worker reads them before. Every worker that creates the
-    /// group does the same, whichever gets there first.
-    async fn ensure_group(&mut self, store: Option<&Store>) -> Result<(), QueueError> {
+    /// group does the same, whichever gets there first. Returns the group's epoch.
+    async fn ensure_group(&mut self, store: Option<&Store>) -> Result<Option<String>, QueueError> {
         if self.group_exists().await? {
-            return Ok(());
+            return self.current_epoch().await;
         }
         if let (Some(store), Some(first)) = (store, self.first_entry().await?) {
             store
@@ -346,6 +436,10 @@ impl RedisConsumer {
                 .map_err(|err| QueueError::Mark(err.to_string()))?;
         }
         create_group(&mut self.conn, &self.stream, &self.group).await
+    }
+
+    async fn current_epoch(&mut self) -> Result<Option<String>, QueueError> {
+        Ok(self.conn.get(epoch_key(&self.stream, &self.group)).await?)
     }
 
     async fn group_exists(&mut self) -> Result<bool, QueueError> {
@@ -419,7 +513,15 @@ impl RedisConsumer {
              recreating the group to count everything accepted from now on"
         );
         self.claim_cursor = "0-0".into();
-        self.ensure_group(store).await
+        if let Some(store) = store {
+            let until = crate::queue::embedded::now_ms().saturating_add(LOST_GROUP_HOLD_MS);
+            store
+                .hold_floor(&self.stream, until as i64)
+                .await
+                .map_err(|err| QueueError::Mark(err.to_string()))?;
+        }
+        // The epoch stays the old one: what this worker holds was read from the lost group.
+        self.ensure_group(store).await.map(|_| ())
     }
 
     async fn read(&mut self, mut wait: Duration) -> Result<Next, QueueError> {
@@ -573,6 +675,11 @@ impl RedisConsumer {
     }
 
     pub async fn ack(&mut self, ids: &[EntryId]) -> Result<(), QueueError> {
+        // The flush these ids came from committed and held everything this worker had read,
+        // so nothing it holds now predates the epoch its last check saw.
+        if let Some(epoch) = self.checked_epoch.take() {
+            self.epoch = epoch;
+        }
         for chunk in ids.chunks(ACK_CHUNK) {
             let ids: Vec<String> = chunk.iter().map(EntryId::to_string).collect();
             let _: i64 = self.conn.xack(&self.stream, &self.group, &ids).await?;
@@ -585,40 +692,97 @@ impl RedisConsumer {
     }
 
     /// Of `held` (sorted), the ids pending for this consumer, with `first_delivery_only`
-    /// those delivered once; `None` once the group is gone. Ids past the reply's bound
-    /// count as not owned: released, they are claimed back later, never lost.
+    /// those delivered once, and, if the group was recreated since they were read, those it
+    /// knows nothing of; `None` once the group is gone. Ids past the reply's bound count as
+    /// not owned: released, they are claimed back later, never lost.
     async fn owned_now(
         &mut self,
         held: &[EntryId],
         first_delivery_only: bool,
-    ) -> Result<Option<HashSet<EntryId>>, QueueError> {
+    ) -> Result<Option<Owned>, QueueError> {
         let (Some(first), Some(last)) = (held.first(), held.last()) else {
-            return Ok(Some(HashSet::new()));
+            return Ok(Some(Owned::default()));
         };
-        let reply: Result<StreamPendingCountReply, redis::RedisError> = redis::cmd("XPENDING")
-            .arg(&self.stream)
-            .arg(&self.group)
-            .arg(first.to_string())
-            .arg(last.to_string())
-            .arg(held.len() * 2 + 1_000)
-            .arg(&self.consumer)
-            .query_async(&mut self.conn)
-            .await;
-        let reply = match reply {
+        // In this order: a group recreated between the two is then seen as a new epoch.
+        let reply: Result<(StreamPendingCountReply, Option<String>), redis::RedisError> =
+            redis::pipe()
+                .cmd("XPENDING")
+                .arg(&self.stream)
+                .arg(&self.group)
+                .arg(first.to_string())
+                .arg(last.to_string())
+                .arg(held.len() * 2 + 1_000)
+                .arg(&self.consumer)
+                .get(epoch_key(&self.stream, &self.group))
+                .query_async(&mut self.conn)
+                .await;
+        let (reply, epoch) = match reply {
             Ok(reply) => reply,
             Err(err) if err.code() == Some("NOGROUP") => return Ok(None),
             Err(err) => return Err(err.into()),
         };
-        let held: HashSet<&EntryId> = held.iter().collect();
-        Ok(Some(
-            reply
-                .ids
+        let held_set: HashSet<&EntryId> = held.iter().collect();
+        let mine: HashSet<EntryId> = reply
+            .ids
+            .iter()
+            .filter_map(|pending| {
+                let id = pending.id.parse::<EntryId>().ok()?;
+                let counts = !first_delivery_only || pending.times_delivered == 1;
+                (counts && held_set.contains(&id)).then_some(id)
+            })
+            .collect();
+        let pending_for_me: HashSet<EntryId> = reply
+            .ids
+            .iter()
+            .filter_map(|pending| pending.id.parse::<EntryId>().ok())
+            .collect();
+        let forgotten = if epoch == self.epoch {
+            HashSet::new()
+        } else {
+            let unknown: Vec<EntryId> = held
                 .iter()
-                .filter(|pending| !first_delivery_only || pending.times_delivered == 1)
-                .filter_map(|pending| pending.id.parse::<EntryId>().ok())
-                .filter(|id| held.contains(id))
-                .collect(),
-        ))
+                .filter(|id| !pending_for_me.contains(id))
+                .copied()
+                .collect();
+            self.not_pending(&unknown).await?
+        };
+        if !forgotten.is_empty() {
+            tracing::warn!(
+                entries = forgotten.len(),
+                "the consumer group was recreated while this worker held entries it had read: \
+                 keeping them, to be applied unless the store recorded them"
+            );
+        }
+        self.checked_epoch = Some(epoch);
+        Ok(Some(Owned {
+            ids: mine,
+            forgotten,
+        }))
+    }
+
+    /// Of `ids`, those pending for no consumer of the group.
+    async fn not_pending(&mut self, ids: &[EntryId]) -> Result<HashSet<EntryId>, QueueError> {
+        let mut out = HashSet::new();
+        for chunk in ids.chunks(ACK_CHUNK) {
+            let mut pipe = redis::pipe();
+            for id in chunk {
+                pipe.cmd("XPENDING")
+                    .arg(&self.stream)
+                    .arg(&self.group)
+                    .arg(id.to_string())
+                    .arg(id.to_string())
+                    .arg(1);
+            }
+            let replies: Vec<StreamPendingCountReply> = pipe.query_async(&mut self.conn).await?;
+            out.extend(
+                chunk
+                    .iter()
+                    .zip(replies)
+                    .filter(|(_, reply)| reply.ids.is_empty())
+                    .map(|(id, _)| *id),
+            );
+        }
+        Ok(out)
     }
 
     /// Resets the idle time of entries still held (JUSTID does not count a delivery).
@@ -706,7 +870,7 @@ impl crate::store::Fence for RedisConsumer {
         &'a mut self,
         held: &'a [EntryId],
         first_delivery_only: bool,
-    ) -> futures::future::BoxFuture<'a, Result<Option<HashSet<EntryId>>, String>> {
+    ) -> futures::future::BoxFuture<'a, Result<Option<Owned>, String>> {
         Box::pin(async move {
             self.owned_now(held, first_delivery_only)
                 .await
@@ -715,8 +879,6 @@ impl crate::store::Fence for RedisConsumer {
     }
 }
 
-/// Creates the group at the start of the stream (and the stream if it is missing); a group
-/// that exists already is fine.
 /// Entries of `group` not acknowledged yet: never delivered (its lag) plus pending.
 fn unacknowledged(groups: &StreamInfoGroupsReply, group: &str) -> Option<u64> {
     groups
@@ -726,17 +888,37 @@ fn unacknowledged(groups: &StreamInfoGroupsReply, group: &str) -> Option<u64> {
         .map(|info| (info.lag.unwrap_or(0) + info.pending) as u64)
 }
 
+/// Where the epoch of `group` on `stream` lives (see the module docs).
+pub fn epoch_key(stream: &str, group: &str) -> String {
+    format!("{stream}:group-epoch:{group}")
+}
+
+/// Lua: creates the group with a new epoch, in one step, or returns the epoch of the group
+/// that exists already (`false` for one created before epochs).
+const CREATE_GROUP: &str = r"
+local created = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if type(created) == 'table' and created.err then
+  if string.find(created.err, 'BUSYGROUP', 1, true) then return redis.call('GET', KEYS[2]) end
+  return created
+end
+redis.call('SET', KEYS[2], ARGV[2])
+return ARGV[2]
+";
+
+/// Creates the group at the start of the stream (and the stream if it is missing) with a
+/// new epoch; a group that exists already is fine. Returns the group's epoch.
 async fn create_group(
     conn: &mut ConnectionManager,
     stream: &str,
     group: &str,
-) -> Result<(), QueueError> {
-    let created: Result<(), redis::RedisError> =
-        conn.xgroup_create_mkstream(stream, group, "0").await;
-    match created {
-        Err(err) if err.code() != Some("BUSYGROUP") => Err(err.into()),
-        _ => Ok(()),
-    }
+) -> Result<Option<String>, QueueError> {
+    Ok(redis::Script::new(CREATE_GROUP)
+        .key(stream)
+        .key(epoch_key(stream, group))
+        .arg(group)
+        .arg(uuid::Uuid::new_v4().simple().to_string())
+        .invoke_async(conn)
+        .await?)
 }
 
 fn value_text(value: &Value) -> String {

@@ -31,6 +31,13 @@
 //! only below the low-water mark, which never passes an entry still pending; `e` is pending
 //! for B, so its record is there. If A rolled back, only B applies `e`.
 //!
+//! A group lost and recreated (Redis restarted without persistence) knows nothing of the
+//! entries workers had read from the old one; its silence about them does not mean another
+//! worker took them over. When the group's epoch moved since a worker read what it holds,
+//! the held entries pending for no consumer of the new group are *forgotten*, not released:
+//! kept, and applied on the exclusive path unless a record or the mark says they were (the
+//! mark is held still for a while after such a loss, so their records are still there).
+//!
 //! A flush whose commit failed in an unknown state retries on the exclusive path, so it
 //! finds its own first attempt's record. Held entries that are no longer this worker's
 //! are *released*: not applied and not acknowledged (the new owner's flush acknowledges

@@ -62,17 +62,28 @@ pub struct FlushReport {
     pub released: Vec<EntryId>,
 }
 
+/// What the queue says of the entries a worker holds (see [`Fence`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owned {
+    /// Still pending for this worker (with `first_delivery_only`, and delivered once).
+    pub ids: HashSet<EntryId>,
+    /// Read from a consumer group that has since been lost and recreated, and unknown to
+    /// the new one: still this worker's to apply, but only the store's records can say
+    /// whether it already did, so they go by the exclusive path.
+    pub forgotten: HashSet<EntryId>,
+}
+
 /// Whether a worker still owns the entries it holds, asked inside the flush transaction
 /// (see [`fence`]).
 pub trait Fence: Send {
-    /// Of `held` (sorted, no repeats), the ids still pending for this worker; with
-    /// `first_delivery_only`, only those never delivered to any other worker. `None`
-    /// when the queue cannot say (its group is gone).
+    /// Which of `held` (sorted, no repeats) are still this worker's; with
+    /// `first_delivery_only`, only those never delivered to any other worker count as
+    /// pending for it. `None` when the queue cannot say (its group is gone).
     fn owned<'a>(
         &'a mut self,
         held: &'a [EntryId],
         first_delivery_only: bool,
-    ) -> futures::future::BoxFuture<'a, Result<Option<HashSet<EntryId>>, String>>;
+    ) -> futures::future::BoxFuture<'a, Result<Option<Owned>, String>>;
 }
 
 /// A flush's fencing: the queue to ask, and whether the flush must take the exclusive
@@ -248,6 +259,17 @@ impl Store {
         match self {
             Store::Sqlite(_) => Ok(()),
             Store::Postgres(store) => store.lower_floor(source, first).await,
+        }
+    }
+
+    /// Keeps the low-water mark of `source` where it is until `until_ms`: a consumer group
+    /// was just (re)created, and workers may still hold entries read from the lost one,
+    /// which the new group's state, from which the mark moves, knows nothing of. (SQLite
+    /// has one worker, whose own held entries bound its pruning.)
+    pub async fn hold_floor(&self, source: &str, until_ms: i64) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(store) => store.hold_floor(source, until_ms).await,
         }
     }
 

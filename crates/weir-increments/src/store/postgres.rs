@@ -80,7 +80,8 @@ impl PostgresStore {
             "CREATE TABLE IF NOT EXISTS {c} (key uuid PRIMARY KEY, total bigint NOT NULL, updated_ms bigint NOT NULL);
              CREATE TABLE IF NOT EXISTS {m} (source text PRIMARY KEY, seq bigint NOT NULL);
              ALTER TABLE {m} ADD COLUMN IF NOT EXISTS floor_ms bigint NOT NULL DEFAULT 0,
-                             ADD COLUMN IF NOT EXISTS floor_seq bigint NOT NULL DEFAULT 0;
+                             ADD COLUMN IF NOT EXISTS floor_seq bigint NOT NULL DEFAULT 0,
+                             ADD COLUMN IF NOT EXISTS hold_until_ms bigint NOT NULL DEFAULT 0;
              CREATE TABLE IF NOT EXISTS {a} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, PRIMARY KEY (source, ms, seq));
              CREATE TABLE IF NOT EXISTS {d} (source text NOT NULL, ms bigint NOT NULL, seq bigint NOT NULL, key uuid NOT NULL, value bigint NOT NULL, reason text NOT NULL, at_ms bigint NOT NULL, PRIMARY KEY (source, ms, seq, key));
              DO $$ DECLARE old_key name; BEGIN
@@ -183,13 +184,24 @@ impl PostgresStore {
             .owned(&held, !exclusive)
             .await
             .map_err(StoreError::Fence)?;
-        if owned.is_none() && !exclusive {
-            // Only records can decide, and only the exclusive path reads them.
-            return Err(StoreError::Fence(
-                "the consumer group is gone; retrying on the exclusive path".into(),
-            ));
-        }
-        let (kept, released) = fence::split(&held, owned.as_ref());
+        let keep = match owned {
+            None if !exclusive => {
+                // Only records can decide, and only the exclusive path reads them.
+                return Err(StoreError::Fence(
+                    "the consumer group is gone; retrying on the exclusive path".into(),
+                ));
+            }
+            Some(owned) if !owned.forgotten.is_empty() && !exclusive => {
+                return Err(StoreError::Fence(
+                    "the consumer group was recreated since these entries were read; \
+                     retrying on the exclusive path"
+                        .into(),
+                ));
+            }
+            None => None,
+            Some(owned) => Some(&owned.ids | &owned.forgotten),
+        };
+        let (kept, released) = fence::split(&held, keep.as_ref());
         let fresh: HashSet<EntryId> = if exclusive {
             let unrecorded = self.not_in_batches(&tx, source, &kept).await?;
             self.record_ids(&tx, source, unrecorded).await?
@@ -692,12 +704,13 @@ impl PostgresStore {
         )
         .await?;
         let (ms, seq) = (to_i64(below.ms)?, to_i64(below.seq)?);
+        let now = crate::queue::embedded::now_ms() as i64;
         tx.execute(
             &format!(
                 "UPDATE {marks} SET floor_ms = $2, floor_seq = $3
-                 WHERE source = $1 AND (floor_ms, floor_seq) < ($2, $3)"
+                 WHERE source = $1 AND (floor_ms, floor_seq) < ($2, $3) AND hold_until_ms <= $4"
             ),
-            &[&source, &ms, &seq],
+            &[&source, &ms, &seq, &now],
         )
         .await?;
         let removed = tx
@@ -723,6 +736,22 @@ impl PostgresStore {
         .await?;
         tx.commit().await?;
         Ok(removed)
+    }
+
+    pub async fn hold_floor(&self, source: &str, until_ms: i64) -> Result<(), StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let marks = &self.tables.marks;
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {marks} (source, seq, hold_until_ms) VALUES ($1, 0, $2)
+                     ON CONFLICT (source) DO UPDATE
+                     SET hold_until_ms = GREATEST({marks}.hold_until_ms, EXCLUDED.hold_until_ms)"
+                ),
+                &[&source, &until_ms],
+            )
+            .await?;
+        Ok(())
     }
 
     pub async fn lower_floor(&self, source: &str, first: EntryId) -> Result<(), StoreError> {

@@ -261,7 +261,11 @@ impl Cleanup {
             database_url: config.database_url.clone(),
             table_prefix: config.table_prefix.clone(),
             redis_url: config.redis_url.clone(),
-            streams: vec![config.stream.clone(), config.dead_letter_stream()],
+            streams: vec![
+                config.stream.clone(),
+                config.dead_letter_stream(),
+                weir_increments::queue::redis::epoch_key(&config.stream, &config.group),
+            ],
         }))
     }
 }
