@@ -4,9 +4,10 @@
 //!
 //! Every write gets an operation number. The journal also records how far the broker has been
 //! acknowledged ("acked through N"), so after a crash the server knows which applied writes the
-//! broker will deliver again: their fingerprints, in order, are handed to the dedupe in
-//! [`crate::dedupe`] and the redelivered copies are answered without being applied twice
-//! (applying a suffix of writes again can reorder the store, so replays are not harmless).
+//! broker will deliver again: with the identities of their requests, in order, they are handed
+//! to the dedupe in [`crate::dedupe`], and the redelivered copies of requests with an identity
+//! are answered without being applied twice (applying a suffix of writes again can reorder the
+//! store, so replays are not harmless).
 //!
 //! Files: `snapshot` and `journal`, both [`weir_runtime::recordlog`] files, so a torn tail is
 //! cut with a warning and damage refuses to start (or, with repair, is moved aside). A new
@@ -43,12 +44,14 @@ pub enum JournalError {
     },
 }
 
-/// One logged write: what it did, what it answered, and the fingerprint of the request
-/// that asked for it (so a redelivered copy can be answered the same way without applying).
+/// One logged write: what it did, what it answered, and the identity of the request that
+/// asked for it ([`crate::dedupe::identity`], 0 for none), so a redelivered copy can be
+/// answered the same way without applying. Journals written before identities hold a hash
+/// of the body there: it matches no identity, so their copies are applied again, not lost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
     pub op: u64,
-    pub fingerprint: u64,
+    pub identity: u64,
     /// `add` replaced a value; `remove` found the key.
     pub outcome: bool,
     pub kind: WriteKind,
@@ -280,7 +283,7 @@ fn encode_write(write: &Write, out: &mut Vec<u8>) {
 
 fn put_head(out: &mut Vec<u8>, write: &Write) {
     out.extend_from_slice(&write.op.to_le_bytes());
-    out.extend_from_slice(&write.fingerprint.to_le_bytes());
+    out.extend_from_slice(&write.identity.to_le_bytes());
     out.push(u8::from(write.outcome));
 }
 
@@ -333,7 +336,7 @@ pub fn decode_write(payload: &[u8]) -> Result<Option<Write>, String> {
         other => return Err(format!("unknown record type {other:#04x}")),
     };
     let op = fields.u64()?;
-    let fingerprint = fields.u64()?;
+    let identity = fields.u64()?;
     let outcome = fields.flag()?;
     let key = fields.str()?.to_string();
     let kind = if kind == ADD {
@@ -344,7 +347,7 @@ pub fn decode_write(payload: &[u8]) -> Result<Option<Write>, String> {
     };
     Ok(Some(Write {
         op,
-        fingerprint,
+        identity,
         outcome,
         kind,
     }))
@@ -409,7 +412,7 @@ mod tests {
     fn add(op: u64, key: &str, value: &str) -> Write {
         Write {
             op,
-            fingerprint: op * 100,
+            identity: op * 100,
             outcome: false,
             kind: WriteKind::Add {
                 key: key.into(),
@@ -421,7 +424,7 @@ mod tests {
     fn remove(op: u64, key: &str) -> Write {
         Write {
             op,
-            fingerprint: op * 100,
+            identity: op * 100,
             outcome: true,
             kind: WriteKind::Remove { key: key.into() },
         }

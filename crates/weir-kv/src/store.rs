@@ -447,4 +447,61 @@ mod tests {
             prop_assert_eq!(paged, model);
         }
     }
+
+    fn apply(store: &mut Store, ops: &[Op]) {
+        for op in ops {
+            match op {
+                Op::Add(k, v) => {
+                    store.add(&k.to_string(), &v.to_string());
+                }
+                Op::Remove(k) => {
+                    store.remove(&k.to_string());
+                }
+            }
+        }
+    }
+
+    fn sorted(store: &Store) -> Vec<(String, String)> {
+        let mut items: Vec<(String, String)> =
+            store.iter().map(|(k, v)| (k.into(), v.into())).collect();
+        items.sort();
+        items
+    }
+
+    #[test]
+    fn a_run_applied_again_right_after_itself_can_move_a_removed_and_re_added_key() {
+        // What a redelivered run without identities can do (see `dedupe`): `remove J; add J;
+        // add K` leaves J before K once, K before J twice.
+        let run = [Op::Remove(1), Op::Add(1, 0), Op::Add(2, 0)];
+        let mut once = Store::new();
+        apply(&mut once, &run);
+        let mut twice = once.clone();
+        apply(&mut twice, &run);
+        assert_eq!(keys(&once), ["1", "2"]);
+        assert_eq!(keys(&twice), ["2", "1"]);
+        assert_eq!(sorted(&once), sorted(&twice));
+    }
+
+    proptest! {
+        #[test]
+        fn a_run_applied_again_right_after_itself_changes_no_key_s_value_or_presence(
+            before in proptest::collection::vec(op(), 0..60),
+            run in proptest::collection::vec(op(), 0..30),
+        ) {
+            let mut once = Store::new();
+            apply(&mut once, &before);
+            apply(&mut once, &run);
+            let mut twice = once.clone();
+            apply(&mut twice, &run);
+            prop_assert_eq!(sorted(&once), sorted(&twice));
+            // The order changes only if the run removes a key and adds it back.
+            let re_adds = run.iter().enumerate().any(|(at, op)| match op {
+                Op::Remove(k) => run[at..].iter().any(|later| matches!(later, Op::Add(j, _) if j == k)),
+                Op::Add(..) => false,
+            });
+            if !re_adds {
+                prop_assert_eq!(keys(&once), keys(&twice));
+            }
+        }
+    }
 }
