@@ -135,9 +135,13 @@ impl Engine {
         }
         let reply = match &request {
             Request::Get { key } => Reply::got(key, self.store.get(key)).to_json(),
-            Request::GetAll { limit, after } => {
-                Reply::page(self.store.page(*after, *limit)).to_json()
-            }
+            Request::GetAll { limit, after } => Reply::page(self.store.page_within(
+                *after,
+                *limit,
+                protocol::MAX_PAGE_BYTES,
+                protocol::item_json_bytes,
+            ))
+            .to_json(),
             Request::Add { .. } | Request::Remove { .. } => Vec::new(),
         };
         Handled {
@@ -321,6 +325,46 @@ mod tests {
             "same body, another identity"
         );
         assert_eq!(reply(&other), json!({"ok": true, "replaced": true}));
+    }
+
+    #[test]
+    fn a_page_of_large_escaped_values_is_cut_by_bytes_and_continues() {
+        // The case: 400 values of 64 KiB of control characters, about 157 MB once
+        // escaped, over the broker's largest message.
+        let mut engine = Engine::default();
+        let value = "\u{1}".repeat(64 * 1024);
+        for i in 0..400 {
+            engine.store.add(&format!("k{i}"), &value);
+        }
+        let mut seen = 0;
+        let mut after = serde_json::Value::Null;
+        loop {
+            let mut request = json!({"action": "getall", "limit": 10_000});
+            if !after.is_null() {
+                request["after"] = after.clone();
+            }
+            let body = serde_json::to_vec(&request).unwrap();
+            let handled = engine.handle(incoming(&body, false));
+            assert!(
+                handled.reply.len() <= protocol::MAX_PAGE_BYTES + 100,
+                "a reply of {} bytes",
+                handled.reply.len()
+            );
+            let page = reply(&handled);
+            let items = page["items"].as_array().unwrap();
+            assert!(!items.is_empty());
+            for item in items {
+                assert_eq!(item["key"], format!("k{seen}"));
+                seen += 1;
+            }
+            after = page["next"].clone();
+            if after.is_null() {
+                assert_eq!(page.get("truncated"), None, "the last page ended by itself");
+                break;
+            }
+            assert_eq!(page["truncated"], true);
+        }
+        assert_eq!(seen, 400);
     }
 
     mod crash_model {
