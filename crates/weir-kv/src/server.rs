@@ -565,10 +565,11 @@ impl Running {
         if let Some(output) = &mut self.output {
             output.sync()?;
         }
-        let encoded = Journal::encode_snapshot(&self.engine.store, self.engine.last_op());
+        let op = self.engine.last_op();
+        let encoded = Journal::encode_snapshot(&self.engine.store, op);
         let dir = self.config.data_dir.clone();
         tokio::task::spawn_blocking(move || Journal::install_snapshot(&dir, &encoded)).await??;
-        journal.reset()?;
+        journal.reset(op)?;
         tracing::info!(
             keys = self.engine.store.len(),
             "kv snapshot written, journal restarted"
