@@ -34,8 +34,10 @@ pub enum Acks {
     Auto,
 }
 
+/// Unknown keys are refused (a typo such as `snapshotAfterByte` would otherwise be ignored
+/// and its default used without a word).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct KvConfig {
     #[serde(rename = "AMQP_URL")]
     pub amqp_url: String,
@@ -303,5 +305,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("repair"));
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("kv.json");
+        std::fs::write(&file, r#"{"snapshotAfterByte": 1048576}"#).unwrap();
+        let flags = KvFlags {
+            config_file: Some(file.clone()),
+            ..KvFlags::default()
+        };
+        let err = flags.load().expect_err("a typo is refused").to_string();
+        assert!(err.contains("snapshotAfterByte"), "{err}");
+        std::fs::write(&file, r#"{"snapshotAfterBytes": 1048576}"#).unwrap();
+        let config = flags.load().expect("the right key is taken");
+        assert_eq!(config.snapshot_after_bytes, 1 << 20);
     }
 }

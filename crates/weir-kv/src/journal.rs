@@ -4,15 +4,22 @@
 //!
 //! Every write gets an operation number. The journal also records how far the broker has been
 //! acknowledged ("acked through N"), so after a crash the server knows which applied writes the
-//! broker will deliver again: their fingerprints, in order, are handed to the dedupe in
-//! [`crate::dedupe`] and the redelivered copies are answered without being applied twice
-//! (applying a suffix of writes again can reorder the store, so replays are not harmless).
+//! broker will deliver again: with the identities of their requests, in order, they are handed
+//! to the dedupe in [`crate::dedupe`], and the redelivered copies of requests with an identity
+//! are answered without being applied twice (applying a suffix of writes again can reorder the
+//! store, so replays are not harmless).
 //!
-//! Files: `snapshot` and `journal`, both [`weir_runtime::recordlog`] files, so a torn tail is
-//! cut with a warning and damage refuses to start (or, with repair, is moved aside). A new
-//! snapshot is written beside the old one and renamed over it, then the journal starts afresh;
-//! writes already in the snapshot are skipped on replay, so a crash between the two steps
-//! loses nothing.
+//! Files: `snapshot` and `journal`, both [`weir_runtime::recordlog`] files, so a torn tail of
+//! the journal is cut with a warning and damage refuses to start (or, with repair, is moved
+//! aside). A new snapshot is written beside the old one, synced and renamed over it, then the
+//! journal starts afresh; writes already in the snapshot are skipped on replay, so a crash
+//! between the two steps loses nothing.
+//!
+//! A snapshot can therefore never be legitimately short: it ends with a trailer holding its
+//! entry count, and one without it (cut anywhere), or with a torn tail, is damage. The journal
+//! starts with a header naming the snapshot it continues (the snapshot's operation number), so
+//! a snapshot that is missing, or older than the journal needs, is refused naming both files.
+//! `--repair` starts from what there is instead, with a warning.
 
 use std::path::{Path, PathBuf};
 
@@ -29,8 +36,14 @@ const MAX_RECORD: usize = 128 * 1024;
 const ADD: u8 = b'A';
 const REMOVE: u8 = b'R';
 const ACKED: u8 = b'K';
-const SNAPSHOT_HEADER: u8 = b'S';
+/// The header of snapshots written before trailers: no trailer is required of them.
+const SNAPSHOT_HEADER_UNCHECKED: u8 = b'S';
+/// The header of a snapshot that ends with a [`SNAPSHOT_TRAILER`].
+const SNAPSHOT_HEADER: u8 = b'V';
+const SNAPSHOT_TRAILER: u8 = b'T';
 const ENTRY: u8 = b'E';
+/// The first record of a journal: the operation of the snapshot it continues.
+const JOURNAL_HEADER: u8 = b'H';
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -41,14 +54,24 @@ pub enum JournalError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{snapshot} and {journal} do not match: {problem}; refusing to start (--repair starts from what is there, losing what is missing)")]
+    Mismatch {
+        snapshot: PathBuf,
+        journal: PathBuf,
+        problem: String,
+    },
+    #[error("{path}: {problem}: the snapshot is damaged (a snapshot is synced before it is renamed into place, so it is never legitimately short); refusing to start (--repair starts from what it holds)")]
+    ShortSnapshot { path: PathBuf, problem: String },
 }
 
-/// One logged write: what it did, what it answered, and the fingerprint of the request
-/// that asked for it (so a redelivered copy can be answered the same way without applying).
+/// One logged write: what it did, what it answered, and the identity of the request that
+/// asked for it ([`crate::dedupe::identity`], 0 for none), so a redelivered copy can be
+/// answered the same way without applying. Journals written before identities hold a hash
+/// of the body there: it matches no identity, so their copies are applied again, not lost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Write {
     pub op: u64,
-    pub fingerprint: u64,
+    pub identity: u64,
     /// `add` replaced a value; `remove` found the key.
     pub outcome: bool,
     pub kind: WriteKind,
@@ -98,20 +121,43 @@ impl Journal {
             tail: Vec::new(),
         };
         let snapshot_path = dir.join(SNAPSHOT);
+        let journal_path = dir.join(JOURNAL);
         let mut snapshot_op = 0;
-        if snapshot_path.exists() {
+        let snapshot_exists = snapshot_path.exists();
+        if snapshot_exists {
+            let mut loaded = SnapshotLoad::default();
             let scan = read_with_repair(&snapshot_path, repair, |payload| {
-                load_snapshot_record(payload, &mut recovered.store, &mut snapshot_op)
+                load_snapshot_record(payload, &mut recovered.store, &mut loaded)
             })?;
+            snapshot_op = loaded.op;
+            if let Some(problem) = loaded.problem(scan.torn_bytes) {
+                let err = JournalError::ShortSnapshot {
+                    path: snapshot_path.clone(),
+                    problem,
+                };
+                if !repair {
+                    return Err(err);
+                }
+                tracing::warn!(%err, keys = recovered.store.len(), "kv --repair: starting from what the snapshot holds");
+            }
             recordlog::cut_torn_tail(&snapshot_path, &scan)?;
         }
         recovered.last_op = snapshot_op;
         recovered.snapshot_op = snapshot_op;
-        let journal_path = dir.join(JOURNAL);
         let mut acked_through = snapshot_op;
         let mut valid_len = 0;
-        if journal_path.exists() {
+        let mut continues: Option<u64> = None;
+        let mut first_op: Option<u64> = None;
+        let journal_exists = journal_path.exists();
+        if journal_exists {
             let scan = read_with_repair(&journal_path, repair, |payload| {
+                if payload.first() == Some(&JOURNAL_HEADER) {
+                    continues = Some(Fields(&payload[1..]).u64()?);
+                    return Ok(());
+                }
+                if first_op.is_none() && matches!(payload.first(), Some(&ADD | &REMOVE)) {
+                    first_op = Some(Fields(&payload[1..]).u64()?);
+                }
                 replay(
                     payload,
                     snapshot_op,
@@ -123,8 +169,37 @@ impl Journal {
             recordlog::cut_torn_tail(&journal_path, &scan)?;
             valid_len = scan.valid_len;
         }
+        // The journal continues the snapshot at `continues` (a journal from before headers:
+        // its first write follows the snapshot it continues).
+        let needed = continues.or(first_op.map(|op| op - 1)).unwrap_or(0);
+        let problem = if needed > 0 && !snapshot_exists {
+            Some(format!(
+                "the journal continues a snapshot at operation {needed}, and there is no snapshot"
+            ))
+        } else if needed > snapshot_op {
+            Some(format!(
+                "the journal continues a snapshot at operation {needed}, and the snapshot is at {snapshot_op}"
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            let err = JournalError::Mismatch {
+                snapshot: snapshot_path.clone(),
+                journal: journal_path.clone(),
+                problem,
+            };
+            if !repair {
+                return Err(err);
+            }
+            tracing::warn!(%err, keys = recovered.store.len(), "kv --repair: starting from what is there");
+        }
         recovered.unacked.retain(|write| write.op > acked_through);
-        let writer = RecordWriter::open(&journal_path, valid_len)?;
+        let mut writer = RecordWriter::open(&journal_path, valid_len)?;
+        if !journal_exists {
+            writer.append(&journal_header(snapshot_op));
+            writer.commit(true)?;
+        }
         Ok((
             Journal {
                 dir: dir.to_path_buf(),
@@ -172,13 +247,18 @@ impl Journal {
         header.extend_from_slice(&op.to_le_bytes());
         framed.push(&header);
         let mut entry = Vec::new();
+        let mut entries = 0u64;
         for (key, value) in store.iter() {
             entry.clear();
             entry.push(ENTRY);
             put_str(&mut entry, key);
             put_str(&mut entry, value);
             framed.push(&entry);
+            entries += 1;
         }
+        let mut trailer = vec![SNAPSHOT_TRAILER];
+        trailer.extend_from_slice(&entries.to_le_bytes());
+        framed.push(&trailer);
         framed.bytes
     }
 
@@ -202,13 +282,16 @@ impl Journal {
             .map_err(io(dir))
     }
 
-    /// Starts an empty journal once a snapshot holds everything it had. Writes appended but
-    /// not committed are lost, so call it right after a commit.
-    pub fn reset(&mut self) -> Result<(), JournalError> {
+    /// Starts an empty journal once a snapshot (at operation `snapshot_op`) holds everything
+    /// it had; the new journal's header names that snapshot. Writes appended but not
+    /// committed are lost, so call it right after a commit.
+    pub fn reset(&mut self, snapshot_op: u64) -> Result<(), JournalError> {
         let path = self.dir.join(JOURNAL);
         let fresh = self.dir.join("journal.next");
         let _ = std::fs::remove_file(&fresh);
-        let writer = RecordWriter::open(&fresh, 0)?;
+        let mut writer = RecordWriter::open(&fresh, 0)?;
+        writer.append(&journal_header(snapshot_op));
+        writer.commit(true)?;
         std::fs::rename(&fresh, &path).map_err(|source| JournalError::Io {
             path: path.clone(),
             source,
@@ -280,7 +363,7 @@ fn encode_write(write: &Write, out: &mut Vec<u8>) {
 
 fn put_head(out: &mut Vec<u8>, write: &Write) {
     out.extend_from_slice(&write.op.to_le_bytes());
-    out.extend_from_slice(&write.fingerprint.to_le_bytes());
+    out.extend_from_slice(&write.identity.to_le_bytes());
     out.push(u8::from(write.outcome));
 }
 
@@ -324,16 +407,22 @@ impl<'a> Fields<'a> {
     }
 }
 
+fn journal_header(snapshot_op: u64) -> Vec<u8> {
+    let mut header = vec![JOURNAL_HEADER];
+    header.extend_from_slice(&snapshot_op.to_le_bytes());
+    header
+}
+
 pub fn decode_write(payload: &[u8]) -> Result<Option<Write>, String> {
     let (&tag, rest) = payload.split_first().ok_or("empty record")?;
     let mut fields = Fields(rest);
     let kind = match tag {
         ADD | REMOVE => tag,
-        ACKED => return Ok(None),
+        ACKED | JOURNAL_HEADER => return Ok(None),
         other => return Err(format!("unknown record type {other:#04x}")),
     };
     let op = fields.u64()?;
-    let fingerprint = fields.u64()?;
+    let identity = fields.u64()?;
     let outcome = fields.flag()?;
     let key = fields.str()?.to_string();
     let kind = if kind == ADD {
@@ -344,7 +433,7 @@ pub fn decode_write(payload: &[u8]) -> Result<Option<Write>, String> {
     };
     Ok(Some(Write {
         op,
-        fingerprint,
+        identity,
         outcome,
         kind,
     }))
@@ -387,16 +476,61 @@ fn replay(
     Ok(())
 }
 
-fn load_snapshot_record(payload: &[u8], store: &mut Store, op: &mut u64) -> Result<(), String> {
+/// What loading a snapshot found, to tell a complete one from a short one.
+#[derive(Default)]
+struct SnapshotLoad {
+    op: u64,
+    /// The header says a trailer ends the file.
+    checked: bool,
+    entries: u64,
+    trailer: Option<u64>,
+}
+
+impl SnapshotLoad {
+    /// Why the snapshot is not complete, if it is not.
+    fn problem(&self, torn_bytes: u64) -> Option<String> {
+        if !self.checked {
+            return None;
+        }
+        if torn_bytes > 0 {
+            return Some(format!("it ends inside a record ({torn_bytes} bytes)"));
+        }
+        match self.trailer {
+            None => Some(format!(
+                "it has no trailer: it ends after {} entries",
+                self.entries
+            )),
+            Some(count) if count != self.entries => Some(format!(
+                "its trailer counts {count} entries, it holds {}",
+                self.entries
+            )),
+            Some(_) => None,
+        }
+    }
+}
+
+fn load_snapshot_record(
+    payload: &[u8],
+    store: &mut Store,
+    loaded: &mut SnapshotLoad,
+) -> Result<(), String> {
     let (&tag, rest) = payload.split_first().ok_or("empty record")?;
     let mut fields = Fields(rest);
+    if loaded.trailer.is_some() {
+        return Err("a record after the snapshot's trailer".into());
+    }
     match tag {
-        SNAPSHOT_HEADER => *op = fields.u64()?,
+        SNAPSHOT_HEADER | SNAPSHOT_HEADER_UNCHECKED => {
+            loaded.op = fields.u64()?;
+            loaded.checked = tag == SNAPSHOT_HEADER;
+        }
         ENTRY => {
             let key = fields.str()?;
             let value = fields.str()?;
             store.add(key, value);
+            loaded.entries += 1;
         }
+        SNAPSHOT_TRAILER => loaded.trailer = Some(fields.u64()?),
         other => return Err(format!("unknown snapshot record type {other:#04x}")),
     }
     Ok(())
@@ -409,7 +543,7 @@ mod tests {
     fn add(op: u64, key: &str, value: &str) -> Write {
         Write {
             op,
-            fingerprint: op * 100,
+            identity: op * 100,
             outcome: false,
             kind: WriteKind::Add {
                 key: key.into(),
@@ -421,7 +555,7 @@ mod tests {
     fn remove(op: u64, key: &str) -> Write {
         Write {
             op,
-            fingerprint: op * 100,
+            identity: op * 100,
             outcome: true,
             kind: WriteKind::Remove { key: key.into() },
         }
@@ -476,7 +610,7 @@ mod tests {
         assert_eq!(recovered.store.len(), 3);
         assert_eq!(recovered.last_op, 3);
         assert!(recovered.unacked.is_empty());
-        journal.reset().unwrap();
+        journal.reset(3).unwrap();
         journal.append(&add(4, "D", "v"));
         journal.commit(false).unwrap();
         let (_, recovered) = Journal::open(dir.path(), false, None).unwrap();
@@ -515,5 +649,108 @@ mod tests {
             .filter(|entry| entry.file_name().to_string_lossy().contains(".damaged-"))
             .collect();
         assert_eq!(aside.len(), 1, "the damaged journal is kept aside");
+    }
+
+    fn store_of(keys: u64) -> Store {
+        let mut store = Store::new();
+        for op in 1..=keys {
+            store.add(&format!("k{op}"), "v");
+        }
+        store
+    }
+
+    /// A data dir whose snapshot holds ops 1..=100 and whose journal adds 101 and 102.
+    fn snapshotted(dir: &Path) {
+        let (mut journal, _) = Journal::open(dir, false, None).unwrap();
+        let store = store_of(100);
+        Journal::install_snapshot(dir, &Journal::encode_snapshot(&store, 100)).unwrap();
+        journal.reset(100).unwrap();
+        journal.append(&add(101, "k101", "v"));
+        journal.append(&add(102, "k102", "v"));
+        journal.commit(false).unwrap();
+    }
+
+    #[test]
+    fn a_flipped_byte_in_the_last_journal_record_is_damage_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        snapshotted(dir.path());
+        let path = dir.path().join(JOURNAL);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = Journal::open(dir.path(), false, None)
+            .err()
+            .expect("a complete record with a bad checksum is refused");
+        let text = err.to_string();
+        assert!(text.contains("damaged record at byte"), "{text}");
+        assert!(text.contains("journal"), "names the file: {text}");
+        assert!(!text.contains("mid-write"), "{text}");
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing cut");
+    }
+
+    #[test]
+    fn a_short_snapshot_is_refused_naming_it_and_repair_starts_from_what_it_holds() {
+        for cut in [0.5, 0.999] {
+            let dir = tempfile::tempdir().unwrap();
+            snapshotted(dir.path());
+            let path = dir.path().join(SNAPSHOT);
+            let bytes = std::fs::read(&path).unwrap();
+            let short = (bytes.len() as f64 * cut) as usize;
+            std::fs::write(&path, &bytes[..short]).unwrap();
+            let err = Journal::open(dir.path(), false, None)
+                .err()
+                .expect("a short snapshot is refused");
+            let text = err.to_string();
+            assert!(text.contains("snapshot"), "{text}");
+            assert!(text.contains("--repair"), "{text}");
+            assert_eq!(std::fs::read(&path).unwrap().len(), short, "left as it was");
+            let (_, recovered) = Journal::open(dir.path(), true, None).unwrap();
+            assert!(
+                recovered.store.len() <= 102,
+                "what the snapshot held, and the journal"
+            );
+        }
+        // Cut exactly at a record boundary (the trailer alone missing) is short too.
+        let dir = tempfile::tempdir().unwrap();
+        snapshotted(dir.path());
+        let path = dir.path().join(SNAPSHOT);
+        let bytes = std::fs::read(&path).unwrap();
+        let trailer = 4 + 4 + 1 + 8;
+        std::fs::write(&path, &bytes[..bytes.len() - trailer]).unwrap();
+        let err = Journal::open(dir.path(), false, None)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("no trailer"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_or_older_snapshot_is_refused_naming_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        snapshotted(dir.path());
+        let path = dir.path().join(SNAPSHOT);
+        let complete = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let err = Journal::open(dir.path(), false, None)
+            .err()
+            .expect("a missing snapshot is refused");
+        let text = err.to_string();
+        assert!(text.contains("no snapshot"), "{text}");
+        assert!(
+            text.contains("snapshot") && text.contains("journal"),
+            "{text}"
+        );
+        // An older snapshot in its place.
+        let older = Journal::encode_snapshot(&store_of(50), 50);
+        Journal::install_snapshot(dir.path(), &older).unwrap();
+        let err = Journal::open(dir.path(), false, None)
+            .err()
+            .expect("an older snapshot is refused");
+        assert!(err.to_string().contains("the snapshot is at 50"), "{err}");
+        // The right one back: everything is there.
+        std::fs::write(&path, &complete).unwrap();
+        let (_, recovered) = Journal::open(dir.path(), false, None).unwrap();
+        assert_eq!(recovered.store.len(), 102);
+        assert_eq!(recovered.last_op, 102);
     }
 }

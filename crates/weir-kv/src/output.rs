@@ -231,7 +231,7 @@ mod tests {
     fn add(op: u64, key: &str) -> Write {
         Write {
             op,
-            fingerprint: 0,
+            identity: 0,
             outcome: false,
             kind: WriteKind::Add {
                 key: key.into(),

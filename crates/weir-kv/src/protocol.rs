@@ -186,6 +186,30 @@ fn within(field: &'static str, text: &str, max: usize) -> Result<(), Malformed> 
     }
 }
 
+/// The most a `getall` page's items take once encoded. RabbitMQ refuses a message over its
+/// `max_message_size` (128 MiB by default), and a refused reply would end the session and
+/// bring the request back forever; a page of 10,000 values of 64 KiB of control characters
+/// is about 4 GB escaped. One item alone (a key and value at their limits) is at most about
+/// 400 KB, so a page always holds at least one.
+pub const MAX_PAGE_BYTES: usize = 4 << 20;
+
+/// The bytes `{"key":…,"value":…},` takes in a reply: the JSON escaping of both strings
+/// counted exactly as `serde_json` writes it.
+pub fn item_json_bytes(key: &str, value: &str) -> usize {
+    r#"{"key":,"value":},"#.len() + json_string_bytes(key) + json_string_bytes(value)
+}
+
+fn json_string_bytes(text: &str) -> usize {
+    2 + text
+        .bytes()
+        .map(|byte| match byte {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
 /// What the server answers. Every reply has `ok`.
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
@@ -209,6 +233,9 @@ pub enum Reply<'a> {
         ok: bool,
         items: Vec<Item<'a>>,
         next: Option<Cursor>,
+        /// Set when the page stopped at [`MAX_PAGE_BYTES`] before its limit.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
     },
     Error {
         ok: bool,
@@ -252,6 +279,7 @@ impl<'a> Reply<'a> {
                 .map(|(key, value)| Item { key, value })
                 .collect(),
             next: page.next,
+            truncated: page.cut,
         }
     }
 
@@ -455,14 +483,24 @@ mod tests {
         assert_eq!(
             json(Reply::page(Page {
                 items: vec![("A", "a")],
-                next: Some(3)
+                next: Some(3),
+                cut: false,
             })),
             json!({"ok": true, "items": [{"key": "A", "value": "a"}], "next": 3})
         );
         assert_eq!(
             json(Reply::page(Page {
+                items: vec![("A", "a")],
+                next: Some(3),
+                cut: true,
+            })),
+            json!({"ok": true, "items": [{"key": "A", "value": "a"}], "next": 3, "truncated": true})
+        );
+        assert_eq!(
+            json(Reply::page(Page {
                 items: vec![],
-                next: None
+                next: None,
+                cut: false,
             })),
             json!({"ok": true, "items": [], "next": null})
         );
@@ -470,5 +508,21 @@ mod tests {
             json(Reply::error("bad")),
             json!({"ok": false, "error": "bad"})
         );
+    }
+
+    #[test]
+    fn an_item_s_size_is_what_serde_json_writes() {
+        for (key, value) in [
+            ("A", "a"),
+            ("q\"uote", "back\\slash"),
+            ("\u{1}", "\n\t\u{7f}é\u{1f}"),
+        ] {
+            let item = serde_json::to_vec(&Item { key, value }).unwrap();
+            assert_eq!(
+                item_json_bytes(key, value),
+                item.len() + 1,
+                "{key:?} {value:?}"
+            );
+        }
     }
 }

@@ -565,10 +565,11 @@ impl Running {
         if let Some(output) = &mut self.output {
             output.sync()?;
         }
-        let encoded = Journal::encode_snapshot(&self.engine.store, self.engine.last_op());
+        let op = self.engine.last_op();
+        let encoded = Journal::encode_snapshot(&self.engine.store, op);
         let dir = self.config.data_dir.clone();
         tokio::task::spawn_blocking(move || Journal::install_snapshot(&dir, &encoded)).await??;
-        journal.reset()?;
+        journal.reset(op)?;
         tracing::info!(
             keys = self.engine.store.len(),
             "kv snapshot written, journal restarted"
@@ -641,15 +642,97 @@ fn reply_properties(request: &Delivery) -> BasicProperties {
     }
 }
 
-/// The request's own properties, persistent, with the reason in `x-weir-reason`.
+/// The most the headers of a dead letter may take. The request's own header frame fitted
+/// the negotiated frame size (128 KiB on RabbitMQ by default); the copy adds a reason, so one
+/// near that size would make the broker close the connection (FRAME_ERROR), bring the request
+/// back, and fail the same way forever.
+pub const DEAD_LETTER_HEADER_BYTES: usize = 32 * 1024;
+const REASON_HEADER: &str = "x-weir-reason";
+const DROPPED_HEADER: &str = "x-weir-dropped-headers";
+
+/// The request's own properties, persistent, with the reason in `x-weir-reason`, and only the
+/// headers that fit [`DEAD_LETTER_HEADER_BYTES`]: the others are dropped and named in
+/// `x-weir-dropped-headers`.
 fn dead_letter_properties(request: &Delivery, reason: &str) -> BasicProperties {
-    let mut headers = request.properties.headers().clone().unwrap_or_default();
-    headers.insert("x-weir-reason".into(), AMQPValue::LongString(reason.into()));
+    let headers = request.properties.headers().clone().unwrap_or_default();
     request
         .properties
         .clone()
-        .with_headers(headers)
+        .with_headers(dead_letter_headers(&headers, reason))
         .with_delivery_mode(2)
+}
+
+/// See [`dead_letter_properties`]. Headers are kept in their (sorted) order while they fit;
+/// the reason and the list of dropped names are bounded, so the whole stays within the limit.
+pub fn dead_letter_headers(headers: &FieldTable, reason: &str) -> FieldTable {
+    const NAMES_BYTES: usize = 1024;
+    let reason: String = bounded(reason, 1024);
+    let mut budget = DEAD_LETTER_HEADER_BYTES
+        - field_bytes(
+            REASON_HEADER,
+            &AMQPValue::LongString(reason.as_str().into()),
+        )
+        - (1 + DROPPED_HEADER.len() + 5 + NAMES_BYTES);
+    let mut kept = FieldTable::default();
+    let mut dropped: Vec<&str> = Vec::new();
+    for (name, value) in headers.inner() {
+        if name.as_str() == REASON_HEADER || name.as_str() == DROPPED_HEADER {
+            continue;
+        }
+        let size = field_bytes(name.as_str(), value);
+        if size <= budget {
+            budget -= size;
+            kept.insert(name.clone(), value.clone());
+        } else {
+            dropped.push(name.as_str());
+        }
+    }
+    kept.insert(
+        REASON_HEADER.into(),
+        AMQPValue::LongString(reason.as_str().into()),
+    );
+    if !dropped.is_empty() {
+        let names = bounded(&dropped.join(","), NAMES_BYTES);
+        kept.insert(
+            DROPPED_HEADER.into(),
+            AMQPValue::LongString(names.as_str().into()),
+        );
+    }
+    kept
+}
+
+/// At most `max` bytes of `text`, cut at a character boundary.
+fn bounded(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// The encoded size of one table entry (name and typed value), as AMQP 0-9-1 frames it.
+fn field_bytes(name: &str, value: &AMQPValue) -> usize {
+    1 + name.len() + value_bytes(value)
+}
+
+fn value_bytes(value: &AMQPValue) -> usize {
+    1 + match value {
+        AMQPValue::ShortString(text) => 1 + text.as_str().len(),
+        AMQPValue::LongString(text) => 4 + text.as_bytes().len(),
+        AMQPValue::ByteArray(bytes) => 4 + bytes.as_slice().len(),
+        AMQPValue::FieldArray(values) => {
+            4 + values.as_slice().iter().map(value_bytes).sum::<usize>()
+        }
+        AMQPValue::FieldTable(table) => {
+            4 + table
+                .inner()
+                .iter()
+                .map(|(name, value)| field_bytes(name.as_str(), value))
+                .sum::<usize>()
+        }
+        // Numbers, booleans, decimals, timestamps: at most eight bytes (decimals nine).
+        _ => 9,
+    }
 }
 
 /// Brings `--output` in line with the journal (see `output`): lines past it cut, the
@@ -702,4 +785,43 @@ pub fn health_router(health: Arc<KvHealth>) -> Router {
                 }
             }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_letter_keeps_the_headers_that_fit_and_names_the_others() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "big".into(),
+            AMQPValue::LongString("x".repeat(131_000).into()),
+        );
+        headers.insert("small".into(), AMQPValue::LongString("s".into()));
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString("forged".into()));
+        let copy = dead_letter_headers(&headers, "invalid JSON");
+        let table = copy.inner();
+        assert!(!table.contains_key("big"));
+        assert_eq!(table.get("small"), Some(&AMQPValue::LongString("s".into())));
+        assert_eq!(
+            table.get(REASON_HEADER),
+            Some(&AMQPValue::LongString("invalid JSON".into()))
+        );
+        assert_eq!(
+            table.get(DROPPED_HEADER),
+            Some(&AMQPValue::LongString("big".into()))
+        );
+        let size: usize = table.iter().map(|(k, v)| field_bytes(k.as_str(), v)).sum();
+        assert!(size <= DEAD_LETTER_HEADER_BYTES, "{size}");
+    }
+
+    #[test]
+    fn headers_that_fit_are_kept_whole() {
+        let mut headers = FieldTable::default();
+        headers.insert("n".into(), AMQPValue::LongLongInt(7));
+        let copy = dead_letter_headers(&headers, "why");
+        assert_eq!(copy.inner().get("n"), Some(&AMQPValue::LongLongInt(7)));
+        assert!(!copy.inner().contains_key(DROPPED_HEADER));
+    }
 }

@@ -208,6 +208,62 @@ async fn malformed_requests_are_dead_lettered_with_a_reason_while_good_ones_flow
     client.close().await;
 }
 
+/// A malformed request whose header is near the frame size: its dead-letter copy (with a
+/// reason added) would be over it and close the connection, bringing the request back
+/// forever. The copy drops that header and says so, and the queue goes on.
+#[tokio::test]
+async fn a_dead_letter_of_a_request_with_a_huge_header_drops_it_and_the_queue_goes_on() {
+    let Some(url) = amqp_url().await else { return };
+    let queue = TestQueue::new(&url, "hugeheader");
+    queue.declare().await;
+    let _server = Server::start(&url, &queue.name, &["--durability", "none"]).await;
+    let (_connection, channel) = channel(&url).await;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "huge".into(),
+        AMQPValue::LongString("h".repeat(131_000).into()),
+    );
+    channel
+        .basic_publish(
+            "".into(),
+            queue.name.as_str().into(),
+            BasicPublishOptions::default(),
+            b"not json",
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut client = requester(&url, &queue.name).await;
+    let reply = client
+        .call(
+            br#"{"action": "add", "key": "after", "value": "v"}"#,
+            REPLY_TIMEOUT,
+        )
+        .await
+        .expect("answered after the malformed request");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&reply).unwrap()["ok"],
+        true
+    );
+    let dead = channel
+        .basic_get(queue.dead().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the dead letter");
+    assert_eq!(dead.delivery.data, b"not json");
+    let headers = dead.delivery.properties.headers().clone().expect("headers");
+    let headers = headers.inner();
+    assert!(!headers.contains_key("huge"));
+    assert_eq!(
+        headers.get("x-weir-dropped-headers"),
+        Some(&AMQPValue::LongString("huge".into()))
+    );
+    assert!(headers.contains_key("x-weir-reason"));
+    client.close().await;
+}
+
 #[tokio::test]
 async fn a_second_server_on_the_same_queue_is_refused_and_takes_over_when_the_first_dies() {
     let Some(url) = amqp_url().await else { return };

@@ -244,6 +244,7 @@ pub struct Proxy {
     pub url: String,
     accept: JoinHandle<()>,
     pipes: std::sync::Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Proxy {
@@ -255,13 +256,35 @@ impl Proxy {
         uri.authority.port = listener.local_addr().unwrap().port();
         let pipes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let accepted = pipes.clone();
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let holding = held.clone();
         let accept = tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
                 let upstream = upstream.clone();
+                let held = holding.clone();
                 let pipe = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let Ok(outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = inbound.into_split();
+                    let (mut broker_read, mut broker_write) = outbound.into_split();
+                    let up = tokio::io::copy(&mut client_read, &mut broker_write);
+                    let down = async {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let read = broker_read.read(&mut buf).await?;
+                            if read == 0 {
+                                return Ok::<(), std::io::Error>(());
+                            }
+                            if held.load(std::sync::atomic::Ordering::SeqCst) {
+                                // Held: what the broker sent stays here until the cut.
+                                std::future::pending::<()>().await;
+                            }
+                            client_write.write_all(&buf[..read]).await?;
+                        }
+                    };
+                    let _ = tokio::join!(up, down);
                 });
                 accepted.lock().unwrap().push(pipe);
             }
@@ -270,7 +293,14 @@ impl Proxy {
             url: uri.to_string(),
             accept,
             pipes,
+            held,
         }
+    }
+
+    /// From now on, nothing the broker sends reaches the client (what the client sends still
+    /// reaches the broker): deliveries are sent, as the broker sees it, and never received.
+    pub fn hold(&self) {
+        self.held.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Drops every connection through the proxy; new ones are still accepted.
